@@ -38,7 +38,11 @@ def make_matrix(d: DataConfig, backend: str, hosts: int) -> RowBlockMatrix:
     return RowBlockMatrix.generate(data_spec(d), n_blocks, backend, hosts)
 
 
-def _jobs() -> dict[str, Callable[..., tuple[dict[str, Any], Callable[[Any], None]]]]:
+Job = Callable[..., tuple[dict[str, Any], Callable[[Any], None]]]
+
+
+def _jobs() -> dict[str, Job]:
+    """Jobs over a row-block matrix ``A, b``: ``fn(mat, job, seed, bar) -> (results, draw)``."""
     from jobs import tasks
 
     return {
@@ -50,6 +54,12 @@ def _jobs() -> dict[str, Callable[..., tuple[dict[str, Any], Callable[[Any], Non
         "top_eigvec": tasks.run_top_eigvec,
         "rsvd": tasks.run_rsvd,
     }
+
+
+def _standalone_jobs() -> dict[str, Job]:
+    """Jobs that bring their own inputs (a checkpoint, a matrix to complete):
+    ``fn(job, seed, backend, hosts, bar) -> (results, draw)``; they start their own actors."""
+    return {}
 
 
 def _jsonable(x: Any) -> Any:
@@ -72,9 +82,10 @@ def run(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
 
     app: JobAppConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     job: JobConfig = app.job
-    jobs = _jobs()
-    if job.name not in jobs:
-        raise ValueError(f"job.name={job.name!r}: valid choices are {', '.join(jobs)}")
+    jobs, standalone = _jobs(), _standalone_jobs()
+    if job.name not in jobs and job.name not in standalone:
+        valid = ", ".join([*jobs, *standalone])
+        raise ValueError(f"job.name={job.name!r}: valid choices are {valid}")
     validate(job, app.hosts)
     hosts = app.hosts or os.cpu_count() or 1
     backend = app.backend.value
@@ -97,8 +108,11 @@ def run(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     mat = None
     try:
-        mat = make_matrix(job.data, backend, hosts)
-        results, draw = jobs[job.name](mat, job, app.seed, bar)
+        if job.name in standalone:
+            results, draw = standalone[job.name](job, app.seed, backend, hosts, bar)
+        else:
+            mat = make_matrix(job.data, backend, hosts)
+            results, draw = jobs[job.name](mat, job, app.seed, bar)
     finally:
         bar.close()
         n, d = (mat.n, mat.d) if mat is not None else (0, 0)
