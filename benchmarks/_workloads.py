@@ -42,6 +42,7 @@ __all__ = [
     "W1",
     "W2",
     "W3",
+    "CNN",
     "TINY",
     "WORKLOADS",
     "get_workload",
@@ -59,7 +60,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Workload:
-    """One FedAvg benchmark workload on digits with an MLP.
+    """One FedAvg benchmark workload: digits with an MLP, or mnist1d with a small CNN.
 
     Attributes:
         name: short name used on the command line (``w1``, ``w2``, ``w3``, ``tiny``).
@@ -72,6 +73,10 @@ class Workload:
         batch_size: local mini-batch size.
         lr: local SGD learning rate.
         hidden: hidden layer widths of the MLP (``(64,)``: MLP 64-64-10 on digits, one hidden layer).
+        dataset: ``digits`` (scikit-learn's, bundled) or ``mnist1d`` (generated offline, as
+            Conv1d input (1, 40) when ``model == "cnn"``).
+        model: ``mlp`` or ``cnn`` (``clients.models.SmallCNN`` with ``channels`` channels).
+        channels: channels of the CNN's convolutions.
         seed: seed of the model initialisation, shards, client sampling and shuffling.
         experiment: the Flagstaff Hydra experiment that defines the same workload
             (``experiment=<name>``).
@@ -88,6 +93,9 @@ class Workload:
     hidden: tuple[int, ...] = (64,)
     seed: int = 0
     experiment: str = ""
+    dataset: str = "digits"
+    model: str = "mlp"
+    channels: int = 16
 
     def __post_init__(self) -> None:
         if self.num_clients < 1 or self.rounds < 1 or self.local_epochs < 1:
@@ -97,6 +105,8 @@ class Workload:
                 f"workload {self.name!r}: clients_per_round={self.clients_per_round} must be in "
                 f"1..num_clients={self.num_clients}"
             )
+        if self.dataset not in ("digits", "mnist1d") or self.model not in ("mlp", "cnn"):
+            raise ValueError(f"workload {self.name!r}: dataset digits|mnist1d, model mlp|cnn")
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"workload {self.name!r}: batch_size must be >= 1 and lr > 0")
 
@@ -108,10 +118,14 @@ class Workload:
             else f"{self.samples_per_client} samples each, drawn with replacement"
         )
         hidden = "-".join(str(h) for h in self.hidden)
+        model = (
+            f"small CNN ({self.channels} channels)"
+            if self.model == "cnn"
+            else f"MLP 64-{hidden}-10 (hidden {hidden})"
+        )
         return (
-            f"{self.name.upper()}: digits, {self.num_clients} clients ({data}), "
-            f"{self.clients_per_round} per round, {self.rounds} rounds, MLP 64-{hidden}-10 (hidden "
-            f"{hidden}), "
+            f"{self.name.upper()}: {self.dataset}, {self.num_clients} clients ({data}), "
+            f"{self.clients_per_round} per round, {self.rounds} rounds, {model}, "
             f"{self.local_epochs} local epoch(s) SGD lr {self.lr} batch {self.batch_size}, "
             f"FedAvg weighted by samples, seed {self.seed}"
         )
@@ -131,10 +145,15 @@ class Workload:
 W1 = Workload("w1", 100, 100, None, 20, experiment="sim_w1")
 W2 = Workload("w2", 1_000, 100, 40, 10, experiment="sim_w2")
 W3 = Workload("w3", 10_000, 1_000, 40, 5, experiment="sim_w3")
+#: mnist1d (4000 train samples, generated offline) with the small CNN, 100 IID clients, 20 per
+#: round: the per-client arithmetic is convolutional, not a few tiny matmuls
+CNN = Workload(
+    "cnn", 100, 20, None, 20, lr=0.05, experiment="sim_cnn", dataset="mnist1d", model="cnn"
+)
 #: A workload that finishes in seconds, for tests and smoke runs (not part of the benchmark).
 TINY = Workload("tiny", 10, 10, None, 2, experiment="smoke")
 
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (W1, W2, W3, TINY)}
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (W1, W2, W3, CNN, TINY)}
 
 
 def get_workload(name: str) -> Workload:
@@ -186,10 +205,13 @@ def make_shards(workload: Workload, y_train: np.ndarray) -> list[np.ndarray]:
 
 
 def load_task(workload: Workload) -> TaskData:
-    """Load digits and build the workload's shards (deterministic in ``workload.seed``)."""
-    from clients.data import load_digits
+    """Load the workload's data and build its shards (deterministic in ``workload.seed``)."""
+    from clients.data import load_digits, load_mnist1d
 
-    ds = load_digits(seed=0)
+    if workload.dataset == "mnist1d":  # as Flagstaff's data=mnist1d (seed: ${seed})
+        ds = load_mnist1d(seed=workload.seed, image=workload.model == "cnn")
+    else:
+        ds = load_digits(seed=0)
     shards = make_shards(workload, ds.y_train.numpy())
     return TaskData(ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.num_classes, shards)
 
@@ -212,7 +234,14 @@ def build_model(workload: Workload, input_shape: tuple[int, ...], num_classes: i
     """The workload's initial model (same seed, same initial parameters everywhere)."""
     from clients.models import build_model as _build
 
-    return _build("mlp", input_shape, num_classes, hidden=workload.hidden, seed=workload.seed)
+    return _build(
+        workload.model,
+        input_shape,
+        num_classes,
+        hidden=workload.hidden,
+        channels=workload.channels,
+        seed=workload.seed,
+    )
 
 
 def local_train(

@@ -499,7 +499,11 @@ def flagstaff_overrides(workload: Workload, backend: str, extra: Sequence[str] =
         f"num_clients={workload.num_clients}",
         f"clients_per_round={workload.clients_per_round}",
         f"seed={workload.seed}",
-        f"model.hidden=[{','.join(str(h) for h in workload.hidden)}]",
+        *(
+            [f"model.hidden=[{','.join(str(h) for h in workload.hidden)}]"]
+            if workload.model == "mlp"
+            else [f"model.channels={workload.channels}"]
+        ),
         *extra,
     ]
 
@@ -575,10 +579,21 @@ def run_flagstaff_ray(workload: Workload, opts: RunOptions | None = None) -> Res
     return run_flagstaff(workload, "ray", opts)
 
 
+def run_flagstaff_sequential(workload: Workload, opts: RunOptions | None = None) -> Result:
+    """Flagstaff, ``backend=ray`` with ``client.batched=false``: each host trains its clients one
+    after the other (the per-client path), to show what batching adds."""
+    opts = opts or RunOptions()
+    extra = [*opts.flagstaff_overrides, "client.batched=false"]
+    result = run_flagstaff(workload, "ray", dataclasses.replace(opts, flagstaff_overrides=extra))
+    result.impl = "flagstaff-ray-seq"
+    return result
+
+
 RUNNERS: dict[str, Callable[..., Result]] = {
     "flower": run_flower,
     "plain": run_plain,
     "flagstaff-local": run_flagstaff_local,
+    "flagstaff-ray-seq": run_flagstaff_sequential,
     "flagstaff-ray": run_flagstaff_ray,
 }
 

@@ -31,7 +31,9 @@ def _check_sane(result: simulation.Result, rounds: int) -> None:
     assert all(t > 0 for t in result.round_times)
     assert result.median_round_s is not None and result.median_round_s > 0
     assert result.first_round_start_s is not None and result.first_round_start_s >= 0
-    assert result.startup_s is not None and result.startup_s > 0
+    # effective start-up = end of round 1 - median round: in-process (t0 = the call) it can dip
+    # below 0 when round 1 happens to be faster than the median on a loaded machine
+    assert result.startup_s is not None and result.startup_s > -result.median_round_s
     assert result.accuracy is not None and CHANCE < result.accuracy <= 1.0
 
 
@@ -40,7 +42,13 @@ def test_plain_in_process_tiny() -> None:
     result = simulation.run_plain(workload)
     _check_sane(result, rounds=2)
     assert result.impl == "plain" and result.workload == "tiny"
-    assert set(simulation.RUNNERS) == {"flower", "plain", "flagstaff-local", "flagstaff-ray"}
+    assert set(simulation.RUNNERS) == {
+        "flower",
+        "plain",
+        "flagstaff-local",
+        "flagstaff-ray-seq",
+        "flagstaff-ray",
+    }
 
 
 def test_workload_definitions_are_deterministic() -> None:
