@@ -13,6 +13,9 @@ accountant stay on the host that owns the client for the whole run (STYLE.md poi
 or ``rdp``) is chosen once and used both to calibrate the noise (``get_noise_multiplier``) and to
 report epsilon. Accountant histories are checkpointed (``state_dict``) and restored.
 
+A model's regularizer (``model.penalty``, e.g. SORSA's orthonormal one) is added to the privatized
+gradient before the SGD step: it does not touch data, so it is neither clipped nor noised.
+
 The per-client modules share the frozen parameters of the host's model (a pretrained encoder is not
 copied per client); only the trainable parameters are per client.
 """
@@ -72,6 +75,27 @@ def check_dp_call(rule: LocalRule | None, client_ids: Any, offsets: Any) -> None
         )
     if client_ids is None or offsets is None:
         raise ValueError("DP-SGD trainers need client_ids and offsets (the host passes them)")
+
+
+def _penalty_hook(penalty: Any, module: nn.Module, names: set[str]) -> Any:
+    """A step pre-hook for the DP optimizer's inner SGD: add the gradient of the model's
+    regularizer ``penalty(params)`` (e.g. SORSA's) to the privatized gradient.
+
+    The hook runs after Opacus has clipped the per-sample gradients, added the noise and divided by
+    the batch size: the regularizer depends on the parameters only, never on data, so its gradient
+    needs no clipping or noise (post-processing of already private parameters)."""
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        params = {n: p for n, p in module.named_parameters() if n in names}
+        live = [p for p in params.values() if p.requires_grad]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(penalty(params), live, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(live, grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+
+    return hook
 
 
 @dataclass
@@ -268,6 +292,11 @@ class DPSGDTrainer:
             noise_generator=torch.Generator(),
         )
         loader.batch_sampler.generator = torch.Generator()
+        penalty = getattr(model, "penalty", None)
+        if penalty is not None:  # added to the privatized gradient, after clipping and noise
+            opt.original_optimizer.register_step_pre_hook(
+                _penalty_hook(penalty, module._module, set(spec.names))
+            )
         if cid in self._restored:
             engine.accountant.history = list(self._restored.pop(cid))
         c = _Client(

@@ -11,7 +11,9 @@ all of a host's sampled clients in lockstep instead of one ``PrivacyEngine`` at 
    ``max_grad_norm`` with Opacus' factor min(1, C / (||g|| + 1e-6)), summed over the batch.
 3. Gaussian noise N(0, (sigma C)^2 I) per client (its own generator, seeded by seed/round/client), and
    division by the expected batch size q * n (Opacus' ``loss_reduction="mean"``).
-4. The SGD step (momentum, weight decay) of ``torch.optim.SGD``, gated by the plan like LocalSGD.
+4. The SGD step (momentum, weight decay) of ``torch.optim.SGD``, gated by the plan like LocalSGD; a
+   model's regularizer (``model.penalty``, e.g. SORSA's) adds its gradient after step 3 (it does not
+   touch data, so it is neither clipped nor noised).
 
 Accounting is Opacus': each client's history of (sigma, q, steps) is exactly what its own
 ``RDPAccountant``/``PRVAccountant`` would hold after those steps, and epsilon is computed by that
@@ -151,6 +153,10 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
 
         # per-sample gradients: inner vmap over a client's batch, outer vmap over clients
         per_sample = vmap(vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0)))
+        # a model's regularizer (SORSA): parameters only, no data, so added after clipping + noise
+        penalty = getattr(model, "penalty", None)
+        if penalty is not None:
+            penalty_grad = vmap(grad(lambda flat: penalty(spec.unflatten(flat))))
         X = global_flat.unsqueeze(0).expand(K, -1).clone()
         buf = torch.zeros_like(X) if self.momentum else None
         expected = torch.as_tensor(
@@ -175,6 +181,8 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
             summed = torch.einsum("kb,kbd->kd", factor, g)
             noise = torch.stack([torch.randn(X.shape[1], generator=gen) for gen in gens])
             grad_t = (summed + noise_std[:, None] * noise.to(X.dtype)) / expected[:, None]
+            if penalty is not None:
+                grad_t = grad_t + penalty_grad(X)
             act = pplan.active[t]
             loss_sum += torch.where(act, (lval * mb).sum(1) / mb.sum(1).clamp(min=1), 0.0)
             if self.weight_decay:

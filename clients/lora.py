@@ -11,6 +11,9 @@ differentiates them like any parameter. All factors and the classification head 
 (trainable parameters, hence in the flat update vector); a factor that clients must keep fixed
 (``train=["B"]``: FedSVD, FFA-LoRA) is used detached in ``forward`` so every trainer computes a zero
 gradient for it, and DP-SGD clients also remove it from the optimizer (``client_frozen_names``).
+
+``model.adapter`` swaps LoRA for PiSSA, SORSA or FLoRA (:mod:`clients.adapters`); PiSSA adapters are
+``LoRALinear`` subclasses, so everything that enumerates LoRA factors (``lora_factors``) sees them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "LoRALinear",
     "apply_lora",
     "lora_factors",
+    "adapter_layers",
     "client_frozen_names",
     "build_lora_model",
     "TextClassifier",
@@ -103,31 +107,82 @@ def apply_lora(
     train: Sequence[str] = _FACTORS,
     full: Sequence[str] = (),
     seed: int = 0,
+    adapter: str = "lora",
+    gamma: float = 0.0,
 ) -> nn.Module:
-    """Replace the ``nn.Linear`` modules whose names match a glob in ``targets`` by LoRA adapters.
+    """Replace the modules whose names match a glob in ``targets`` by ``adapter`` layers.
 
+    ``adapter``: ``lora`` (:class:`LoRALinear`), ``pissa``, ``sorsa`` (``nn.Linear`` targets) or
+    ``flora`` (``nn.Linear`` and ``nn.Conv1d/2d/3d`` targets); see :mod:`clients.adapters`. For
+    ``sorsa`` with ``gamma > 0`` the model gets ``model.penalty``, SORSA's orthonormal regularizer
+    as a pure function of the named parameters, which the trainers add to the objective.
     Every other parameter is frozen except those of the modules named in ``full`` (e.g. a new
     classification head), which stay fully trainable. Returns ``model`` (changed in place).
     """
+    from clients.adapters import (
+        ADAPTERS,
+        FLORA_TYPES,
+        FLoRALayer,
+        OrthonormalPenalty,
+        PiSSALinear,
+        SORSALinear,
+    )
+
+    if adapter not in ADAPTERS:
+        raise ValueError(f"model.adapter={adapter!r}: choose one of {list(ADAPTERS)}")
+    if adapter in ("sorsa", "flora") and set(train) != set(_FACTORS):
+        raise ValueError(
+            f"model.train={list(train)} selects LoRA factors; model.adapter={adapter} trains all "
+            "its factors (keep model.train=[A, B]; FedSVD / FFA-LoRA need adapter lora or pissa)"
+        )
+    if gamma < 0:
+        raise ValueError(f"model.gamma must be >= 0, got {gamma}")
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(int(seed))
+    kinds = FLORA_TYPES if adapter == "flora" else (nn.Linear,)
+    matched = [
+        (n, m)
+        for n, m in model.named_modules()
+        if n and n not in full and any(fnmatch.fnmatch(n, t) for t in targets)
+    ]
+    if adapter == "flora":  # a matched layer with weights FLoRA cannot adapt is an error
+        bad = [
+            f"{n} ({type(m).__name__})"
+            for n, m in matched
+            if type(m) not in kinds and any(True for _ in m.parameters(recurse=False))
+        ]
+        if bad:
+            raise ValueError(
+                f"model.adapter=flora supports {[t.__name__ for t in FLORA_TYPES]}; "
+                f"model.targets match {bad[:5]}"
+            )
     names = [
         n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-        and n not in full
-        and any(fnmatch.fnmatch(n, t) for t in targets)
+        for n, m in matched
+        if (type(m) in kinds if adapter == "flora" else isinstance(m, nn.Linear))
     ]
     if not names:
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        layers = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+        what = "nn.Linear/nn.Conv" if adapter == "flora" else "nn.Linear"
         raise ValueError(
-            f"model.targets={list(targets)} matches no nn.Linear module; available: {linear[:20]}"
+            f"model.targets={list(targets)} matches no {what} module; available: {layers[:20]}"
         )
+    pairs = []
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, train, gen))
+        base = getattr(parent, child)
+        if adapter == "lora":
+            layer: nn.Module = LoRALinear(base, rank, alpha, train, gen)
+        elif adapter == "pissa":
+            layer = PiSSALinear(base, rank, alpha, train, gen)
+        elif adapter == "sorsa":
+            layer = SORSALinear(base, rank, alpha)
+            pairs.append((f"{name}.sorsa_U.weight", f"{name}.sorsa_Vh.weight"))
+        else:
+            layer = FLoRALayer(base, rank, alpha / rank, generator=gen)
+        setattr(parent, child, layer)
     for name in full:
         try:
             mod = model.get_submodule(name)
@@ -135,12 +190,22 @@ def apply_lora(
             raise ValueError(f"model.full: no module named {name!r}") from err
         for p in mod.parameters():
             p.requires_grad_(True)
+    if pairs and gamma > 0:
+        model.penalty = OrthonormalPenalty(float(gamma), tuple(pairs))
     return model
 
 
 def lora_factors(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    """(module name, adapter) pairs in module order."""
+    """(module name, adapter) pairs of the adapters with LoRA factors A, B (LoRA and PiSSA)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(module name, layer) pairs of every adapter (LoRA, PiSSA, SORSA, FLoRA) in module order."""
+    from clients.adapters import FLoRALayer, SORSALinear
+
+    kinds = (LoRALinear, SORSALinear, FLoRALayer)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def client_frozen_names(model: nn.Module) -> set[str]:
@@ -235,13 +300,17 @@ def build_lora_model(
     channels: int = 16,
     path: str | None = None,
     seed: int = 0,
+    adapter: str = "lora",
+    gamma: float = 0.0,
 ) -> nn.Module:
-    """A base model with LoRA adapters; only adapters and ``full`` modules are trainable.
+    """A base model with adapters (``adapter``: lora, pissa, sorsa, flora); only adapters and
+    ``full`` modules are trainable (Hu et al. 2022; PiSSA, SORSA, FLoRA: see clients/adapters.py).
 
     ``kind``: ``mlp`` (targets: hidden layers, head ``net.<last>`` fully trained), ``cnn`` (target:
-    the linear head; convolutions frozen), ``minilm`` (targets: attention query and value of every
-    layer, as in the FedSVD reference; new head ``head`` fully trained). ``targets``/``full``
-    override the defaults (glob patterns / module names).
+    the linear head, convolutions frozen; with ``adapter=flora``: every convolution and the head),
+    ``minilm`` (targets: attention query and value of every layer, as in the FedSVD reference; new
+    head ``head`` fully trained). ``targets``/``full`` override the defaults (glob patterns /
+    module names). ``gamma``: SORSA's orthonormal-regularizer coefficient (0: no regularizer).
     """
     from clients.models import build_model
 
@@ -252,6 +321,11 @@ def build_lora_model(
             linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
             if kind == "mlp":
                 d_targets, d_full = linear[:-1], linear[-1:]
+            elif kind == "cnn" and adapter == "flora":
+                d_targets = [
+                    n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))
+                ] + linear
+                d_full = []
             else:
                 d_targets, d_full = linear, []
         elif kind == "minilm":
@@ -268,4 +342,6 @@ def build_lora_model(
         train,
         list(full if full is not None else d_full),
         seed,
+        adapter,
+        gamma,
     )

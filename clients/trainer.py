@@ -99,6 +99,9 @@ class LocalSGD:
     FedProx, SCAFFOLD, FedDyn, FedSAM, FedSpeed add their terms); each step is then
     ``d = clip(direction) + weight_decay * x``, ``b = momentum * b + d``, ``x = x - lr * b``, every
     part gated by ``plan.active`` so that a client with fewer steps does exactly its own steps.
+    A model with a ``penalty`` attribute (a pure function of the named trainable parameters, e.g.
+    SORSA's orthonormal regularizer) has it added to each client's objective inside the same
+    batched backward; models without one take the unchanged path.
     """
 
     lr: float = 0.05
@@ -250,6 +253,11 @@ class LocalSGD:
 
         else:  # vmap also for K = 1: a client's numbers never depend on who shares its host
             forward = vmap(lambda p, xb: functional_call(model, p, (xb,)))
+        # a model's regularizer (e.g. SORSA's): a pure function of the named parameters, added to
+        # each client's objective; reported losses stay the data loss
+        penalty = getattr(model, "penalty", None)
+        if penalty is not None:
+            penalize = vmap(penalty) if self._batchable is not False else _first_client(penalty)
         loss_sum = torch.zeros(K, dtype=X.dtype, device=X.device)
         for t in range(plan.num_steps):
             idx, mb = plan.idx[t], plan.mask[t]
@@ -260,10 +268,12 @@ class LocalSGD:
             ) -> tuple[torch.Tensor, torch.Tensor]:
                 with torch.enable_grad():
                     P = P.detach().requires_grad_(True)
-                    out = forward(spec.unflatten(P), xb)
+                    params = spec.unflatten(P)
+                    out = forward(params, xb)
                     per = loss(out.flatten(0, 1), yb.flatten(0, 1)).view(mb.shape)
                     lval = (per * mb).sum(1) / mb.sum(1).clamp(min=1.0)
-                    (g,) = torch.autograd.grad(lval.sum(), P)
+                    obj = lval if penalty is None else lval + penalize(params)
+                    (g,) = torch.autograd.grad(obj.sum(), P)
                 return g, lval.detach()
 
             direction, lval = rule.direction(batch_grad, X, ctx)
@@ -298,6 +308,11 @@ class LocalSGD:
             buf = torch.where(gate, self.momentum * buf + g, buf)
             g = buf
         return torch.where(gate, X - lr * g, X), buf
+
+
+def _first_client(penalty: Callable[[Params], torch.Tensor]) -> Callable[[Params], torch.Tensor]:
+    """``penalty`` on stacked parameters of one client (the non-vmap path): (1, ...) -> (1,)."""
+    return lambda p: penalty({n: v[0] for n, v in p.items()})[None]
 
 
 def _sub_plan(plan: BatchPlan, ks: range) -> BatchPlan:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clients.lora import lora_factors
+from clients.lora import adapter_layers, lora_factors
 from strategies.base import RoundExtras, State
 from strategies.fedavg import FedAvg
 
@@ -74,8 +74,11 @@ class FedSVD(FedAvg):
                 raise ValueError(f"strategy=fedsvd: adapter {mod_name!r} has no trainable A and B")
             self._slices.append((*offsets[b], *offsets[a]))
         if not self._slices:
+            other = sorted({type(m).__name__ for _, m in adapter_layers(model)})
             raise ValueError(
-                "strategy=fedsvd/ffa_lora needs a LoRA model (model=lora_mlp, lora_cnn or lora_minilm)"
+                "strategy=fedsvd/ffa_lora needs a LoRA model (model=lora_mlp, lora_cnn or lora_minilm) "
+                "with LoRA factors A, B: model.adapter=lora or pissa"
+                + (f"; {other} adapters (model.adapter=sorsa/flora) have none" if other else "")
             )
 
     def refactorize(self, params: torch.Tensor) -> torch.Tensor:
