@@ -14,7 +14,15 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-__all__ = ["TrainSchema", "ClusterSchema", "ConfigError", "register", "validate", "to_plain"]
+__all__ = [
+    "TrainSchema",
+    "ClusterSchema",
+    "CommSchema",
+    "ConfigError",
+    "register",
+    "validate",
+    "to_plain",
+]
 
 
 class Backend(str, Enum):
@@ -58,6 +66,31 @@ class ClusterSchema:
     )  # chaos testing: extra s per round, by host
 
 
+class CommKind(str, Enum):
+    none = "none"
+    powersgd = "powersgd"
+    sketch = "sketch"
+
+
+class SketchDecoder(str, Enum):
+    auto = "auto"
+    unbiased = "unbiased"
+    contractive = "contractive"
+
+
+@dataclass
+class CommSchema:
+    """Compressed client-to-server communication (system/codecs.py, docs/communication.md)."""
+
+    kind: CommKind = CommKind.none  # none | powersgd (Vogels et al. 2019) | sketch (seeded rand-k)
+    error_feedback: bool = True  # per-client residual memory on the hosts (checkpointed)
+    min_compress_numel: int = 256  # vectors and tensors smaller than this are sent as they are
+    rank: int = 2  # powersgd: rank of P Q^T per matrix (conv kernels as (out, rest))
+    ratio: float = 0.1  # sketch: fraction of the compressible coordinates sent each round
+    decoder: SketchDecoder = SketchDecoder.auto  # sketch: unbiased | contractive | auto
+    seed: int | None = None  # codec randomness (Q init, sketch coordinates); null: the run seed
+
+
 @dataclass
 class LoggerSchema:
     kind: str = "none"  # none | tensorboard | mlflow
@@ -99,6 +132,7 @@ class TrainSchema:
     cluster: ClusterSchema = field(default_factory=ClusterSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     privacy: PrivacySchema = field(default_factory=PrivacySchema)
+    comm: CommSchema = field(default_factory=CommSchema)
     experiment: Any = None
 
 
@@ -166,6 +200,7 @@ def validate(cfg: DictConfig | dict) -> dict[str, Any]:
             "strategy=dp_fedavg needs aggregator=mean without pre-aggregation (its noise is "
             f"calibrated to the mean's sensitivity); got aggregator.rule={c['aggregator'].get('rule')!r}",
         )
+    _check_comm(c)
     from system.host import build_from
 
     for group in ("client", "strategy", "attack"):
@@ -186,6 +221,47 @@ def validate(cfg: DictConfig | dict) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001
         raise ConfigError(f"aggregator: {_reason(err)}") from err
     return c
+
+
+def _check_comm(c: dict[str, Any]) -> None:
+    """The ``comm`` group: values in range, and a backend whose hosts run the codec."""
+    cm = c.get("comm") or {"kind": "none"}
+    known = set(CommSchema.__dataclass_fields__)
+    unknown = sorted(set(cm) - known)  # `+comm.key=...` appends past the schema
+    _check(not unknown, f"comm: unknown key(s) {unknown}; the keys are {sorted(known)}")
+    if cm["kind"] == "none":
+        return
+    _check(
+        cm["rank"] >= 1,
+        f"comm.rank={cm['rank']} must be >= 1 (1, 2 or 4 are typical; rank >= min(out, in) of "
+        "every matrix sends the update exactly)",
+    )
+    _check(
+        0 < cm["ratio"] <= 1,
+        f"comm.ratio={cm['ratio']} must be in (0, 1]: the fraction of coordinates the sketch "
+        "sends, e.g. 0.1 for 10x fewer",
+    )
+    _check(
+        cm["min_compress_numel"] >= 0,
+        f"comm.min_compress_numel={cm['min_compress_numel']} must be >= 0 (0: compress every "
+        "matrix)",
+    )
+    _check(
+        not (cm["kind"] == "sketch" and cm["decoder"] == "unbiased" and cm["error_feedback"]),
+        "comm.decoder=unbiased with comm.error_feedback=true diverges (the residual grows by a "
+        "factor 1/ratio - 1 each round); use comm.decoder=contractive (or auto) with error "
+        "feedback, or comm.error_feedback=false with the unbiased decoder",
+    )
+    _check(
+        c["backend"] in ("local", "ray"),
+        f"comm={cm['kind']} runs on the client hosts of backend=local or backend=ray; got "
+        f"backend={c['backend']} (use comm=none there)",
+    )
+    _check(
+        c["strategy"].get("mode") != "p2p",
+        f"comm={cm['kind']} compresses client-to-server updates; decentralized strategies "
+        "(strategy.mode=p2p) have no server: use comm=none",
+    )
 
 
 def _reason(err: Exception) -> str:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clients.plan import make_plan
 from clients.trainer import ParamSpec
+from system.codecs import build_codec
 
 __all__ = ["ClientHost", "HostShard", "HostReply", "ClientError", "build_from"]
 
@@ -55,6 +56,10 @@ class HostReply:
     #: weights = [sum_i w_i]; ``finite`` (K,) marks the clients whose update entered the sum
     reduced: bool = False
     finite: torch.Tensor | None = None
+    #: bytes the clients sent (update or codec payload, plus extras, in their dtype; docs/communication.md)
+    bytes_up: int = 0
+    #: ``updates`` holds the codec's (K, p) payload, which the server decodes (system/codecs.py)
+    encoded: bool = False
 
 
 class ClientHost:
@@ -73,6 +78,7 @@ class ClientHost:
         device: str = "cpu",
         strategy_cfg: dict[str, Any] | None = None,
         delay_s: float = 0.0,
+        comm_cfg: dict[str, Any] | None = None,
     ) -> None:
         self.delay_s = float(delay_s)  # chaos testing (cluster.slow_hosts): a deliberate straggler
         torch.set_num_threads(max(1, int(threads)))
@@ -100,6 +106,10 @@ class ClientHost:
         d, C = self.spec.numel, len(shard.client_ids)
         names = self.rule.client_state if self.rule is not None else ()
         self.client_state = {n: torch.zeros(C, d, device=self.device) for n in names}
+        # compressed communication: the codec and its per-client state (error-feedback residual,
+        # PowerSGD's warm-start Q), kept here and checkpointed with the rule's state
+        self.codec = build_codec(comm_cfg, self.spec, seed)
+        self.comm_state = self.codec.init_state(C, self.device) if self.codec else {}
         if not getattr(self.trainer, "per_client", False):  # DP-SGD clients do not use torch.func
             self._warmup()
 
@@ -188,6 +198,13 @@ class ClientHost:
             )
             for n, v in res.state.items():
                 self.client_state[n][rows] = v
+            updates = res.updates
+            if self.codec is not None:  # encode after local training; the server decodes
+                updates, new = self.codec.encode(
+                    updates, {n: v[rows] for n, v in self.comm_state.items()}, round_idx
+                )
+                for n, v in new.items():
+                    self.comm_state[n][rows] = v
         except Exception as err:
             raise ClientError(
                 f"host {self.host_id} failed training clients {list(client_ids)[:10]}"
@@ -197,12 +214,14 @@ class ClientHost:
         reply = HostReply(
             self.host_id,
             np.asarray(client_ids, dtype=np.int64),
-            res.updates.cpu(),
+            updates.cpu(),
             res.weights.cpu(),
             res.losses.cpu(),
             time.perf_counter() - t0,
             {n: v.cpu() for n, v in res.extras.items()},
             {n: v.cpu() for n, v in getattr(res, "metrics", {}).items()},
+            bytes_up=_nbytes(updates) + sum(_nbytes(v) for v in res.extras.values()),
+            encoded=self.codec is not None,
         )
         return reduce_reply(reply) if reduce else reply
 
@@ -225,16 +244,18 @@ class ClientHost:
             self.trainer.load_state_dict({**state, "histories": hist})
 
     def state_dict(self) -> dict[str, Any]:
-        """Per-client state of the local rule (e.g. SCAFFOLD's c_i), rows in client-id order."""
+        """Per-client state of the local rule (e.g. SCAFFOLD's c_i) and of the codec (``comm.*``:
+        error-feedback residual, PowerSGD's Q), rows in client-id order."""
         return {
             # a copy: arrays of shards that came through Ray's object store are read-only
             "client_ids": torch.tensor(self.shard.client_ids),
             **{n: v.cpu().clone() for n, v in self.client_state.items()},
+            **{f"comm.{n}": v.cpu().clone() for n, v in self.comm_state.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore this host's rows from a state over any set of clients (any host layout)."""
-        if not self.client_state:
+        if not self.client_state and not self.comm_state:
             return
         ids = np.asarray(state.get("client_ids", np.empty(0, np.int64)))
         where = {int(c): i for i, c in enumerate(ids)}
@@ -249,6 +270,17 @@ class ClientHost:
             if n not in state:
                 raise ValueError(f"host {self.host_id}: checkpoint has no client state {n!r}")
             self.client_state[n] = state[n][rows].to(self.device).clone()
+        for n in self.comm_state:
+            if f"comm.{n}" not in state:
+                raise ValueError(
+                    f"host {self.host_id}: checkpoint has no codec state {n!r}; resume with the "
+                    "comm config the checkpoint was written with"
+                )
+            self.comm_state[n] = state[f"comm.{n}"][rows].to(self.device).clone()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def reduce_reply(reply: HostReply) -> HostReply:

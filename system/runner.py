@@ -115,6 +115,9 @@ def train(cfg: DictConfig | dict, run_dir: str | None = None) -> dict[str, Any]:
         pool_close()
         summary = finish_summary(c, rows, start_round, startup_s, out.path)
         summary.update(
+            # communication over the run (per-round values in metrics.jsonl)
+            bytes_up_total=sum(r.get("bytes_up", 0) for r in rows),
+            bytes_down_total=sum(r.get("bytes_down", 0) for r in rows),
             rounds_completed=max((r["round"] for r in rows), default=start_round),
             stopped=stop.get("stopped"),  # e.g. "privacy budget"; None: all rounds ran
             stop_message=stop.get("message"),
@@ -203,6 +206,7 @@ def _start(c, ds, parts, adversary, stack: ExitStack):
         seed=c["seed"],
         threads=cl["threads_per_host"],
         strategy_cfg=c["strategy"],
+        comm_cfg=c.get("comm"),
     )
     if c["backend"] == "local":
         torch.set_num_threads(cl["threads_per_host"])
@@ -223,6 +227,21 @@ def _start(c, ds, parts, adversary, stack: ExitStack):
     raise NotImplementedError(f"backend={c['backend']} is not available yet; use local or ray")
 
 
+#: modules every Ray worker of a Ray that Flagstaff starts imports as soon as it starts: the
+#: host and server actors then begin with torch and the model code already loaded
+PRELOAD_MODULES = ("torch", "system.host", "system.server")
+
+
+def _local_ray_options(cl: dict[str, Any]) -> dict[str, Any]:
+    """ray.init options for a Ray this process starts (none when joining a running cluster):
+    the workers the raylet prestarts (one per CPU) import PRELOAD_MODULES as soon as they start,
+    while ray.init is still connecting, so the host actors start without ray and torch start-up
+    on the critical path."""
+    if cl["address"] and cl["address"] != "local":
+        return {}
+    return {"_system_config": {"preload_python_modules": list(PRELOAD_MODULES)}}
+
+
 def _start_ray(c, ds, parts, adversary, host_args, stack: ExitStack):
     import ray
 
@@ -239,6 +258,7 @@ def _start_ray(c, ds, parts, adversary, host_args, stack: ExitStack):
             namespace=cl.get("namespace"),
             log_to_driver=True,
             configure_logging=False,
+            **_local_ray_options(cl),
         )
         stack.callback(ray.shutdown)
     cpus = ray.cluster_resources().get("CPU", 1.0)

@@ -8,6 +8,7 @@ an actor, the ``local`` backend in-process.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -18,9 +19,12 @@ from torch.func import functional_call
 from clients.trainer import ParamSpec, loss_fn_for
 from strategies.base import RoundExtras
 from system.adversary import Adversary
+from system.codecs import build_codec
 from system.host import build_from
 
 __all__ = ["ParameterServer", "sample_clients"]
+
+log = logging.getLogger("flagstaff")
 
 
 def sample_clients(
@@ -94,9 +98,22 @@ class ParameterServer:
         self.adversary = Adversary(cfg["attack"], self.num_clients)
         n_agg = self.adversary.inputs_per_round(self.per_round)
         self.aggregator = build_from(cfg["aggregator"], f=self.adversary.f, n=n_agg)
-        self.reduce_on_hosts = bool(
-            cfg["cluster"].get("host_reduce", True)
-        ) and can_reduce_on_hosts(self.aggregator, self.strategy, self.adversary)
+        # compressed communication (system/codecs.py): hosts encode, the server decodes each
+        # client's payload, so hosts cannot pre-sum (the sum of payloads is not a payload)
+        self.codec = build_codec(cfg.get("comm"), self.spec, self.seed)
+        if self.codec is not None and self.codec.payload_numel >= self.params.numel():
+            log.warning(
+                "comm=%s sends %d numbers per client for %d parameters (nothing is compressed: "
+                "lower comm.min_compress_numel or comm.rank)",
+                self.codec.name,
+                self.codec.payload_numel,
+                self.params.numel(),
+            )
+        self.reduce_on_hosts = (
+            bool(cfg["cluster"].get("host_reduce", True))
+            and self.codec is None
+            and can_reduce_on_hosts(self.aggregator, self.strategy, self.adversary)
+        )
         self.x_test, self.y_test = x_test, y_test
         self.loss = loss_fn_for(num_classes)
         self.num_classes = num_classes
@@ -116,6 +133,12 @@ class ParameterServer:
         bcast = self.strategy.broadcast(self.params, self.state)
         got = self.pool.train(self.params, assignment, r, bcast, self.reduce_on_hosts)
         metrics: dict[str, Any] = {"round": r + 1, "clients": len(sampled)}
+        # what travels: the parameters and server vectors to every sampled client, and what the
+        # clients that answered sent back (docs/communication.md)
+        down = self.params.numel() * self.params.element_size()
+        down += sum(v.numel() * v.element_size() for v in (bcast or {}).values())
+        metrics["bytes_down"] = down * len(sampled)
+        metrics["bytes_up"] = sum(rep.bytes_up for rep in got.replies)
         metrics["dropped_failed"] = len(got.dropped)
         metrics["dropped_late"] = len(got.late)
         if got.retried_hosts:
@@ -145,7 +168,9 @@ class ParameterServer:
     def _aggregate(
         self, got: Any, metrics: dict[str, Any], r: int
     ) -> tuple[torch.Tensor | None, RoundExtras]:
-        """Per-client replies: sort by client id, drop non-finite updates, adversary, aggregate."""
+        """Per-client replies: sort by client id, decode payloads, drop non-finite updates, adversary,
+        aggregate."""
+        width = self.codec.payload_numel if self.codec else self.params.numel()
         if got.replies:
             cids = np.concatenate([rep.client_ids for rep in got.replies])
             order = np.argsort(cids, kind="stable")
@@ -161,14 +186,19 @@ class ParameterServer:
             if eps:  # sample-level DP clients report their accountant's epsilon
                 self.client_epsilon[torch.as_tensor(cids)] = torch.cat(eps)[order]
         else:
-            cids, U = np.empty(0, np.int64), torch.empty(0, self.params.numel())
+            cids, U = np.empty(0, np.int64), torch.empty(0, width)
             w, losses, extra = torch.empty(0), torch.empty(0), {}
-        if U.shape[1:] != self.params.shape:
+        if U.shape[1:] != (width,):
+            what = f"{self.codec.name} payloads of length {width}" if self.codec else "updates"
             raise ValueError(
-                f"round {r + 1}: hosts returned updates of length {U.shape[1]}, the model has "
-                f"{self.params.numel()} parameters; every host must run the same model config"
+                f"round {r + 1}: hosts returned rows of length {U.shape[1]}, expected {what} for "
+                f"the model's {self.params.numel()} parameters; every host must run the same "
+                "model and comm config"
             )
         finite = torch.isfinite(U).all(dim=1)
+        if self.codec is not None:  # decode every payload; non-finite ones (or decodes) dropped
+            U = self.codec.decode(torch.where(finite[:, None], U, 0.0), r)
+            finite &= torch.isfinite(U).all(dim=1)
         metrics["dropped_nonfinite"] = int((~finite).sum())
         honest_loss = losses[finite & ~torch.as_tensor(self.adversary.is_byzantine(cids))]
         if len(honest_loss):
