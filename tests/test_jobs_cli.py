@@ -34,6 +34,7 @@ SMALL = {
     "volume_sampling": ["job.data.n=2000", "job.data.d=3", "job.trials=300"],
     "top_eigvec": ["job.data.n=8000", "job.data.d=20", "job.chunks=8"],
     "rsvd": ["job.data.n=3000", "job.data.d=80", "job.k=5", "job.data.rank=5"],
+    "completion": ["job.m=600", "job.n=500", "job.k=5", "job.p=0.15", "job.iters=10"],
     **{f"compress_{m}": COMPRESS_SMALL for m in ("svd", "fwsvd", "welore", "mfac")},
     "compress_cospadi": [*COMPRESS_SMALL, "job.iters=2"],
 }
@@ -45,6 +46,7 @@ FIGURES = {
     "volume_sampling": ["bias", "bias_se", "loss_ratio"],
     "top_eigvec": ["correlation", "correlation_oja", "memory_floats"],
     "rsvd": ["frobenius_ratio", "sigma_error", "baselines"],
+    "completion": ["error_per_iter", "time_per_iter", "rate", "comparison"],
     **{
         f"compress_{m}": ["params_before", "params_after", "accuracy_after", "rel_error"]
         for m in ("svd", "fwsvd", "welore", "cospadi", "mfac")
