@@ -27,10 +27,12 @@ Implementations (``--impl``, comma separated; default: all of them):
     the global weights, run the local rule, add ``n_i / n`` times the result to the average.
     Torch uses ``--torch-threads`` intra-op threads (default 1, which is faster than 2 for these
     tiny matmuls, and what each Flower actor gets from Ray with ``num_cpus=1``).
-``flagstaff-local``, ``flagstaff-ray``
-    ``system.runner.train(cfg)`` on a Hydra config composed from ``conf/train.yaml`` with
+``flagstaff-local``, ``flagstaff-ray``, ``flagstaff-ray-seq``
+    ``launch.train.run(cfg)`` (what ``flagstaff-train`` runs: on ``backend=ray`` it starts Ray
+    while torch and the training code import, then calls ``system.runner.train``) on a Hydra config composed from ``conf/train.yaml`` with
     ``experiment=<workload.experiment> backend=<local|ray> rounds=... num_clients=...
-    clients_per_round=... seed=... model.hidden=[...]`` (plus ``--flagstaff-override``).  Reported as
+    clients_per_round=... seed=... model.hidden=[...]`` (plus ``--flagstaff-override``;
+    ``flagstaff-ray-seq`` adds ``client.batched=false``: each host trains its clients one by one).  Reported as
     "unavailable: <reason>" while ``system.runner`` or the config cannot be imported/composed.
 
 Every implementation uses the same data, shards, sampled clients, initial model, local rule and
@@ -509,9 +511,9 @@ def flagstaff_overrides(workload: Workload, backend: str, extra: Sequence[str] =
 
 
 def run_flagstaff(workload: Workload, backend: str, opts: RunOptions | None = None) -> Result:
-    """Flagstaff on ``backend`` (``local`` or ``ray``) via ``system.runner.train(cfg)``.
+    """Flagstaff on ``backend`` (``local`` or ``ray``) via ``launch.train.run(cfg)``.
 
-    Contract assumed of ``train(cfg) -> dict``:
+    Contract assumed of ``run(cfg) -> dict`` (that of ``system.runner.train``):
 
     * ``round_times``: list of seconds, one per round, round 1 first; each covers training and
       aggregation of that round (like the other implementations, evaluation excluded);
@@ -528,7 +530,7 @@ def run_flagstaff(workload: Workload, backend: str, opts: RunOptions | None = No
     try:
         from hydra import compose, initialize_config_module
 
-        from system.runner import train
+        from launch.train import run as train  # what flagstaff-train runs on a composed config
     except Exception as err:  # ImportError, or a broken package while it is being written
         return Result(impl, workload.name, "unavailable", f"unavailable: {_oneline(err)}")
     overrides = flagstaff_overrides(workload, backend, opts.flagstaff_overrides)

@@ -1,6 +1,7 @@
 """flagstaff-train: the Hydra app for federated / distributed training (conf/train.yaml).
 
-A short recipe (STYLE.md point 8): compose and validate the config, train, print the run directory.
+A short recipe (STYLE.md point 8): compose and validate the config, (start Ray,) train, print the run
+directory.
 Returns the final test accuracy so Hydra sweepers can optimize it.
 """
 
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from system.config import ConfigError, register
 
@@ -18,13 +21,34 @@ register()
 log = logging.getLogger("flagstaff")
 
 
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train on a composed config as flagstaff-train does. With ``backend=ray`` (not a
+    decentralized strategy), Ray starts on this thread while torch and the training code import in
+    another (each takes seconds); Ray is shut down at the end if this call started it."""
+    t0 = time.perf_counter()
+    started = False
+    if cfg.get("backend") == "ray" and cfg.get("strategy", {}).get("mode") != "p2p":
+        from system.ray_start import importing_in_background, init_ray
+
+        with importing_in_background("system.runner"):
+            started = init_ray(OmegaConf.to_container(cfg.cluster, resolve=True))
+    try:
+        from system.runner import train
+
+        return train(cfg, started_at=t0)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 @hydra.main(config_path="pkg://conf", config_name="train", version_base="1.3")
 def app(cfg: DictConfig) -> float | None:
     from system.rundir import CheckpointError
-    from system.runner import train
 
     try:
-        result = train(cfg)
+        result = run(cfg)
     except (ConfigError, CheckpointError) as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)

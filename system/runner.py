@@ -26,10 +26,11 @@ from system.host import ClientHost, HostShard, build_from
 from system.loggers import make_logger
 from system.memory import tree_memory_mb
 from system.pool import LocalPool, RayPool
+from system.ray_start import check_auth_token, init_ray
 from system.rundir import RunDir, versions
 from system.server import ParameterServer
 
-__all__ = ["train", "fingerprint"]
+__all__ = ["train", "fingerprint", "check_auth_token"]
 
 log = logging.getLogger("flagstaff")
 
@@ -78,9 +79,13 @@ def _shards(parts, ds, hosts: int, adversary: Adversary) -> tuple[np.ndarray, li
     return owner, shards
 
 
-def train(cfg: DictConfig | dict, run_dir: str | None = None) -> dict[str, Any]:
-    """Run federated training as configured; return final metrics and timings."""
-    t_start = time.perf_counter()
+def train(
+    cfg: DictConfig | dict, run_dir: str | None = None, *, started_at: float | None = None
+) -> dict[str, Any]:
+    """Run federated training as configured; return final metrics and timings. ``started_at``
+    (a ``time.perf_counter()`` value): when the caller began setting up (e.g. started Ray), so
+    ``startup_s`` covers it."""
+    t_start = time.perf_counter() if started_at is None else started_at
     _RUN_INFO.clear()  # no stale host info from an earlier run in this process
     c = validate(cfg)
     out = RunDir(run_dir or _hydra_dir() or "outputs/run")
@@ -227,39 +232,11 @@ def _start(c, ds, parts, adversary, stack: ExitStack):
     raise NotImplementedError(f"backend={c['backend']} is not available yet; use local or ray")
 
 
-#: modules every Ray worker of a Ray that Flagstaff starts imports as soon as it starts: the
-#: host and server actors then begin with torch and the model code already loaded
-PRELOAD_MODULES = ("torch", "system.host", "system.server")
-
-
-def _local_ray_options(cl: dict[str, Any]) -> dict[str, Any]:
-    """ray.init options for a Ray this process starts (none when joining a running cluster):
-    the workers the raylet prestarts (one per CPU) import PRELOAD_MODULES as soon as they start,
-    while ray.init is still connecting, so the host actors start without ray and torch start-up
-    on the critical path."""
-    if cl["address"] and cl["address"] != "local":
-        return {}
-    return {"_system_config": {"preload_python_modules": list(PRELOAD_MODULES)}}
-
-
 def _start_ray(c, ds, parts, adversary, host_args, stack: ExitStack):
     import ray
 
     cl = c["cluster"]
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    if not ray.is_initialized():
-        if cl["require_auth"]:
-            check_auth_token()
-        ray.init(
-            # no address: always a new local Ray (never silently join another job's cluster)
-            address=cl["address"] or "local",
-            include_dashboard=cl["include_dashboard"],
-            dashboard_host="127.0.0.1",
-            namespace=cl.get("namespace"),
-            log_to_driver=True,
-            configure_logging=False,
-            **_local_ray_options(cl),
-        )
+    if init_ray(cl):
         stack.callback(ray.shutdown)
     cpus = ray.cluster_resources().get("CPU", 1.0)
     per = cl["cpus_per_host"]
@@ -323,25 +300,6 @@ def _start_ray(c, ds, parts, adversary, host_args, stack: ExitStack):
     log.info("%d client hosts on %d node(s)", hosts, len(set(nodes)))
     _RUN_INFO.update(hosts=hosts, host_nodes=nodes)
     return server, close
-
-
-def check_auth_token() -> None:
-    """cluster.require_auth=true: refuse to join unless Ray token authentication is configured."""
-    from pathlib import Path
-
-    mode = os.environ.get("RAY_AUTH_MODE", "disabled")
-    has_token = (
-        bool(os.environ.get("RAY_AUTH_TOKEN"))
-        or Path(
-            os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token")
-        ).is_file()
-    )
-    if mode != "token" or not has_token:
-        raise RuntimeError(
-            "cluster.require_auth=true: set RAY_AUTH_MODE=token and the cluster's token "
-            "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; `ray get-auth-token` on "
-            "the head prints it) before joining"
-        )
 
 
 def check_resources(

@@ -62,3 +62,16 @@ def test_cli_multirun_sweep(tmp_path) -> None:
     assert len(summaries) == 2
     seeds = {json.loads(s.read_text())["seed"] for s in summaries}
     assert seeds == {0, 1}
+
+
+def test_cli_ray_backend_starts_ray_alongside_imports(tmp_path) -> None:
+    """backend=ray through the CLI: Ray starts while torch imports (launch.train.run), the run
+    uses the configured hosts, and a config error found after Ray started still exits cleanly."""
+    out = tmp_path / "ray"
+    p = _run("experiment=smoke", "backend=ray", "cluster.hosts=2", f"hydra.run.dir={out}")
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "ray" and summary["hosts"] == 2
+    assert summary["startup_s"] > 0 and summary["accuracy"] is not None
+    bad = _run("experiment=smoke", "backend=ray", "client.lr=-1", f"hydra.run.dir={tmp_path / 'b'}")
+    assert bad.returncode == 2 and "client.lr" in bad.stderr
