@@ -59,6 +59,7 @@ class ClusterSchema:
     require_auth: bool = False
     namespace: str | None = None
     placement: str = "default"  # default | spread (one host per node where possible)
+    server: str = "auto"  # auto | driver | actor: where the parameter server runs (backend=ray)
     host_reduce: bool = True  # hosts send one weighted sum when the aggregator is a weighted mean
     start_timeout_s: float = 120.0
     slow_hosts: list[float] = field(
@@ -179,6 +180,10 @@ def validate(cfg: DictConfig | dict) -> dict[str, Any]:
     _check(
         cl["placement"] in ("default", "spread"),
         f"cluster.placement={cl['placement']!r}: choose default or spread",
+    )
+    _check(
+        cl.get("server", "auto") in ("auto", "driver", "actor"),
+        f"cluster.server={cl.get('server')!r}: choose auto, driver or actor",
     )
     _check(
         c["logger"]["kind"] in ("none", "tensorboard", "mlflow"),

@@ -273,19 +273,24 @@ def _start_ray(c, ds, parts, adversary, host_args, stack: ExitStack):
         for h in range(hosts)
     ]
     pool = RayPool(actors, on_failure=cl["on_host_failure"], deadline_s=cl["round_deadline_s"])
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    # the server lives on the driver's node: losing a worker node must not take the run's state
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    Server = ray.remote(ParameterServer).options(num_cpus=0, scheduling_strategy=here)
-    server = Server.remote(
-        c, pool, owner, ray.put(ds.x_test), ray.put(ds.y_test), ds.input_shape, ds.num_classes
-    )
-    try:
-        ray.get(
-            [a.ping.remote() for a in actors] + [server.ping.remote()],
-            timeout=cl["start_timeout_s"],
+    where = server_placement(cl)
+    if where == "driver":  # the server is a plain object in this process, on the driver's node
+        server = ParameterServer(
+            c, pool, owner, ds.x_test, ds.y_test, ds.input_shape, ds.num_classes
         )
+        pings = [a.ping.remote() for a in actors]
+    else:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # the server lives on the head's node: losing a worker node must not take the run's state
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        Server = ray.remote(ParameterServer).options(num_cpus=0, scheduling_strategy=here)
+        server = Server.remote(
+            c, pool, owner, ray.put(ds.x_test), ray.put(ds.y_test), ds.input_shape, ds.num_classes
+        )
+        pings = [a.ping.remote() for a in actors] + [server.ping.remote()]
+    try:
+        ray.get(pings, timeout=cl["start_timeout_s"])
     except ray.exceptions.GetTimeoutError:
         raise RuntimeError(
             f"the {hosts} client hosts did not start within cluster.start_timeout_s="
@@ -294,12 +299,24 @@ def _start_ray(c, ds, parts, adversary, host_args, stack: ExitStack):
 
     def close() -> None:
         pool.close()
-        ray.kill(server)
+        if where == "actor":
+            ray.kill(server)
 
     nodes = ray.get([a.node_id.remote() for a in actors])
     log.info("%d client hosts on %d node(s)", hosts, len(set(nodes)))
-    _RUN_INFO.update(hosts=hosts, host_nodes=nodes)
+    _RUN_INFO.update(hosts=hosts, host_nodes=nodes, server=where)
     return server, close
+
+
+def server_placement(cl: dict[str, Any]) -> str:
+    """Where the parameter server runs on backend=ray: ``driver`` (in this process: no extra
+    worker process to start, no hop per round) unless the driver is a remote Ray Client
+    (``ray://`` address), which should not pull every update over its connection: then
+    ``actor`` (on the cluster node this client is attached to). ``cluster.server`` overrides."""
+    choice = cl.get("server", "auto")
+    if choice != "auto":
+        return choice
+    return "actor" if str(cl.get("address") or "").startswith("ray://") else "driver"
 
 
 def check_resources(
