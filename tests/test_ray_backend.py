@@ -1,4 +1,5 @@
-"""End to end on a real local Ray: 2 client-host actors + a parameter-server actor."""
+"""End to end on a real local Ray: 2 client-host actors + the parameter server (in the driver, or
+an actor with cluster.server=actor)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import torch
 
-from system.runner import train
+from system.runner import server_placement, train
 from tests.conftest import compose
 
 
@@ -18,6 +19,18 @@ def test_ray_two_hosts_equals_local(ray_session, tmp_path) -> None:
     assert torch.equal(ray_res["params"], local_res["params"])
     assert ray_res["accuracy"] == local_res["accuracy"] > 0.3
     assert (tmp_path / "ray" / "checkpoint.pt").exists()
+    actor = train(
+        compose(*over, "backend=ray", "cluster.server=actor"), run_dir=str(tmp_path / "a")
+    )
+    assert torch.equal(actor["params"], local_res["params"])  # same numbers wherever it runs
+
+
+def test_server_placement_rule() -> None:
+    assert server_placement({"address": None, "server": "auto"}) == "driver"
+    assert server_placement({"address": "auto", "server": "auto"}) == "driver"
+    assert server_placement({"address": "ray://head:10001", "server": "auto"}) == "actor"
+    assert server_placement({"address": "ray://head:10001", "server": "driver"}) == "driver"
+    assert server_placement({"address": None, "server": "actor"}) == "actor"
 
 
 def test_host_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, tmp_path) -> None:
