@@ -37,8 +37,12 @@ def run_one(
     out: Path,
     extra: list[str],
     eval_every: int,
+    rundirs: Path | None = None,
 ) -> dict[str, Any]:
-    """One training run through the Flagstaff runner (backend=local); cached as JSON."""
+    """One training run through the Flagstaff runner (backend=local); cached as JSON.
+
+    The run's own directory (checkpoint ~2 MB, metrics, partition) goes under `rundirs`
+    (default `<out>/rundirs`); only the small JSON summary goes under `<out>/runs`."""
     tag = "_".join(e.replace("=", "-").replace("/", "-") for e in extra)
     name = f"{dataset}_a{alpha}_{strategy}{'_' + tag if tag else ''}_s{seed}_r{rounds}"
     path = out / "runs" / f"{name}.json"
@@ -72,7 +76,7 @@ def run_one(
     with initialize_config_module(config_module="conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     t0 = time.perf_counter()
-    res = train(cfg, run_dir=str(out / "rundirs" / name))
+    res = train(cfg, run_dir=str((rundirs or out / "rundirs") / name))
     rows = [r for r in res["metrics"] if "accuracy" in r]
     row = {
         "dataset": dataset,
@@ -172,6 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--target", action="append", default=[], metavar="DATASET=ACC")
     ap.add_argument("--out", default="outputs/heterogeneity")
+    ap.add_argument(
+        "--rundirs",
+        default=None,
+        help="where the runs' own directories (checkpoints, ~2 MB each) go; default <out>/rundirs "
+        "(pass a path under outputs/ when --out is inside the repo)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.datasets, args.seeds, args.rounds = ["digits"], [0], min(args.rounds, 30)
@@ -185,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.set:
         strat, over = spec.split(":", 1)
         variants.append((strat, over.split(",")))
+    rundirs, ev = (Path(args.rundirs) if args.rundirs else None), args.eval_every
     rows = []
     total = len(args.datasets) * len(args.alphas) * len(variants) * len(args.seeds)
     i = 0
@@ -193,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             for strat, extra in variants:
                 for seed in args.seeds:
                     i += 1
-                    row = run_one(ds, alpha, strat, seed, args.rounds, out, extra, args.eval_every)
+                    row = run_one(ds, alpha, strat, seed, args.rounds, out, extra, ev, rundirs)
                     rows.append(row)
                     print(
                         f"[{i}/{total}] {ds} a={alpha} {row['strategy']} seed={seed}: "
