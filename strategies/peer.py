@@ -349,7 +349,10 @@ class PeerTraining:
     ``lr_period`` (delta): the hyperbolic schedule (``t_half: 0`` = constant); ``momentum``: beta
     of m = beta m + (1 - beta) g (0 = no momentum, the ablation); ``weight_decay``: L2 added to the
     gradient; ``batch_size``: samples per stochastic gradient; ``topology`` with ``degree`` /
-    ``edge_prob``; ``asynchronous``: each node aggregates only ``deg + 1 - f`` of its messages."""
+    ``edge_prob``; ``asynchronous``: each node aggregates only ``deg + 1 - f`` of its messages;
+    ``adversary``: how model attacks address honest nodes, ``per_target`` (crafted against each
+    node's own aggregation) or ``broadcast`` (one set of vectors for all, crafted against the mean
+    of the honest aggregations, as in the MoNNA reference code)."""
 
     mode: str = "p2p"
     rule: str = "nna"
@@ -364,8 +367,10 @@ class PeerTraining:
     degree: int | None = None
     edge_prob: float | None = None
     asynchronous: bool = False
+    adversary: str = "per_target"
 
     name: ClassVar[str] = "p2p"
+    ADVERSARIES: ClassVar[tuple[str, ...]] = ("per_target", "broadcast")
 
     def __post_init__(self) -> None:
         if self.mode != "p2p":
@@ -383,6 +388,10 @@ class PeerTraining:
             raise ValueError("strategy.weight_decay must be >= 0 and strategy.batch_size >= 1")
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"strategy.topology={self.topology!r}; choose one of {TOPOLOGIES}")
+        if self.adversary not in self.ADVERSARIES:
+            raise ValueError(
+                f"strategy.adversary={self.adversary!r}; choose one of {list(self.ADVERSARIES)}"
+            )
 
     def lr_at(self, t: int) -> float:
         """Learning rate of step ``t`` (0-based)."""

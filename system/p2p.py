@@ -6,7 +6,10 @@ mode's adversary, the **Byzantine nodes are the f lowest ids** (0..f-1) when an 
 flip), the Byzantine nodes, which follow the protocol on poisoned data (their half-steps are their
 Byzantine messages). For a model attack the Byzantine nodes do not train; the omniscient adversary
 (on the driver) crafts their messages from the honest half-steps, **per target node** with the
-attack's ``per_target``/``targeted`` against that node's own aggregation.
+attack's ``per_target``/``targeted`` against that node's own aggregation (``strategy.adversary:
+per_target``, the default), or, with ``strategy.adversary: broadcast``, one set of vectors for every
+node, line-searched against the mean of the honest nodes' aggregations (the MoNNA reference code's
+adversary, weaker).
 
 Training nodes are spread over hosts in contiguous id blocks; a host keeps its K nodes' parameters
 and momenta stacked (K, d) and computes their gradients in one ``vmap(grad(...))`` call.
@@ -326,6 +329,11 @@ class PeerNetwork:
         if not self.model_attack or not any(b for _, b in inbox):
             return none
         gen = torch.Generator().manual_seed(int(getattr(self.attack, "seed", 0)) * 1_000_003 + t)
+        if self.cfg.adversary == "broadcast":  # one set of vectors for every honest node
+            out = self.attack(H, aggregator=self._mean_aggregation(H), generator=gen)
+            if out is None:
+                return none
+            return [out[:b] if b else None for _, b in inbox]
         if self.complete_sync:  # every node holds all honest half-steps: the attack's per_target
             aggs = [self.rule.for_node(H[i]) for i in range(len(H))]
             out = self.attack.per_target(H, aggregators=aggs, generator=gen)
@@ -344,6 +352,17 @@ class PeerNetwork:
             )
             res.append(None if v is None else v[:b])
         return res
+
+    def _mean_aggregation(self, H: torch.Tensor):
+        """The broadcast adversary's objective: the mean over honest nodes i of node i's
+        aggregation of all vectors (the honest half-steps ``H`` and the Byzantine rows), as in the
+        MoNNA reference code (one vector for everyone, line-searched against that mean)."""
+        K = H.shape[0]
+
+        def agg(U: torch.Tensor) -> torch.Tensor:
+            return self.rule.batch(U.unsqueeze(0).expand(K, -1, -1), H).mean(dim=0)
+
+        return agg
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self, t: int, evaluate: bool) -> dict[str, Any]:

@@ -101,6 +101,49 @@ def test_byzantine_vectors_are_crafted_per_target(tmp_path, monkeypatch) -> None
     assert len(distinct) > 1, "adaptive ALIE should send different vectors to different nodes"
 
 
+def test_broadcast_adversary_sends_one_vector_against_the_mean_aggregate(
+    tmp_path, monkeypatch
+) -> None:
+    """``strategy.adversary=broadcast`` (the reference code's adversary): every honest node gets
+    the same Byzantine vectors, and the line search maximises the displacement of the mean of
+    the honest nodes' NNA aggregates."""
+    from clients.byzantine import ALIEAdaptive
+    from strategies.peer import NNA
+
+    seen: dict[int, list] = {}
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_mix, real_call = p2p.PeerHost.mix, ALIEAdaptive.__call__
+
+    def spy(self, t, inbox, byz, *halves):
+        if t == 3:
+            seen[self.host_id] = [b.clone() for b in byz]
+        return real_mix(self, t, inbox, byz, *halves)
+
+    def spy_call(self, honest, *, aggregator=None, generator=None):
+        out = real_call(self, honest, aggregator=aggregator, generator=generator)
+        calls.append((honest.clone(), out.clone()))
+        # the objective the adversary maximised: the mean of every honest node's NNA
+        U = torch.cat([honest, out])
+        expect = torch.stack([NNA(f=2)(U, honest[i]) for i in range(len(honest))]).mean(dim=0)
+        assert torch.allclose(aggregator(U), expect, atol=1e-6)
+        return out
+
+    monkeypatch.setattr(p2p.PeerHost, "mix", spy)
+    monkeypatch.setattr(ALIEAdaptive, "__call__", spy_call)
+    over = ("attack=alie_adaptive", "attack.f=2", "attack.max_evals=6", "rounds=4")
+    _run(tmp_path, "b", *over, "strategy.adversary=broadcast")
+    assert len(calls) == 4  # crafted once per step, not once per node
+    byz = [b for h in sorted(seen) for b in seen[h]]
+    assert len(byz) == 6 and all(torch.equal(b, byz[0]) for b in byz)
+    honest, out = calls[3]
+    mu, sigma = honest.mean(dim=0), honest.std(dim=0)
+    mask = sigma > 1e-4
+    z = ((mu - out[0]) / sigma)[mask]  # ALIE's form mu - z sigma, one z for every coordinate
+    assert mask.any() and torch.allclose(z, z[0].expand_as(z), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ConfigError, match="adversary"):
+        _run(tmp_path, "x", *over, "strategy.adversary=everyone")
+
+
 def test_momentum_nna_beats_plain_averaging_under_attack(tmp_path) -> None:
     over = ("attack=sign_flip", "attack.f=2", "attack.scale=20", "rounds=12")
     nna = _run(tmp_path, "nna", *over)
