@@ -30,12 +30,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+if TYPE_CHECKING:  # torch is imported where it is used: a Flagstaff run starts Ray while torch
+    import torch  # imports (as flagstaff-train does), which a module-level import would prevent
+    from torch import nn
 
 __all__ = [
     "Workload",
@@ -182,6 +183,8 @@ class TaskData:
 
     def client(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and labels of client ``cid`` (gathered from the train set)."""
+        import torch
+
         idx = torch.from_numpy(self.shards[cid])
         return self.x_train[idx], self.y_train[idx]
 
@@ -258,6 +261,9 @@ def local_train(
     decay), batches sliced from a seeded per-epoch permutation (no DataLoader: slicing tensors is
     markedly faster for shards of a few dozen samples).
     """
+    import torch
+    import torch.nn.functional as F
+
     n = len(y)
     gen = torch.Generator().manual_seed(shuffle_seed(workload.seed, server_round, cid))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -285,11 +291,14 @@ def fedavg_accumulate(
     return acc
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """Test loss and accuracy of ``model`` on ``(x, y)``."""
+    import torch
+    import torch.nn.functional as F
+
     model.eval()
-    logits = model(x)
-    loss = float(F.cross_entropy(logits, y))
-    accuracy = float((logits.argmax(1) == y).float().mean())
+    with torch.no_grad():
+        logits = model(x)
+        loss = float(F.cross_entropy(logits, y))
+        accuracy = float((logits.argmax(1) == y).float().mean())
     return loss, accuracy
