@@ -514,14 +514,9 @@ def _num_hosts(c: dict[str, Any], stack: ExitStack, n_train: int) -> int:
         return min(cl["hosts"] or 1, n_train)
     import ray
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        ray.init(  # address null: a new local Ray, never another session's running cluster
-            address=cl["address"] or os.environ.get("RAY_ADDRESS") or "local",
-            include_dashboard=cl["include_dashboard"],
-            namespace=cl.get("namespace"),
-            configure_logging=False,
-        )
+    from system.ray_start import init_ray
+
+    if init_ray(cl):  # as the federated runner: a new local Ray unless cluster.address is set
         stack.callback(ray.shutdown)
     cpus = ray.cluster_resources().get("CPU", 1.0)
     per = cl["cpus_per_host"]
