@@ -65,6 +65,11 @@ class PeerRule:
     """Base: ``PeerRule(f=...)``; ``rule(received, own) -> Tensor[d]`` (see module docstring)."""
 
     name: ClassVar[str] = "peer"
+    #: True when the aggregate does not depend on ``own`` (up to float rounding): the rule is
+    #: translation-equivariant and only centres on ``own`` for precision. Then every node of a
+    #: complete graph aggregates the same inputs the same way, and an adaptive attack's search is
+    #: the same for all of them.
+    centre_free: ClassVar[bool] = False
 
     def __init__(self, f: int = 0) -> None:
         if isinstance(f, bool) or int(f) != f or f < 0:
@@ -111,6 +116,7 @@ class PeerMean(PeerRule):
     al., NeurIPS 2017). Not robust; ``f`` is ignored."""
 
     name = "mean"
+    centre_free = True
 
     def aggregate(self, received: Tensor, own: Tensor) -> Tensor:
         return received.mean(dim=0)
@@ -154,6 +160,7 @@ class PeerTrimmedMean(PeerRule):
     paper's CWTM baselines. Reuses :class:`strategies.aggregators.TrimmedMean`. Needs m > 2f."""
 
     name = "trimmed_mean"
+    centre_free = True
 
     def __init__(self, f: int = 0) -> None:
         super().__init__(f)
@@ -172,6 +179,7 @@ class PeerGeometricMedian(PeerRule):
     centred on the node's own vector. Needs m > 2f."""
 
     name = "geomed"
+    centre_free = True
 
     def __init__(
         self, f: int = 0, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-7

@@ -334,13 +334,21 @@ class PeerNetwork:
             if out is None:
                 return none
             return [out[:b] if b else None for _, b in inbox]
+        adaptive = getattr(self.attack, "adaptive", False)
+        if self.complete_sync and adaptive and self.rule.centre_free:
+            # every node aggregates the same vectors with the same rule: one search serves all
+            # (centred on the honest mean, as the rule centres on its own vector, for precision)
+            out = self.attack(H, aggregator=self.rule.for_node(H.mean(dim=0)), generator=gen)
+            if out is None:
+                return none
+            return [out[:b] for _, b in inbox]
         if self.complete_sync:  # every node holds all honest half-steps: the attack's per_target
             aggs = [self.rule.for_node(H[i]) for i in range(len(H))]
             out = self.attack.per_target(H, aggregators=aggs, generator=gen)
             if out is None:
                 return none
             return [out[i, :b] for i, (_, b) in enumerate(inbox)]
-        if not getattr(self.attack, "adaptive", False):
+        if not adaptive:
             self.attack(H, generator=gen)  # advance stateful attacks (mimic) once per step
         res: list[torch.Tensor | None] = []
         for i, (rows, b) in enumerate(inbox):

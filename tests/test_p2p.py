@@ -101,6 +101,34 @@ def test_byzantine_vectors_are_crafted_per_target(tmp_path, monkeypatch) -> None
     assert len(distinct) > 1, "adaptive ALIE should send different vectors to different nodes"
 
 
+@pytest.mark.parametrize("rule", ["trimmed_mean", "geomed"])
+def test_centre_free_rules_craft_the_adaptive_attack_once(tmp_path, monkeypatch, rule) -> None:
+    """Trimmed mean and geometric median ignore the node's own vector (up to rounding), so on a
+    complete graph the adaptive search is the same for every node: it runs once per step, and
+    its vectors equal the per-node search's (the rule centred on each node) to float error."""
+    from clients.byzantine import ALIEAdaptive
+    from strategies.peer import build_peer_rule
+
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_call = ALIEAdaptive.__call__
+
+    def spy_call(self, honest, *, aggregator=None, generator=None):
+        out = real_call(self, honest, aggregator=aggregator, generator=generator)
+        calls.append((honest.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(ALIEAdaptive, "__call__", spy_call)
+    over = ("attack=alie_adaptive", "attack.f=2", "attack.max_evals=6", "rounds=3")
+    _run(tmp_path, rule, *over, f"strategy.rule={rule}")
+    assert len(calls) == 3  # once per step, not once per honest node
+    honest, out = calls[-1]
+    peer = build_peer_rule(rule, f=2)
+    for i in (0, len(honest) - 1):
+        attack = ALIEAdaptive(f=2, max_evals=6)
+        per_node = attack.targeted(honest, honest[i], aggregator=peer.for_node(honest[i]))
+        torch.testing.assert_close(per_node, out, rtol=1e-4, atol=1e-5)
+
+
 def test_broadcast_adversary_sends_one_vector_against_the_mean_aggregate(
     tmp_path, monkeypatch
 ) -> None:
