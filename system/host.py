@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import hydra
@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from clients.plan import make_plan
 from clients.trainer import ParamSpec
 from system.codecs import build_codec
+from system.wire import from_wire, to_wire
 
 __all__ = ["ClientHost", "HostShard", "HostReply", "ClientError", "build_from"]
 
@@ -60,6 +61,22 @@ class HostReply:
     bytes_up: int = 0
     #: ``updates`` holds the codec's (K, p) payload, which the server decodes (system/codecs.py)
     encoded: bool = False
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle the tensor fields as numpy arrays (fast through Ray: system/wire.py)."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in _TENSOR_FIELDS:
+            state[name] = to_wire(state[name])
+        return (_reply_from_wire, (state,))
+
+
+_TENSOR_FIELDS = ("updates", "weights", "losses", "extras", "metrics", "finite")
+
+
+def _reply_from_wire(state: dict[str, Any]) -> HostReply:
+    for name in _TENSOR_FIELDS:
+        state[name] = from_wire(state[name])
+    return HostReply(**state)
 
 
 class ClientHost:
@@ -151,6 +168,10 @@ class ClientHost:
         """Train ``client_ids`` (all owned by this host) for one round from ``global_flat``;
         ``broadcast``: the strategy's server vectors for the local rule (e.g. SCAFFOLD's c)."""
         t0 = time.perf_counter()
+        global_flat, broadcast = (
+            from_wire(global_flat),
+            from_wire(broadcast),
+        )  # as the Ray pool sent
         if self.delay_s:
             time.sleep(self.delay_s)
         missing = [c for c in client_ids if c not in self.position]

@@ -1,8 +1,8 @@
 """Host pools: how the server reaches its client hosts, in-process or as Ray actors.
 
 Both pools take the round's global parameters once and an assignment {host id: client ids}, and
-return the hosts' replies plus the hosts that failed. The Ray pool puts the parameters in the object
-store once per round, gathers with ``ray.wait`` under a deadline, and survives a host that dies: the
+return the hosts' replies plus the hosts that failed. The Ray pool sends the parameters once per
+round as numpy arrays (inside the call when small, else through the object store), gathers with ``ray.wait`` under a deadline, and survives a host that dies: the
 actor is restarted by Ray (``max_restarts``) and its clients are retried once or counted as dropped.
 """
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from system.host import ClientError, ClientHost, HostReply
+from system.wire import INLINE_BYTES, to_wire
 
 __all__ = ["LocalPool", "RayPool", "RoundReplies"]
 
@@ -101,8 +102,7 @@ class RayPool:
     ) -> RoundReplies:
         import ray
 
-        ref = ray.put(params)
-        bref = ray.put(broadcast) if broadcast else None
+        ref, bref = _send(params), _send(broadcast) if broadcast else None
         pending = {
             self.actors[h].train.remote(ref, cids, round_idx, bref, reduce): h
             for h, cids in assignment.items()
@@ -199,6 +199,17 @@ class RayPool:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+def _send(x: torch.Tensor | dict[str, torch.Tensor]) -> Any:
+    """What a round's actor calls take for ``x``: numpy arrays (system/wire.py), inline in the call
+    when small, else put in the object store once for all hosts."""
+    import ray
+
+    x = to_wire(x)
+    arrays = x.values() if isinstance(x, dict) else [x]
+    size = sum(getattr(a, "nbytes", 0) for a in arrays)
+    return x if size <= INLINE_BYTES else ray.put(x)
 
 
 def merge_host_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

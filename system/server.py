@@ -141,6 +141,8 @@ class ParameterServer:
         metrics["bytes_up"] = sum(rep.bytes_up for rep in got.replies)
         metrics["dropped_failed"] = len(got.dropped)
         metrics["dropped_late"] = len(got.late)
+        # the slowest host's local training (round_time_s minus this: transport and aggregation)
+        metrics["host_train_s"] = max((rep.train_time_s for rep in got.replies), default=0.0)
         if got.retried_hosts:
             metrics["retried_hosts"] = got.retried_hosts
         if self.reduce_on_hosts:
