@@ -56,6 +56,9 @@ class ClusterSchema:
     round_deadline_s: float | None = None
     max_restarts: int = 3
     include_dashboard: bool = False
+    # a new local Ray without dashboard skips Ray's idle dashboard head and polls for its node
+    # (system/ray_start.py lean_local_start); false: Ray's own start-up
+    lean_start: bool = True
     require_auth: bool = False
     namespace: str | None = None
     placement: str = "default"  # default | spread (one host per node where possible)

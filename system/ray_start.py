@@ -10,12 +10,19 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRELOAD_MODULES", "check_auth_token", "init_ray", "importing_in_background"]
+__all__ = [
+    "PRELOAD_MODULES",
+    "check_auth_token",
+    "importing_in_background",
+    "init_ray",
+    "lean_local_start",
+]
 
 #: modules every worker of a Ray that Flagstaff starts imports as soon as it starts: the host and
 #: server actors then begin with torch and the model code already loaded
@@ -48,6 +55,59 @@ def local_ray_options(cl: Mapping[str, Any]) -> dict[str, Any]:
     return {"_system_config": {"preload_python_modules": list(PRELOAD_MODULES)}}
 
 
+@contextmanager
+def lean_local_start(enabled: bool = True) -> Iterator[bool]:
+    """While a new local Ray starts without a dashboard, skip two waits on its critical path.
+
+    1. Ray 2.55 starts its dashboard head even with ``include_dashboard=False``, loading only the
+       usage-stats module (its own TODO: "Modules like job or state APIs should be loaded although
+       dashboard is disabled"), and blocks until that Python process is up (about 0.7 s here) before
+       it starts the raylet. Without the dashboard that process serves nothing but usage reporting,
+       so it is not started (Ray's own path for installs without dashboard packages).
+    2. After starting the raylet, Ray asks the GCS for the node with a call that sleeps in whole
+       seconds while the raylet registers. This polls the GCS node table every 20 ms first, then
+       makes Ray's call, which then returns at once.
+
+    Both are private functions of ``ray._private.services``, replaced only during the ``ray.init``
+    inside this block and restored after; if they are missing (another Ray version) nothing is
+    replaced and the start is Ray's own. Yields whether the lean start is in effect.
+    """
+    try:
+        import ray._private.services as services
+        import ray._private.state as state
+
+        originals = {name: getattr(services, name) for name in ("start_api_server", "get_node")}
+        getattr(services, "_get_gcs_client_options")  # noqa: B009 - used below; check it exists
+    except (ImportError, AttributeError):
+        enabled = False
+    if not enabled:
+        yield False
+        return
+
+    def no_api_server(*args: Any, **kwargs: Any) -> tuple[None, None]:
+        return None, None
+
+    def get_node(gcs_address: str, node_id: str) -> Any:
+        table = state.GlobalState()
+        table._initialize_global_state(services._get_gcs_client_options(gcs_address))
+        deadline = time.monotonic() + 30.0
+        try:
+            while time.monotonic() < deadline:
+                if any(n.get("NodeID") == node_id for n in table.node_table()):
+                    break
+                time.sleep(0.02)
+        finally:
+            table.disconnect()
+        return originals["get_node"](gcs_address, node_id)
+
+    services.start_api_server, services.get_node = no_api_server, get_node
+    try:
+        yield True
+    finally:
+        for name, fn in originals.items():
+            setattr(services, name, fn)
+
+
 def init_ray(cl: Mapping[str, Any]) -> bool:
     """Start a local Ray, or join ``cl["address"]``, unless Ray is already up in this process.
     Returns True when this call initialized Ray (the caller then shuts it down)."""
@@ -58,16 +118,20 @@ def init_ray(cl: Mapping[str, Any]) -> bool:
         return False
     if cl.get("require_auth"):
         check_auth_token()
-    ray.init(
-        # no address: always a new local Ray (never silently join another job's cluster)
-        address=cl.get("address") or "local",
-        include_dashboard=cl.get("include_dashboard", False),
-        dashboard_host="127.0.0.1",
-        namespace=cl.get("namespace"),
-        log_to_driver=True,
-        configure_logging=False,
-        **local_ray_options(cl),
-    )
+    address = cl.get("address") or "local"  # no address: always a new local Ray (never silently
+    # join another job's cluster)
+    dashboard = bool(cl.get("include_dashboard", False))
+    lean = address == "local" and not dashboard and cl.get("lean_start", True)
+    with lean_local_start(lean):
+        ray.init(
+            address=address,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            namespace=cl.get("namespace"),
+            log_to_driver=True,
+            configure_logging=False,
+            **local_ray_options(cl),
+        )
     return True
 
 
