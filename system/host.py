@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from clients.plan import make_plan
 from clients.trainer import ParamSpec
 from system.codecs import build_codec
-from system.wire import from_wire, to_wire
+from system.wire import from_wire, shared_from_wire, to_wire
 
 __all__ = ["ClientHost", "HostShard", "HostReply", "ClientError", "build_from"]
 
@@ -39,6 +39,18 @@ class HostShard:
     sizes: np.ndarray  # (C,)
     x: torch.Tensor
     y: torch.Tensor
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle the samples as numpy arrays; the receiving host views them in Ray's object store
+        without a copy (system/wire.py; hosts only read their samples)."""
+        wire = (self.client_ids, self.offsets, self.sizes, to_wire(self.x), to_wire(self.y))
+        return (_shard_from_wire, wire)
+
+
+def _shard_from_wire(
+    client_ids: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, x: Any, y: Any
+) -> HostShard:
+    return HostShard(client_ids, offsets, sizes, shared_from_wire(x), shared_from_wire(y))
 
 
 @dataclass

@@ -10,12 +10,13 @@ these helpers; the local backend never serializes and does not use them.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["INLINE_BYTES", "from_wire", "to_wire"]
+__all__ = ["INLINE_BYTES", "from_wire", "shared_from_wire", "to_wire"]
 
 #: objects up to this size travel inside the task message; larger ones go through the object store
 #: once per round (Ray's own ``max_direct_call_object_size`` is 100 KiB)
@@ -40,3 +41,16 @@ def from_wire(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x if x.flags.writeable else x.copy())
     return x
+
+
+def shared_from_wire(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor viewing the received array without a copy, for data the receiver only reads (a
+    host's client samples): a read-only array stays backed by Ray's object store, so the samples
+    are in memory once per node instead of once more per host. Never write into the result."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if x.flags.writeable:
+        return torch.from_numpy(x)
+    with warnings.catch_warnings():  # torch warns that it cannot mark a tensor read-only
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(x)

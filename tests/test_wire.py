@@ -50,3 +50,18 @@ def test_read_only_arrays_become_writable_tensors_and_bfloat16_stays_a_tensor() 
     bf = torch.ones(3, dtype=torch.bfloat16)
     assert to_wire(bf) is bf and from_wire(to_wire({"b": bf}))["b"] is bf
     assert from_wire(None) is None and to_wire(None) is None
+
+
+def test_host_shard_pickles_through_numpy_and_views_read_only_samples_without_a_copy() -> None:
+    from system.host import HostShard
+    from system.wire import shared_from_wire
+
+    x = torch.randn(6, 3)
+    shard = HostShard(np.array([2, 7]), np.array([0, 4]), np.array([4, 2]), x, torch.arange(6))
+    back = pickle.loads(pickle.dumps(shard, protocol=5))
+    assert torch.equal(back.x, x) and torch.equal(back.y, torch.arange(6))
+    assert np.array_equal(back.sizes, [4, 2])
+    arr = x.numpy().copy()
+    arr.flags.writeable = False  # as Ray hands out an object-store buffer
+    view = shared_from_wire(arr)
+    assert view.data_ptr() == arr.ctypes.data  # the same memory: no copy per host
