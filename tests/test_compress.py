@@ -426,3 +426,38 @@ def test_config_errors_name_the_key(tmp_path):
             with pytest.raises(ValueError, match=message):
                 run(cfg, str(tmp_path))
     assert not (tmp_path / "results.json").exists()
+
+
+def test_conv_layers_of_a_flagstaff_cnn_run_compress_end_to_end(tmp_path):
+    """A real federated CNN run (mnist1d, Conv1d) compressed from its run directory: the conv
+    layers become factor pairs, the parameter count is exact, and compressed.pt reloads to the
+    reported accuracy."""
+    from omegaconf import OmegaConf
+
+    from system.runner import train
+    from tests.conftest import compose
+
+    run = tmp_path / "cnn_run"
+    cfg = compose(
+        "experiment=sim_cnn",
+        "backend=local",
+        "rounds=2",
+        "num_clients=10",
+        "clients_per_round=10",
+        "progress=false",
+    )
+    train(cfg, run_dir=str(run))
+    (run / ".hydra").mkdir(exist_ok=True)  # what flagstaff-train's Hydra run directory holds
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    loaded = load_model(_job(checkpoint=str(run)), seed=0)
+    convs = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Conv1d)]
+    assert convs, "the CNN should have Conv1d layers"
+    job = _job(checkpoint=str(run), targets=convs, ratio=0.5, save=True)
+    res, _ = run_compress("svd", job, 0, "local", 1, None, str(tmp_path / "out"))
+    assert res["params_after"] < res["params_before"]
+    assert set(res["rel_error"]) == set(convs)
+    model, meta = load_compressed(tmp_path / "out" / "compressed.pt")
+    assert any(isinstance(m, LowRankLayer) for m in model.modules())
+    assert count_params(model) == res["params_after"]
+    ds = load_data(meta["data_spec"])
+    assert accuracy(model, ds.x_test, ds.y_test) == res["accuracy_after"]

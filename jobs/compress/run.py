@@ -189,6 +189,7 @@ def run_compress(
             bar.update(1)
     ckpt = None
     if job.save and out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
         ckpt = os.path.join(out_dir, "compressed.pt")
         save_compressed(ckpt, compressed, structure, loaded, {"method": method})
     if bar is not None:
