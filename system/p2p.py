@@ -55,6 +55,7 @@ from strategies.peer import PeerTraining, make_topology
 from system.config import ConfigError
 from system.host import HostShard, build_from
 from system.rundir import RunDir
+from system.wire import from_wire, to_wire
 
 __all__ = ["PeerHost", "PeerNetwork", "run_p2p", "consensus_distance"]
 
@@ -150,7 +151,7 @@ class PeerHost:
         self.momentum = beta * self.momentum + (1.0 - beta) * g if beta else g
         self.half = self.params - cfg.lr_at(t) * self.momentum
         self.train_losses = losses
-        return self.half
+        return to_wire(self.half)  # numpy: fast through Ray (system/wire.py)
 
     def mix(
         self,
@@ -165,7 +166,8 @@ class PeerHost:
         ``inbox[k]``: rows of that stack node k receives (its own included); ``byz[k]``: the
         Byzantine vectors addressed to node k, (b, d), or None.
         """
-        H = torch.cat(halves)
+        H = torch.cat([from_wire(h) for h in halves])
+        byz = [from_wire(b) for b in byz]
         R_list = []
         for k in range(len(self.node_ids)):
             parts = [H[torch.from_numpy(np.array(inbox[k], dtype=np.int64))]]  # writable copy
@@ -381,13 +383,13 @@ class PeerNetwork:
         inbox = self.inboxes(t)
         byz = [None] * len(self.train_ids)
         if self.model_attack:
-            byz = self._craft(t, torch.cat(be.get(half_refs)), inbox)
+            byz = self._craft(t, torch.cat([from_wire(h) for h in be.get(half_refs)]), inbox)
         mix_refs, start = [], 0
         for h in range(nh):
             k = len(self.host_nodes[h])
             sl = slice(start, start + k)
             rows = [r for r, _ in inbox[sl]]
-            mix_refs.append(be.call(h, "mix", t, rows, byz[sl], *half_refs))
+            mix_refs.append(be.call(h, "mix", t, rows, [to_wire(b) for b in byz[sl]], *half_refs))
             start += k
         stats = be.get(mix_refs)
         metrics: dict[str, Any] = {"step": t + 1, "round": t + 1, "lr": self.cfg.lr_at(t)}

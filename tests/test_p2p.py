@@ -90,7 +90,7 @@ def test_byzantine_vectors_are_crafted_per_target(tmp_path, monkeypatch) -> None
 
     def spy(self, t, inbox, byz, *halves):
         if t == 3:
-            seen[self.host_id] = [b.clone() for b in byz]
+            seen[self.host_id] = [torch.as_tensor(b).clone() for b in byz]
         return real_mix(self, t, inbox, byz, *halves)
 
     monkeypatch.setattr(p2p.PeerHost, "mix", spy)
@@ -144,7 +144,7 @@ def test_broadcast_adversary_sends_one_vector_against_the_mean_aggregate(
 
     def spy(self, t, inbox, byz, *halves):
         if t == 3:
-            seen[self.host_id] = [b.clone() for b in byz]
+            seen[self.host_id] = [torch.as_tensor(b).clone() for b in byz]
         return real_mix(self, t, inbox, byz, *halves)
 
     def spy_call(self, honest, *, aggregator=None, generator=None):
