@@ -27,7 +27,6 @@ import time
 from types import SimpleNamespace as NS
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,6 +36,7 @@ from jobs.compress.core import (  # noqa: E402
     accuracy,
     apply_compression,
     find_layers,
+    fit,
     get_method,
     layer_params,
     load_model,
@@ -163,15 +163,7 @@ def finetune(loaded, epochs: int = 3, lr: float = 5e-5, batch: int = 32, seed: i
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps)
-        net.train()
-        for _ in range(epochs):
-            perm = torch.randperm(len(y), generator=g)
-            for i in range(0, len(y), batch):
-                idx = perm[i : i + batch]
-                opt.zero_grad()
-                F.cross_entropy(net(x[idx]), y[idx]).backward()
-                opt.step()
-                sched.step()
+        fit(net, x, y, opt, epochs, batch, g, sched)
         for p in params:
             p.requires_grad_(False)
     net.eval()

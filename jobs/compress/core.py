@@ -321,19 +321,34 @@ def train_model(
             trainable, net, x = list(model.parameters()), model, ds.x_train
         for p in trainable:
             p.requires_grad_(True)
-        opt = torch.optim.Adam(trainable, lr=lr)
-        net.train()
-        y = ds.y_train
-        for _ in range(epochs):
-            perm = torch.randperm(len(y), generator=g)
-            for i in range(0, len(y), batch):
-                idx = perm[i : i + batch]
-                opt.zero_grad()
-                F.cross_entropy(net(x[idx]), y[idx]).backward()
-                opt.step()
+        fit(net, x, ds.y_train, torch.optim.Adam(trainable, lr=lr), epochs, batch, g)
         for p in model.parameters():
             p.requires_grad_(False)
     return model.eval()
+
+
+def fit(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    epochs: int,
+    batch: int,
+    generator: torch.Generator,
+    scheduler: Any = None,
+) -> None:
+    """Minibatch cross-entropy training: ``epochs`` passes over (x, y) in an order drawn from
+    ``generator``, one optimizer (and scheduler) step per batch."""
+    net.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=generator)
+        for i in range(0, len(y), batch):
+            idx = perm[i : i + batch]
+            opt.zero_grad()
+            F.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
 
 
 @torch.no_grad()
