@@ -178,7 +178,7 @@ def table(title: str, results: dict, methods: list[str], eps: list[float], seeds
     head = "| method | " + " | ".join(f"eps={_fmt_eps(e)}" for e in eps) + " |"
     lines = [
         f"**{title}** (final test accuracy, mean ± std over seeds {_seeds_txt(seeds)};"
-        " [n=k]: only k seeds finished; in brackets the worst-client epsilon reported by"
+        " [n=k]: only k of those seeds run; in brackets the worst-client epsilon reported by"
         " Opacus, range over seeds)",
         "",
         head,
@@ -210,9 +210,10 @@ def target_check(results: dict, seeds: list[int]) -> str:
 
     lines = [
         "**Target check** (FedSVD above FFA-LoRA and DP-LoRA at eps 3 and 6): final accuracy of"
-        " FedSVD minus the baseline, paired by seed (same seed = same generated data, split, client"
-        " sampling and LoRA init); se = standard error of the mean paired difference; p = two-sided paired"
-        " t-test; 'above' / 'below' when p < 0.05, else 'not resolved'",
+        " FedSVD minus the baseline, paired by seed (same seed = same generated data, split,"
+        " sampled clients, LoRA init, Poisson batches and noise draws); se = standard error of the"
+        " mean paired difference; p = two-sided paired t-test; 'above' / 'below' when p < 0.05,"
+        " else 'not resolved'",
         "",
         "| eps | comparison | mean diff (se) | first higher in | p | per-seed diffs | verdict |",
         "|---|---|---|---|---|---|---|",
