@@ -50,6 +50,9 @@ def test_node_removed_mid_run_hosts_move_and_nothing_is_lost(cluster, tmp_path) 
         "cluster.placement=spread",
         "client.epochs=3",
         "+cluster.resources={worker_slot: 1}",
+        # rounds of at least 0.5 s: the node removal (after round 2) lands while rounds remain,
+        # however fast training is
+        "cluster.slow_hosts=[0.5,0.5]",
     )
     # only the worker nodes offer the custom resource, so both hosts live on worker nodes
     removed = {}
