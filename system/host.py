@@ -180,10 +180,8 @@ class ClientHost:
         """Train ``client_ids`` (all owned by this host) for one round from ``global_flat``;
         ``broadcast``: the strategy's server vectors for the local rule (e.g. SCAFFOLD's c)."""
         t0 = time.perf_counter()
-        global_flat, broadcast = (
-            from_wire(global_flat),
-            from_wire(broadcast),
-        )  # as the Ray pool sent
+        global_flat = from_wire(global_flat)  # the Ray pool sends numpy arrays (system/wire.py)
+        broadcast = from_wire(broadcast)
         if self.delay_s:
             time.sleep(self.delay_s)
         missing = [c for c in client_ids if c not in self.position]

@@ -2,8 +2,9 @@
 
 Both pools take the round's global parameters once and an assignment {host id: client ids}, and
 return the hosts' replies plus the hosts that failed. The Ray pool sends the parameters once per
-round as numpy arrays (inside the call when small, else through the object store), gathers with ``ray.wait`` under a deadline, and survives a host that dies: the
-actor is restarted by Ray (``max_restarts``) and its clients are retried once or counted as dropped.
+round as numpy arrays (inside the call when small, else through the object store), gathers with
+``ray.wait`` under a deadline, and survives a host that dies: the actor is restarted by Ray
+(``max_restarts``) and its clients are retried once or counted as dropped.
 """
 
 from __future__ import annotations
