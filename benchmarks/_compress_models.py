@@ -146,6 +146,7 @@ def digits_table(quick: bool) -> str:
         ratios,
         512,
         job,
+        variants={"fwsvd output rows": ("fwsvd", _job(fisher_axis="output"), 512)},
     )
 
 
@@ -193,6 +194,7 @@ def minilm_table(quick: bool, parts=("b1", "b2", "b3")) -> str:
                 256,
                 job,
                 methods=["svd", "fwsvd", "welore"],
+                variants={"fwsvd output rows": ("fwsvd", _job(fisher_axis="output"), 256)},
             )
         )
     if "b2" in parts:
@@ -221,7 +223,10 @@ def minilm_table(quick: bool, parts=("b1", "b2", "b3")) -> str:
                 256,
                 job,
                 methods=["svd", "fwsvd", "welore"],
-                variants={"fwsvd per-sample": ("fwsvd", _job(fisher_batch=1), n_train)},
+                variants={
+                    "fwsvd output rows": ("fwsvd", _job(fisher_axis="output"), 256),
+                    "fwsvd per-sample": ("fwsvd", _job(fisher_batch=1), n_train),
+                },
                 note=(
                     f"Fine-tuned from the (b1) model (frozen-encoder head, test accuracy "
                     f"{accuracy(loaded.model, loaded.data.x_test, loaded.data.y_test):.4f}): "

@@ -196,6 +196,7 @@ class SvdCompressConfig(CompressConfig):
 class FwsvdCompressConfig(CompressConfig):
     name: str = "compress_fwsvd"
     fisher_batch: int = 8  # samples per mini-batch gradient in I_ij = sum_batches (dL/dW_ij)^2
+    fisher_axis: str = "input"  # weighted rows: the paper's (inputs of y = x W) or "output" units
 
 
 @dataclass
@@ -370,6 +371,11 @@ def _validate_compress(job: CompressConfig, need) -> None:
         )
     if isinstance(job, FwsvdCompressConfig):
         need(job.fisher_batch >= 1, f"job.fisher_batch={job.fisher_batch}: must be >= 1")
+        need(
+            job.fisher_axis in ("input", "output"),
+            f"job.fisher_axis={job.fisher_axis!r}: choose 'input' (Hsu et al.'s rows: the "
+            "layer's input features) or 'output' (output units)",
+        )
     if isinstance(job, WeloreCompressConfig):
         t, red = job.threshold, job.target_reduction
         need(t is None or 0 <= t <= 1, f"job.threshold={t}: must be in [0, 1]")

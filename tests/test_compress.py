@@ -31,7 +31,7 @@ from jobs.compress.core import (
     load_model,
     shard_bounds,
 )
-from jobs.compress.fwsvd import fwsvd, row_weights
+from jobs.compress.fwsvd import fwsvd, row_weights, weigh
 from jobs.compress.run import run_compress
 from jobs.compress.svd import svd_layer, truncated_svd
 from jobs.compress.welore import (
@@ -105,29 +105,34 @@ def test_svd_error_is_eckart_young_tail():
 # -- FWSVD ---------------------------------------------------------------------------------------
 
 
-def test_fwsvd_equals_svd_under_constant_row_weights():
+@pytest.mark.parametrize("axis", ["input", "output"])
+def test_fwsvd_equals_svd_under_constant_row_weights(axis):
     W = torch.randn(30, 50, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    k = 50 if axis == "input" else 30
     U, V, _ = truncated_svd(W, 7)
     for c in (1.0, 3.7e-4):
-        Uf, Vf, _ = fwsvd(W, torch.full((30,), c, dtype=torch.float64), 7)
+        Uf, Vf, _ = fwsvd(W, torch.full((k,), c, dtype=torch.float64), 7, axis)
         torch.testing.assert_close(Uf @ Vf, U @ V, rtol=1e-10, atol=1e-12)
-    Uz, Vz, _ = fwsvd(W, torch.zeros(30), 7)  # no Fisher information at all: plain SVD
+    Uz, Vz, _ = fwsvd(W, torch.zeros(k), 7, axis)  # no Fisher information at all: plain SVD
     torch.testing.assert_close(Uz @ Vz, U @ V, rtol=1e-10, atol=1e-12)
 
 
-def test_fwsvd_attains_weighted_eckart_young():
+@pytest.mark.parametrize("axis", ["input", "output"])
+def test_fwsvd_attains_weighted_eckart_young(axis):
     g = torch.Generator().manual_seed(3)
     W = torch.randn(36, 20, generator=g, dtype=torch.float64)
-    importance = torch.rand(36, generator=g, dtype=torch.float64) ** 4 * 10 + 1e-3
+    k = 20 if axis == "input" else 36
+    importance = torch.rand(k, generator=g, dtype=torch.float64) ** 4 * 10 + 1e-3
     w = row_weights(importance)
     torch.testing.assert_close(w, importance.sqrt())
-    weighted_spectrum = torch.linalg.svdvals(w[:, None] * W)
+    weighted_spectrum = torch.linalg.svdvals(weigh(W, w, axis))
 
     def werr(W_hat: torch.Tensor) -> float:
-        return float(torch.linalg.norm(w[:, None] * (W - W_hat)))
+        return float(torch.linalg.norm(weigh(W - W_hat, w, axis)))
 
     for r in (2, 6, 12):
-        Uf, Vf, S = fwsvd(W, importance, r)
+        Uf, Vf, S = fwsvd(W, importance, r, axis)
+        assert Uf.shape == (36, r) and Vf.shape == (r, 20)
         torch.testing.assert_close(S, weighted_spectrum)
         e_fw = werr(Uf @ Vf)
         assert math.isclose(e_fw, float(weighted_spectrum[r:].square().sum().sqrt()), rel_tol=1e-9)
@@ -140,25 +145,45 @@ def test_fwsvd_attains_weighted_eckart_young():
             assert e_fw < werr((Uf + 0.01 * dU) @ (Vf + 0.01 * dV))
 
 
+def test_fwsvd_input_axis_is_the_papers_row_weighting_of_the_transposed_weight():
+    """Hsu et al.'s W is (in x out) for y = x W: weighting torch's input columns is their row
+    weighting of W^T, so the two orientations are each other's transpose."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    importance = torch.rand(40, generator=g, dtype=torch.float64) + 0.1
+    Ui, Vi, Si = fwsvd(W, importance, 5, "input")
+    Uo, Vo, So = fwsvd(W.T.contiguous(), importance, 5, "output")
+    torch.testing.assert_close(Si, So)
+    torch.testing.assert_close(Ui @ Vi, (Uo @ Vo).T, rtol=1e-10, atol=1e-12)
+
+
 def test_fisher_row_sums_match_a_direct_computation_and_shards_add_up(demo):
     model, ds = demo.model, demo.data
     names = ["net.0", "net.2"]
     x, y = ds.x_train[:100], ds.y_train[:100]
-    sums = fisher_row_sums(model, names, x, y, batch_size=16)
-    ref = torch.zeros(32, dtype=torch.float64)
+    sums = fisher_row_sums(model, names, x, y, batch_size=16)  # default: the paper's rows, inputs
+    sums_out = fisher_row_sums(model, names, x, y, batch_size=16, axis="output")
     w = model.get_submodule("net.2").weight
+    ref_in = torch.zeros(w.shape[1], dtype=torch.float64)
+    ref_out = torch.zeros(w.shape[0], dtype=torch.float64)
     for i in range(0, 100, 16):
         w.requires_grad_(True)
         loss = nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
         (g,) = torch.autograd.grad(loss, [w])
         w.requires_grad_(False)
-        ref += g.double().square().sum(1)
-    torch.testing.assert_close(sums["net.2"], ref, rtol=1e-10, atol=0)
+        ref_in += g.double().square().sum(0)
+        ref_out += g.double().square().sum(1)
+    torch.testing.assert_close(sums["net.2"], ref_in, rtol=1e-10, atol=0)
+    torch.testing.assert_close(sums_out["net.2"], ref_out, rtol=1e-10, atol=0)
+    torch.testing.assert_close(sums["net.2"].sum(), sums_out["net.2"].sum(), rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="choose one of"):
+        fisher_row_sums(model, names, x, y, batch_size=16, axis="rows")
     assert shard_bounds(100, 16, 3) == [(0, 32), (32, 80), (80, 100)]  # 2, 3, 2 batches
-    local3, info = fisher_row_sums_sharded(model, names, x, y, 16, "local", 3)
-    assert len(info["shards"]) == 3
-    for n in names:
-        torch.testing.assert_close(local3[n], sums[n], rtol=1e-12, atol=0)
+    for axis, ref in (("input", sums), ("output", sums_out)):
+        local3, info = fisher_row_sums_sharded(model, names, x, y, 16, "local", 3, axis)
+        assert len(info["shards"]) == 3 and info["axis"] == axis
+        for n in names:
+            torch.testing.assert_close(local3[n], ref[n], rtol=1e-12, atol=0)
 
 
 def test_fisher_row_sums_on_two_ray_actors_equal_single_process(demo, ray_session):

@@ -35,6 +35,7 @@ __all__ = [
     "batch_gradients",
     "fisher_row_sums",
     "fisher_row_sums_sharded",
+    "FISHER_AXES",
     "accuracy",
     "count_params",
     "rank_for_ratio",
@@ -579,21 +580,38 @@ def _iter_batch_grads(model, names, x, y, batch_size):
             w.requires_grad_(flags[n])
 
 
+FISHER_AXES = ("input", "output")
+
+
 def fisher_row_sums(
     model: nn.Module,
     names: Sequence[str],
     x: torch.Tensor,
     y: torch.Tensor,
     batch_size: int,
+    axis: str = "input",
 ) -> dict[str, torch.Tensor]:
     """FWSVD row importances (Hsu et al., ICLR 2022): I_i = sum_j sum_batches (dL/dW_ij)^2,
-    float64 ``(out,)`` per layer; batches are consecutive ``batch_size`` slices of ``x``."""
-    out = {
-        n: torch.zeros(model.get_submodule(n).weight.shape[0], dtype=torch.float64) for n in names
-    }
+    float64 per layer; batches are consecutive ``batch_size`` slices of ``x``.
+
+    Hsu et al. write a layer as ``y = x W`` with W (in x out), so their rows are the layer's
+    inputs: ``axis="input"`` sums over outputs, one importance per input feature (``in * k``
+    for a conv kernel), as their code and its successors do; ``"output"`` sums over inputs,
+    one importance per output unit (the rows of torch's ``(out, in)`` weight)."""
+    if axis not in FISHER_AXES:
+        raise ValueError(f"Fisher axis {axis!r}: choose one of {FISHER_AXES}")
+    dim = 0 if axis == "input" else 1  # the gradient is (out, in * k): sum over the other axis
+    out: dict[str, torch.Tensor] = {}
     for g in _iter_batch_grads(model, names, x, y, batch_size):
         for n in names:
-            out[n] += g[n].double().square().sum(1)
+            s = g[n].double().square().sum(dim)
+            out[n] = out[n] + s if n in out else s
+    for n in names:  # no batches: no information
+        if n not in out:
+            w = model.get_submodule(n).weight
+            out[n] = torch.zeros(
+                w[0].numel() if axis == "input" else w.shape[0], dtype=torch.float64
+            )
     return out
 
 
@@ -604,8 +622,8 @@ class FisherShard:
         torch.set_num_threads(max(1, threads))
         self.model, self.x, self.y = model, x, y
 
-    def row_sums(self, names: list[str], batch_size: int) -> dict[str, torch.Tensor]:
-        return fisher_row_sums(self.model, names, self.x, self.y, batch_size)
+    def row_sums(self, names: list[str], batch_size: int, axis: str) -> dict[str, torch.Tensor]:
+        return fisher_row_sums(self.model, names, self.x, self.y, batch_size, axis)
 
     def node(self) -> str:
         import socket
@@ -629,6 +647,7 @@ def fisher_row_sums_sharded(
     batch_size: int,
     backend: str = "local",
     shards: int = 1,
+    axis: str = "input",
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Fisher row sums as a data-parallel sum: the calibration batches are split into ``shards``
     contiguous shards, each summed by one Ray actor (``backend="ray"``) or in this process
@@ -643,16 +662,21 @@ def fisher_row_sums_sharded(
         model_ref = ray.put(model)
         handles = [actor.remote(model_ref, x[a:b], y[a:b]) for a, b in bounds]
         try:
-            parts = ray.get([h.row_sums.remote(names, batch_size) for h in handles])
+            parts = ray.get([h.row_sums.remote(names, batch_size, axis) for h in handles])
             nodes = ray.get([h.node.remote() for h in handles])
         finally:
             for h in handles:
                 ray.kill(h)
     else:
-        parts = [fisher_row_sums(model, names, x[a:b], y[a:b], batch_size) for a, b in bounds]
+        parts = [fisher_row_sums(model, names, x[a:b], y[a:b], batch_size, axis) for a, b in bounds]
         nodes = ["local"] * len(bounds)
     total = {n: torch.stack([p[n] for p in parts]).sum(0) for n in names}
-    info = {"shards": [list(b) for b in bounds], "shard_nodes": nodes, "backend": backend}
+    info = {
+        "shards": [list(b) for b in bounds],
+        "shard_nodes": nodes,
+        "backend": backend,
+        "axis": axis,
+    }
     return total, info
 
 

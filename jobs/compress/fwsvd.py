@@ -22,7 +22,7 @@ from jobs.compress.core import (
     relative_error,
 )
 
-__all__ = ["fwsvd", "fwsvd_layer", "compress_fwsvd", "row_weights"]
+__all__ = ["fwsvd", "fwsvd_layer", "compress_fwsvd", "row_weights", "weigh"]
 
 
 def row_weights(importance: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
@@ -36,26 +36,39 @@ def row_weights(importance: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
     return w.clamp_min(floor * top)
 
 
+def weigh(W: torch.Tensor, w: torch.Tensor, axis: str = "input") -> torch.Tensor:
+    """``W`` (out x in) with its input columns (``axis="input"``) or output rows scaled by ``w``."""
+    return W * w[None, :] if axis == "input" else w[:, None] * W
+
+
 def fwsvd(
-    W: torch.Tensor, importance: torch.Tensor, r: int
+    W: torch.Tensor, importance: torch.Tensor, r: int, axis: str = "input"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-r FWSVD factors (Hsu et al., ICLR 2022): ``U`` (out x r) with the row scaling undone,
-    ``V`` (r x in), and the singular values of ``diag(sqrt(I)) W``, in float64."""
+    """Rank-r FWSVD factors (Hsu et al., ICLR 2022) of a torch weight ``W`` (out x in): ``U``
+    (out x r) and ``V`` (r x in) with the Fisher scaling undone, and the singular values of the
+    scaled matrix, in float64; ``importance`` is per input feature or per output unit (``axis``)."""
     w = row_weights(importance)
-    U, S, Vh = torch.linalg.svd(w[:, None] * W.double(), full_matrices=False)
+    U, S, Vh = torch.linalg.svd(weigh(W.double(), w, axis), full_matrices=False)
+    if axis == "input":
+        return U[:, :r] * S[:r], Vh[:r] / w[None, :], S
     return (U[:, :r] * S[:r]) / w[:, None], Vh[:r], S
 
 
 def fwsvd_layer(
-    name: str, W: torch.Tensor, importance: torch.Tensor, r: int, bias_params: int = 0
+    name: str,
+    W: torch.Tensor,
+    importance: torch.Tensor,
+    r: int,
+    bias_params: int = 0,
+    axis: str = "input",
 ) -> CompressedLayer:
     """One layer compressed by FWSVD at rank r (Hsu et al., ICLR 2022)."""
-    U, V, S = fwsvd(W, importance, r)
+    U, V, S = fwsvd(W, importance, r, axis)
     m, n = W.shape
     w = row_weights(importance)
     W_hat = U @ V
-    werr = torch.linalg.norm(w[:, None] * (W.double() - W_hat)) / torch.linalg.norm(
-        w[:, None] * W.double()
+    werr = torch.linalg.norm(weigh(W.double() - W_hat, w, axis)) / torch.linalg.norm(
+        weigh(W.double(), w, axis)
     )
     return CompressedLayer(
         name=name,
@@ -80,9 +93,15 @@ def fisher(ctx: Context) -> dict[str, torch.Tensor]:
             int(getattr(ctx.job, "fisher_batch", 8)),
             ctx.backend,
             ctx.hosts,
+            fisher_axis(ctx),
         )
         ctx.cache["fisher"], ctx.cache["fisher_info"] = sums, info
     return ctx.cache["fisher"]
+
+
+def fisher_axis(ctx: Context) -> str:
+    """The job's ``fisher_axis`` (default "input", the paper's rows)."""
+    return str(getattr(ctx.job, "fisher_axis", "input"))
 
 
 @register("fwsvd")
@@ -92,5 +111,5 @@ def compress_fwsvd(ctx: Context, budget: Budget) -> dict[str, CompressedLayer]:
     out = {}
     for name, W in ctx.matrices.items():
         r = budget.rank_of(name, W)
-        out[name] = fwsvd_layer(name, W, rows[name], r, ctx.bias_params(name))
+        out[name] = fwsvd_layer(name, W, rows[name], r, ctx.bias_params(name), fisher_axis(ctx))
     return out
