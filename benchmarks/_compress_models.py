@@ -11,9 +11,10 @@ counted). Models:
     encoder for the generated review task (clients/text.py), the encoder's linear layers
     compressed: (b1) all 36, (b2) the last two transformer layers (quick: only b2);
 (b3) the same model after fine-tuning the whole encoder and head on the task (AdamW; the regime of
-    Hsu et al., whose Fisher is that of the fine-tuned model's task loss), all 36 linears.
+    Hsu et al., whose Fisher is that of the fine-tuned model's task loss), all 36 linears;
+    (b3s) SVD against FWSVD on (b3) over several seeds (``--seeds``).
 
-    .venv/bin/python benchmarks/_compress_models.py [--quick] [--part a,b1,b2,b3]
+    .venv/bin/python benchmarks/_compress_models.py [--quick] [--part a,b1,b2,b3,b3s] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from jobs.compress.core import (  # noqa: E402
 from jobs.compress.run import _calibration  # noqa: E402
 
 METHODS = ["svd", "fwsvd", "welore", "cospadi"]
-PARTS = ["a", "b1", "b2", "b3"]
+PARTS = ["a", "b1", "b2", "b3", "b3s"]
 
 
 def _have_cospadi() -> bool:
@@ -57,9 +58,57 @@ def _have_cospadi() -> bool:
 
 def _job(**kw) -> NS:
     """A job config with the keys the methods read."""
-    base = dict(fisher_batch=8, min_ratio=0.0, atoms=0, nonzeros=0, iters=10, threshold=None)
+    base = dict(fisher_batch=1, min_ratio=0.0, atoms=0, nonzeros=0, iters=10, threshold=None)
     base.update(kw)
     return NS(**base)
+
+
+def _fwsvd_variants(calib: int) -> dict:
+    """FWSVD ablations next to the paper's estimator (per-sample Fisher, input rows): torch's
+    output rows weighted instead, and mini-batch-of-8 squared gradients."""
+    return {
+        "fwsvd output rows": ("fwsvd", _job(fisher_axis="output"), calib),
+        "fwsvd batch-8": ("fwsvd", _job(fisher_batch=8), calib),
+    }
+
+
+def _measure(loaded, targets, ratios, calib: int, job: NS, methods, seed: int = 0, variants=None):
+    """Test accuracy, kept fraction and mean relative error of every (ratio, column); columns are
+    ``methods`` plus ``variants`` ``{label: (method, job, calib)}`` (a method with its own job
+    settings and calibration size). Returns (rows, times, facts)."""
+    model, ds = loaded.model, loaded.data
+    layers = find_layers(model, targets)
+    x, y = _calibration(ds, calib, seed)
+    ctx = Context(model, layers, x, y, job, seed, "local", 1)
+    methods = [m for m in methods if m != "cospadi" or _have_cospadi()]
+    cols = {m: (m, ctx) for m in methods}
+    for label, (m, vjob, vcalib) in (variants or {}).items():
+        cols[label] = (m, Context(model, layers, *_calibration(ds, vcalib, seed), vjob, seed))
+    rows, times = {}, {c: 0.0 for c in cols}
+    dense = sum(layer_params(m) for m in layers.values())
+    for ratio in ratios:
+        for c, (m, cctx) in cols.items():
+            t0 = time.perf_counter()
+            recs = get_method(m)(cctx, Budget(ratio=ratio))
+            times[c] += time.perf_counter() - t0
+            print(
+                f"  seed {seed} {c} ratio {ratio}: {time.perf_counter() - t0:.1f} s",
+                file=sys.stderr,
+            )
+            net = copy.deepcopy(model)
+            apply_compression(net, recs)
+            kept = sum(r.params for r in recs.values()) / dense
+            err = sum(r.rel_error for r in recs.values()) / len(recs)
+            rows[(ratio, c)] = (accuracy(net, ds.x_test, ds.y_test), kept, err)
+    facts = dict(
+        layers=len(layers),
+        dense=dense,
+        share=dense / sum(p.numel() for p in model.parameters()),
+        acc0=accuracy(model, ds.x_test, ds.y_test),
+        n_test=len(ds.y_test),
+        n_calib=len(y),
+    )
+    return rows, times, facts
 
 
 def _table(
@@ -74,41 +123,20 @@ def _table(
     note: str = "",
     variants=None,
 ) -> str:
-    """One markdown table; ``variants``: extra columns ``{label: (method, job, calib)}``, a method
-    run with its own job settings and calibration size (each also gets a ``label - SVD`` column)."""
-    model, ds = loaded.model, loaded.data
-    layers = find_layers(model, targets)
-    x, y = _calibration(ds, calib, seed)
-    ctx = Context(model, layers, x, y, job, seed, "local", 1)
-    dense = sum(layer_params(m) for m in layers.values())
-    acc0 = accuracy(model, ds.x_test, ds.y_test)
-    methods = [m for m in (methods or METHODS) if m != "cospadi" or _have_cospadi()]
-    cols = {m: (m, ctx) for m in methods}
-    for label, (m, vjob, vcalib) in (variants or {}).items():
-        cols[label] = (m, Context(model, layers, *_calibration(ds, vcalib, seed), vjob, seed))
-    rows, times = {}, {c: 0.0 for c in cols}
-    for ratio in ratios:
-        for c, (m, cctx) in cols.items():
-            t0 = time.perf_counter()
-            recs = get_method(m)(cctx, Budget(ratio=ratio))
-            times[c] += time.perf_counter() - t0
-            print(
-                f"  {title[:12]} {c} ratio {ratio}: {time.perf_counter() - t0:.1f} s",
-                file=sys.stderr,
-            )
-            net = copy.deepcopy(model)
-            apply_compression(net, recs)
-            kept = sum(r.params for r in recs.values()) / dense
-            err = sum(r.rel_error for r in recs.values()) / len(recs)
-            rows[(ratio, c)] = (accuracy(net, ds.x_test, ds.y_test), kept, err)
+    """One markdown table of :func:`_measure`'s cells, with a ``- SVD`` column for FWSVD and for
+    every variant."""
+    rows, times, f = _measure(
+        loaded, targets, ratios, calib, job, methods or METHODS, seed, variants
+    )
+    cols = list(times)
     diffs = {"fwsvd": "FWSVD - SVD"} | {v: f"{v} - SVD" for v in variants or {}}
     lines = [
         f"### {title}",
         "",
-        f"{len(layers)} compressed layers, {dense} parameters ({dense / sum(p.numel() for p in model.parameters()):.1%} "
-        f"of the model); original test accuracy {acc0:.4f} on {len(ds.y_test)} samples; "
-        f"calibration: {len(y)} training samples. Cells: test accuracy (kept fraction of the "
-        "compressed layers' parameters; mean relative Frobenius error of the layers)."
+        f"{f['layers']} compressed layers, {f['dense']} parameters ({f['share']:.1%} of the model); "
+        f"original test accuracy {f['acc0']:.4f} on {f['n_test']} samples; calibration: "
+        f"{f['n_calib']} training samples. Cells: test accuracy (kept fraction of the compressed "
+        "layers' parameters; mean relative Frobenius error of the layers)."
         + (f" {note}" if note else ""),
         "",
         "| budget | " + " | ".join(cols) + " | " + " | ".join(diffs.values()) + " |",
@@ -146,7 +174,7 @@ def digits_table(quick: bool) -> str:
         ratios,
         512,
         job,
-        variants={"fwsvd output rows": ("fwsvd", _job(fisher_axis="output"), 512)},
+        variants=_fwsvd_variants(512),
     )
 
 
@@ -194,7 +222,7 @@ def minilm_table(quick: bool, parts=("b1", "b2", "b3")) -> str:
                 256,
                 job,
                 methods=["svd", "fwsvd", "welore"],
-                variants={"fwsvd output rows": ("fwsvd", _job(fisher_axis="output"), 256)},
+                variants=_fwsvd_variants(256),
             )
         )
     if "b2" in parts:
@@ -206,6 +234,7 @@ def minilm_table(quick: bool, parts=("b1", "b2", "b3")) -> str:
                 [0.25, 0.5] if quick else [0.25, 0.4, 0.5],
                 128 if quick else 256,
                 job,
+                variants=None if quick else _fwsvd_variants(256),
             )
         )
     if "b3" in parts and not quick:
@@ -223,27 +252,79 @@ def minilm_table(quick: bool, parts=("b1", "b2", "b3")) -> str:
                 256,
                 job,
                 methods=["svd", "fwsvd", "welore"],
-                variants={
-                    "fwsvd output rows": ("fwsvd", _job(fisher_axis="output"), 256),
-                    "fwsvd per-sample": ("fwsvd", _job(fisher_batch=1), n_train),
-                },
+                variants=_fwsvd_variants(256)
+                | {f"fwsvd all {n_train}": ("fwsvd", _job(), n_train)},
                 note=(
                     f"Fine-tuned from the (b1) model (frozen-encoder head, test accuracy "
                     f"{accuracy(loaded.model, loaded.data.x_test, loaded.data.y_test):.4f}): "
                     f"encoder and head, AdamW lr 5e-5 decaying linearly, weight decay 0.01, "
                     f"batch 32, 3 epochs over the {len(tuned.data.y_train)} training reviews, "
                     f"seed 0, dropout on; {ft_s:.0f} s; training accuracy after: {train_acc:.4f}. "
-                    "FWSVD's Fisher is that of the fine-tuned model's task loss (fwsvd: "
-                    "mini-batches of 8 of the calibration samples; fwsvd per-sample: squared "
-                    f"per-sample gradients over all {n_train} training reviews, the estimator "
-                    "of Hsu et al.'s equation)."
+                    "FWSVD's Fisher is that of the fine-tuned model's task loss: squared "
+                    "per-sample gradients (Hsu et al.'s estimator) of the calibration samples "
+                    f"(fwsvd) or of all {n_train} training reviews (fwsvd all {n_train})."
                 ),
             )
         )
     return "\n".join(out)
 
 
-def main(quick: bool = False, parts=None) -> str:
+def seeds_table(seeds) -> str:
+    """(b3) over several seeds: each seed fine-tunes the encoder and head anew (its own shuffles
+    and dropout) and draws its own calibration samples; SVD and FWSVD compress the same model.
+    FWSVD's Fisher: per-sample over the 256 calibration reviews, and over all training reviews
+    (Hsu et al. sum over the task's training set). Cells: mean +- std over seeds; the difference
+    columns give the paired mean, its standard error and in how many seeds FWSVD was ahead."""
+    loaded, job = _load_minilm()
+    ratios = [0.25, 0.4, 0.5, 0.6, 0.75]
+    n_train = len(loaded.data.y_train)
+    full = f"fwsvd all {n_train}"
+    acc = {}  # (seed, ratio, column) -> accuracy
+    for seed in seeds:
+        tuned = finetune(loaded, seed=seed)
+        rows, _, f = _measure(
+            tuned,
+            ["encoder.encoder.layer.*"],
+            ratios,
+            256,
+            job,
+            ["svd", "fwsvd"],
+            seed,
+            {full: ("fwsvd", _job(), n_train)},
+        )
+        for (ratio, c), (a, _, _) in rows.items():
+            acc[(seed, ratio, c)] = a
+    k = len(seeds)
+    lines = [
+        f"### (b3, {k} seeds) fine-tuned MiniLM, all 6 encoder layers: FWSVD against SVD",
+        "",
+        f"Seeds {list(seeds)}: each fine-tunes the (b1) model anew (AdamW as in (b3)) and draws "
+        f"its own {f['n_calib']} calibration reviews. FWSVD: per-sample Fisher (the paper's "
+        f"estimator) on the input rows, over the calibration reviews (fwsvd) or all {n_train} "
+        f"training reviews ({full}). Test accuracy on {f['n_test']} reviews, mean +- std; "
+        "differences paired by seed, mean (standard error), seeds where FWSVD is ahead.",
+        "",
+        f"| budget | svd | fwsvd | {full} | fwsvd - SVD | ahead | {full} - SVD | ahead |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def col(ratio, c):
+        return torch.tensor([acc[(sd, ratio, c)] for sd in seeds], dtype=torch.float64)
+
+    def spread(v):
+        return f"{v.mean():.3f} +- {v.std():.3f}" if k > 1 else f"{v.mean():.3f}"
+
+    for ratio in ratios:
+        cells = [spread(col(ratio, c)) for c in ("svd", "fwsvd", full)]
+        for c in ("fwsvd", full):
+            d = (col(ratio, c) - col(ratio, "svd")) * 100
+            se = f" ({d.std() / k**0.5:.1f})" if k > 1 else ""
+            cells += [f"{d.mean():+.1f} pt{se}", f"{int((d > 0).sum())}/{k}"]
+        lines.append(f"| {ratio:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(quick: bool = False, parts=None, seeds=(0, 1, 2)) -> str:
     """Markdown tables: accuracy against parameter budget for SVD, FWSVD, WeLore, CoSpaDi;
     ``parts``: a subset of PARTS (default all)."""
     parts = list(parts or PARTS)
@@ -255,8 +336,10 @@ def main(quick: bool = False, parts=None) -> str:
     try:
         if "a" in parts:
             out.append(digits_table(quick))
-        if any(p.startswith("b") for p in parts):
+        if any(p in ("b1", "b2", "b3") for p in parts):
             out.append(minilm_table(quick, parts))
+        if "b3s" in parts:
+            out.append(seeds_table(seeds))
     finally:
         torch.set_num_threads(threads)
     out.append(f"Total benchmark time: {time.perf_counter() - t0:.0f} s (torch threads: 1).\n")
@@ -267,8 +350,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer budgets, layers and samples")
     ap.add_argument("--part", default="all", help=f"comma-separated subset of {PARTS}")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of part b3s (comma-separated)")
     args = ap.parse_args()
     chosen = PARTS if args.part == "all" else [p.strip() for p in args.part.split(",")]
     if bad := [p for p in chosen if p not in PARTS]:
         ap.error(f"unknown part(s) {bad}; choose from {PARTS} or all")
-    print(main(args.quick, chosen))
+    print(main(args.quick, chosen, [int(v) for v in args.seeds.split(",")]))

@@ -195,7 +195,7 @@ class SvdCompressConfig(CompressConfig):
 @dataclass
 class FwsvdCompressConfig(CompressConfig):
     name: str = "compress_fwsvd"
-    fisher_batch: int = 8  # samples per mini-batch gradient in I_ij = sum_batches (dL/dW_ij)^2
+    fisher_batch: int = 1  # samples per gradient in I_ij = sum (dL/dW_ij)^2; 1: per-sample (paper)
     fisher_axis: str = "input"  # weighted rows: the paper's (inputs of y = x W) or "output" units
 
 

@@ -90,7 +90,7 @@ def fisher(ctx: Context) -> dict[str, torch.Tensor]:
             list(ctx.layers),
             ctx.x_calib,
             ctx.y_calib,
-            int(getattr(ctx.job, "fisher_batch", 8)),
+            int(getattr(ctx.job, "fisher_batch", 1)),
             ctx.backend,
             ctx.hosts,
             fisher_axis(ctx),
