@@ -109,6 +109,7 @@ def apply_lora(
     seed: int = 0,
     adapter: str = "lora",
     gamma: float = 0.0,
+    mode_ranks: Sequence[int] | None = None,
 ) -> nn.Module:
     """Replace the modules whose names match a glob in ``targets`` by ``adapter`` layers.
 
@@ -116,6 +117,9 @@ def apply_lora(
     ``flora`` (``nn.Linear`` and ``nn.Conv1d/2d/3d`` targets); see :mod:`clients.adapters`. For
     ``sorsa`` with ``gamma > 0`` the model gets ``model.penalty``, SORSA's orthonormal regularizer
     as a pure function of the named parameters, which the trainers add to the objective.
+    ``mode_ranks`` (``flora`` only): Tucker ranks per weight mode, in the weight's order (out, in,
+    kernel...); a layer takes the leading entries it has modes for, each capped at its mode's size
+    (a 4-entry list serves convolutions and linear layers alike); None: ``rank`` on every mode.
     Every other parameter is frozen except those of the modules named in ``full`` (e.g. a new
     classification head), which stay fully trainable. Returns ``model`` (changed in place).
     """
@@ -137,6 +141,14 @@ def apply_lora(
         )
     if gamma < 0:
         raise ValueError(f"model.gamma must be >= 0, got {gamma}")
+    if mode_ranks is not None:
+        if adapter != "flora":
+            raise ValueError(
+                f"model.mode_ranks={list(mode_ranks)} sets FLoRA's per-mode Tucker ranks; "
+                f"model.adapter={adapter} takes model.rank only (set model.mode_ranks=null)"
+            )
+        if not mode_ranks or any(int(r) < 1 for r in mode_ranks):
+            raise ValueError(f"model.mode_ranks={list(mode_ranks)}: give ranks >= 1 per mode")
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(int(seed))
@@ -181,7 +193,7 @@ def apply_lora(
             layer = SORSALinear(base, rank, alpha)
             pairs.append((f"{name}.sorsa_U.weight", f"{name}.sorsa_Vh.weight"))
         else:
-            layer = FLoRALayer(base, rank, alpha / rank, generator=gen)
+            layer = FLoRALayer(base, rank, alpha / rank, _flora_ranks(name, base, mode_ranks), gen)
         setattr(parent, child, layer)
     for name in full:
         try:
@@ -193,6 +205,19 @@ def apply_lora(
     if pairs and gamma > 0:
         model.penalty = OrthonormalPenalty(float(gamma), tuple(pairs))
     return model
+
+
+def _flora_ranks(name: str, base: nn.Module, mode_ranks: Sequence[int] | None) -> list[int] | None:
+    """The leading ``mode_ranks`` entries for ``base``'s weight modes, each capped at its size."""
+    if mode_ranks is None:
+        return None
+    shape = tuple(base.weight.shape)
+    if len(mode_ranks) < len(shape):
+        raise ValueError(
+            f"model.mode_ranks={list(mode_ranks)} has {len(mode_ranks)} entries but {name} has a "
+            f"{len(shape)}-mode weight {shape}: give one rank per mode (out, in, kernel...)"
+        )
+    return [min(int(r), d) for r, d in zip(mode_ranks, shape, strict=False)]
 
 
 def lora_factors(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -302,6 +327,7 @@ def build_lora_model(
     seed: int = 0,
     adapter: str = "lora",
     gamma: float = 0.0,
+    mode_ranks: Sequence[int] | None = None,
 ) -> nn.Module:
     """A base model with adapters (``adapter``: lora, pissa, sorsa, flora); only adapters and
     ``full`` modules are trainable (Hu et al. 2022; PiSSA, SORSA, FLoRA: see clients/adapters.py).
@@ -311,6 +337,7 @@ def build_lora_model(
     ``minilm`` (targets: attention query and value of every layer, as in the FedSVD reference; new
     head ``head`` fully trained). ``targets``/``full`` override the defaults (glob patterns /
     module names). ``gamma``: SORSA's orthonormal-regularizer coefficient (0: no regularizer).
+    ``mode_ranks``: FLoRA's per-mode Tucker ranks (see :func:`apply_lora`).
     """
     from clients.models import build_model
 
@@ -344,4 +371,5 @@ def build_lora_model(
         seed,
         adapter,
         gamma,
+        mode_ranks,
     )

@@ -312,6 +312,37 @@ def test_flora_cnn_only_adapters_train() -> None:
     assert conv.scaling == 1.0
 
 
+def test_flora_mode_ranks_from_config_set_each_layers_core() -> None:
+    """model.mode_ranks: the leading entries per layer (conv: out, in, kh, kw; head: out, in),
+    capped at each mode's size; the trainable count is the Tucker count sum_k d_k r_k + prod r_k."""
+    model = build_lora_model(
+        "cnn",
+        (1, 8, 8),
+        10,
+        rank=4,
+        alpha=4.0,
+        channels=4,
+        adapter="flora",
+        mode_ranks=[3, 2, 1, 2],
+    )
+    layers = {n: m.flora for n, m in model.named_modules() if isinstance(m, FLoRALayer)}
+    assert layers["features.0"].ranks == (3, 1, 1, 2)  # in-channels 1: capped
+    assert layers["features.3"].ranks == (3, 2, 1, 2)
+    assert layers["head"].ranks == (3, 2)
+    for m in layers.values():
+        want = sum(d * r for d, r in zip(m.shape, m.ranks, strict=True)) + math.prod(m.ranks)
+        assert sum(p.numel() for p in m.parameters()) == want
+    x = torch.randn(3, 1, 8, 8)
+    base = build_lora_model("cnn", (1, 8, 8), 10, rank=4, alpha=4.0, channels=4, adapter="flora")
+    torch.testing.assert_close(model(x), base(x))  # zero cores: both are the base model
+    with pytest.raises(ValueError, match="has 2 entries but features.0 has a 4-mode weight"):
+        build_lora_model("cnn", (1, 8, 8), 10, channels=4, adapter="flora", mode_ranks=[2, 2])
+    with pytest.raises(ValueError, match="adapter=lora takes model.rank only"):
+        build_lora_model("mlp", (64,), 10, mode_ranks=[2, 2])
+    with pytest.raises(ValueError, match="ranks >= 1"):
+        build_lora_model("mlp", (64,), 10, adapter="flora", mode_ranks=[2, 0])
+
+
 # -- errors ---------------------------------------------------------------------------------------------
 
 
