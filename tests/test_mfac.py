@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from jobs.compress.mfac import MFACInverse, MFACOptimizer, mfac_prune, mfac_saliency
+from jobs.compress.mfac import (
+    MFACInverse,
+    MFACOptimizer,
+    kept_for_budget,
+    mfac_prune,
+    mfac_saliency,
+    sparse_storage,
+)
 
 M, D, LAM = 20, 50, 0.1
 F64 = torch.float64
@@ -237,3 +246,23 @@ def test_sliding_window_optimizer_trains_least_squares():
         MFACOptimizer([x], m=0)
     with pytest.raises(ValueError, match="damp"):
         MFACOptimizer([x], damp=0.0)
+
+
+def test_sparse_storage_counts_the_cheaper_of_mask_and_indices():
+    # d = 1000: uint16 indices (half a float32 each) or a 1000-bit mask (32 parameters)
+    assert sparse_storage(1000, 10) == 10 + 5  # 10 indices: 160 bits
+    assert sparse_storage(1000, 500) == 500 + 32  # the mask is cheaper
+    assert sparse_storage(1000, 1000) == 1000  # dense: no positions
+    assert sparse_storage(200, 7) == 7 + 2  # uint8 indices: 56 bits -> 2 parameters (rounded up)
+    assert sparse_storage(100_000, 10) == 10 + 10  # uint32 indices beyond 65536 positions
+    with pytest.raises(ValueError, match="nnz"):
+        sparse_storage(10, 11)
+
+
+@pytest.mark.parametrize("d", [7, 200, 1000, 2048, 70_000])
+def test_kept_for_budget_is_the_largest_count_within_the_budget(d):
+    for ratio in (0.01, 0.05, 0.3, 0.5, 0.97, 1.0):
+        budget = math.floor(ratio * d + 1e-9)
+        k = kept_for_budget(d, ratio)
+        assert sparse_storage(d, k) <= budget
+        assert k == d or sparse_storage(d, k + 1) > budget

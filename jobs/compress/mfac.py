@@ -241,6 +241,34 @@ def mfac_prune(
     return new, mask.to(w.device).reshape(w.shape)
 
 
+def sparse_storage(d: int, nnz: int, value_bits: int = 32) -> int:
+    """Storage of a pruned layer in parameters: ``nnz`` values plus where they sit, as the cheaper
+    of a d-bit mask and ``nnz`` position indices (the smallest unsigned type indexing d), each
+    costing bits / value_bits of a parameter, rounded up (the index rule of CoSpaDi's budget)."""
+    from jobs.compress.cospadi import index_bits_for
+
+    if not 0 <= nnz <= d:
+        raise ValueError(f"nnz={nnz} must be in [0, d={d}]")
+    where = min(-(-d // value_bits), -(-nnz * index_bits_for(d) // value_bits))
+    return nnz + (where if nnz < d else 0)  # a dense layer needs no positions
+
+
+def kept_for_budget(d: int, ratio: float) -> int:
+    """The most weights a layer of ``d`` can keep with ``sparse_storage(d, nnz) <=
+    floor(ratio * d)`` (storage grows with nnz: bisection)."""
+    budget = int(math.floor(float(ratio) * d + 1e-9))
+    lo, hi = 0, d  # storage(lo) <= budget is the invariant
+    if sparse_storage(d, d) <= budget:
+        return d
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if sparse_storage(d, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 class MFACOptimizer(torch.optim.Optimizer):
     """Sliding-window M-FAC preconditioned SGD: p <- p - lr F^{-1} g over the last m gradients.
 

@@ -77,7 +77,8 @@ def compress_cospadi(ctx: Context, budget: Budget) -> dict[str, CompressedLayer]
 def compress_mfac(ctx: Context, budget: Budget) -> dict[str, CompressedLayer]:
     """One-shot M-FAC pruning (Frantar, Kurtic, Alistarh, NeurIPS 2021): OBS saliency
     w_j^2 / (2 [F^-1]_jj) with the matrix-free inverse empirical Fisher of mini-batch gradients
-    of each layer, sparsity 1 - ratio per layer, OBS update of the kept weights."""
+    of each layer, OBS update of the kept weights. Each layer keeps as many weights as fit in
+    ratio * d parameters once their positions are stored (a bitmask or indices, the cheaper)."""
     from jobs.compress import mfac as mf
 
     if "grads" not in ctx.cache:
@@ -92,13 +93,20 @@ def compress_mfac(ctx: Context, budget: Budget) -> dict[str, CompressedLayer]:
         raise ValueError("compress_mfac prunes to a sparsity: set job.ratio, not job.rank")
     out = {}
     for name, W in ctx.matrices.items():
-        w_new, mask = mf.mfac_prune(W, grads[name], 1.0 - budget.ratio, damp, block or None)
+        keep = mf.kept_for_budget(W.numel(), budget.ratio)
+        if keep == 0:
+            raise ValueError(
+                f"job.ratio={budget.ratio}: layer {name!r} ({W.numel()} weights) cannot keep a "
+                "single weight once the positions of the kept weights are stored; raise job.ratio"
+            )
+        sparsity = (W.numel() - keep) / W.numel()
+        w_new, mask = mf.mfac_prune(W, grads[name], sparsity, damp, block or None)
         nnz = int(mask.sum())
         out[name] = CompressedLayer(
             name=name,
             weight_hat=w_new,
             factors={"mask": mask},
-            params=nnz + ctx.bias_params(name),
+            params=mf.sparse_storage(W.numel(), nnz) + ctx.bias_params(name),
             rel_error=relative_error(W, w_new),
             info={"nonzeros": nnz, "sparsity": 1.0 - nnz / W.numel()},
         )
