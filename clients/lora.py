@@ -311,6 +311,11 @@ class TextClassifier(nn.Module):
         pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
         return self.head(pooled)
 
+    @staticmethod
+    def token_mask(x: torch.Tensor) -> torch.Tensor:
+        """(N, L) bool: the real tokens of input ``x`` (padding False), for per-token statistics."""
+        return x[:, 1].bool()
+
 
 def build_lora_model(
     kind: str,

@@ -489,3 +489,30 @@ def test_conv_layers_of_a_flagstaff_cnn_run_compress_end_to_end(tmp_path):
     assert count_params(model) == res["params_after"]
     ds = load_data(meta["data_spec"])
     assert accuracy(model, ds.x_test, ds.y_test) == res["accuracy_after"]
+
+
+def test_text_calibration_rows_are_the_real_tokens_only():
+    """A text classifier's padding never reaches its output, so per-token calibration rows (the
+    inputs CoSpaDi whitens with) hold the real tokens only: the first query layer sees exactly
+    the embeddings of the unpadded tokens."""
+    from transformers import BertConfig, BertModel
+
+    from clients.lora import TextClassifier
+    from jobs.compress.core import collect_inputs
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, attn_implementation="eager",
+    )  # fmt: skip
+    model = TextClassifier(BertModel(cfg), 3).eval()
+    ids = torch.randint(1, 50, (5, 7))
+    mask = torch.ones(5, 7, dtype=torch.int64)
+    mask[0, 4:], mask[2, 2:], mask[4, 6:] = 0, 0, 0
+    x = torch.stack([ids * mask, mask], 1)
+    name = "encoder.encoder.layer.0.attention.self.query"
+    rows = collect_inputs(model, [name], x, batch=2)[name]
+    assert rows.shape == (int(mask.sum()), 16)
+    with torch.no_grad():
+        emb = model.encoder.embeddings(input_ids=x[:, 0])
+    torch.testing.assert_close(rows, emb[mask.bool()])

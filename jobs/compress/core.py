@@ -523,20 +523,32 @@ def collect_inputs(
     max_rows: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Calibration inputs of each named layer on ``x`` (forward hooks): ``(N, in)`` for a linear
-    layer (tokens, padding included, flattened into rows), ``(N L, in k)`` patches for a conv; at most
-    ``max_rows`` rows each (the first ones)."""
+    layer (tokens flattened into rows), ``(N L, in k)`` patches for a conv; at most ``max_rows``
+    rows each (the first ones). A model with ``token_mask(x)`` (N, L) (a text classifier) gives
+    only its real tokens' rows: padding never reaches the output, so it is not calibration data."""
     store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     hooks = []
+    token_mask = getattr(model, "token_mask", None)
+    keep: list[torch.Tensor | None] = [None]  # the current batch's token mask
+
+    def rows(m: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        k = keep[0]
+        if k is not None and isinstance(m, nn.Linear) and inp.shape[:-1] == k.shape:
+            return inp[k]
+        return _patches(m, inp)
+
     for n in names:
         mod = model.get_submodule(n)
 
         def hook(m, args, _n=n):
-            store[_n].append(_patches(m, args[0].detach()).float())
+            store[_n].append(rows(m, args[0].detach()).float())
 
         hooks.append(mod.register_forward_pre_hook(hook))
     model.eval()
     try:
         for i in range(0, len(x), batch):
+            if token_mask is not None:
+                keep[0] = token_mask(x[i : i + batch])
             model(x[i : i + batch])
     finally:
         for h in hooks:
