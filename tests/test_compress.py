@@ -453,6 +453,11 @@ def test_config_errors_name_the_key(tmp_path):
             cfg = compose(config_name="job", overrides=["job=compress_welore", *common, override])
             with pytest.raises(ValueError, match=message):
                 run(cfg, str(tmp_path))
+        cfg = compose(
+            config_name="job", overrides=["job=compress_fwsvd", *common, "job.fisher_axis=rows"]
+        )
+        with pytest.raises(ValueError, match="job.fisher_axis='rows': choose 'input'"):
+            run(cfg, str(tmp_path))
     assert not (tmp_path / "results.json").exists()
 
 
