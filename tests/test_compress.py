@@ -521,3 +521,23 @@ def test_text_calibration_rows_are_the_real_tokens_only():
     with torch.no_grad():
         emb = model.encoder.embeddings(input_ids=x[:, 0])
     torch.testing.assert_close(rows, emb[mask.bool()])
+
+
+def test_welore_rank_pruning_on_minilm_matches_the_reference_numbers(monkeypatch):
+    """WeLore's global thresholds on the packaged all-MiniLM-L6-v2 (36 encoder linears): t = 0.05,
+    0.10, 0.175 prune 13.7%, 27.5%, 47.6% of the total rank (the reference figures)."""
+    from clients.lora import load_minilm
+    from jobs.compress.welore import welore_ranks
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = load_minilm(None)
+    spectra = {
+        n: torch.linalg.svdvals(m.weight.detach().double())
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith("encoder.")
+    }
+    assert len(spectra) == 36
+    full = sum(len(S) for S in spectra.values())
+    for t, pruned in ((0.05, 0.137), (0.10, 0.275), (0.175, 0.476)):
+        got = 1 - sum(welore_ranks(spectra, t).values()) / full
+        assert abs(got - pruned) < 5e-4, (t, got)
