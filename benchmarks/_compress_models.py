@@ -338,7 +338,7 @@ def main(quick: bool = False, parts=None, seeds=(0, 1, 2)) -> str:
             out.append(digits_table(quick))
         if any(p in ("b1", "b2", "b3") for p in parts):
             out.append(minilm_table(quick, parts))
-        if "b3s" in parts:
+        if "b3s" in parts and not quick:  # one fine-tuning per seed: full runs only
             out.append(seeds_table(seeds))
     finally:
         torch.set_num_threads(threads)
