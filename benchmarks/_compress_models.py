@@ -46,6 +46,8 @@ from jobs.compress.run import _calibration  # noqa: E402
 
 METHODS = ["svd", "fwsvd", "welore", "cospadi"]
 PARTS = ["a", "b1", "b2", "b3", "b3s"]
+ENCODER = ["encoder.encoder.layer.*"]  # all 36 linears of MiniLM's six encoder layers
+MINILM_BUDGETS = [0.25, 0.4, 0.5, 0.6, 0.75]
 
 
 def _have_cospadi() -> bool:
@@ -217,8 +219,8 @@ def minilm_table(quick: bool, parts=("b1", "b2", "b3")) -> str:
             _table(
                 "(b1) all-MiniLM-L6-v2 + linear head, review task (all 6 encoder layers)",
                 loaded,
-                ["encoder.encoder.layer.*"],
-                [0.25, 0.4, 0.5, 0.6, 0.75],
+                ENCODER,
+                MINILM_BUDGETS,
                 256,
                 job,
                 methods=["svd", "fwsvd", "welore"],
@@ -247,8 +249,8 @@ def minilm_table(quick: bool, parts=("b1", "b2", "b3")) -> str:
             _table(
                 "(b3) all-MiniLM-L6-v2 + head fine-tuned on the review task (all 6 encoder layers)",
                 tuned,
-                ["encoder.encoder.layer.*"],
-                [0.25, 0.4, 0.5, 0.6, 0.75],
+                ENCODER,
+                MINILM_BUDGETS,
                 256,
                 job,
                 methods=["svd", "fwsvd", "welore"],
@@ -276,7 +278,7 @@ def seeds_table(seeds) -> str:
     (Hsu et al. sum over the task's training set). Cells: mean +- std over seeds; the difference
     columns give the paired mean, its standard error and in how many seeds FWSVD was ahead."""
     loaded, job = _load_minilm()
-    ratios = [0.25, 0.4, 0.5, 0.6, 0.75]
+    ratios = MINILM_BUDGETS
     n_train = len(loaded.data.y_train)
     full = f"fwsvd all {n_train}"
     acc = {}  # (seed, ratio, column) -> accuracy
@@ -284,7 +286,7 @@ def seeds_table(seeds) -> str:
         tuned = finetune(loaded, seed=seed)
         rows, _, f = _measure(
             tuned,
-            ["encoder.encoder.layer.*"],
+            ENCODER,
             ratios,
             256,
             job,
