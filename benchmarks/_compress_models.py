@@ -260,7 +260,7 @@ def minilm_table(quick: bool, parts=("b1", "b2", "b3")) -> str:
                     f"Fine-tuned from the (b1) model (frozen-encoder head, test accuracy "
                     f"{accuracy(loaded.model, loaded.data.x_test, loaded.data.y_test):.4f}): "
                     f"encoder and head, AdamW lr 5e-5 decaying linearly, weight decay 0.01, "
-                    f"batch 32, 3 epochs over the {len(tuned.data.y_train)} training reviews, "
+                    f"batch 32, 3 epochs over the {n_train} training reviews, "
                     f"seed 0, dropout on; {ft_s:.0f} s; training accuracy after: {train_acc:.4f}. "
                     "FWSVD's Fisher is that of the fine-tuned model's task loss: squared "
                     "per-sample gradients (Hsu et al.'s estimator) of the calibration samples "

@@ -613,17 +613,13 @@ def fisher_row_sums(
     if axis not in FISHER_AXES:
         raise ValueError(f"Fisher axis {axis!r}: choose one of {FISHER_AXES}")
     dim = 0 if axis == "input" else 1  # the gradient is (out, in * k): sum over the other axis
-    out: dict[str, torch.Tensor] = {}
+    out = {
+        n: torch.zeros(layer_matrix(model.get_submodule(n)).shape[1 - dim], dtype=torch.float64)
+        for n in names
+    }
     for g in _iter_batch_grads(model, names, x, y, batch_size):
         for n in names:
-            s = g[n].double().square().sum(dim)
-            out[n] = out[n] + s if n in out else s
-    for n in names:  # no batches: no information
-        if n not in out:
-            w = model.get_submodule(n).weight
-            out[n] = torch.zeros(
-                w[0].numel() if axis == "input" else w.shape[0], dtype=torch.float64
-            )
+            out[n] += g[n].double().square().sum(dim)
     return out
 
 
