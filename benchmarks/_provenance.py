@@ -188,7 +188,8 @@ def markdown(prov: dict[str, Any]) -> str:
     return (
         f"<!-- command: {prov['command']} | commit {commit} | {prov['date_utc']} | "
         f"torch threads {th['num_threads']}, CPU capability {th.get('cpu_capability', '?')} | "
-        f"env {env} | {vers} | CPU {cpu['model']} ({cpu['logical_cpus']} CPUs; "
+        f"env {env} | {vers} | CPU {cpu['model']} {cpu.get('family_model_stepping', '')} "
+        f"({cpu['logical_cpus']} CPUs; "
         f"{' '.join(cpu['isa'])}) -->"
     )
 
