@@ -78,7 +78,7 @@ class LstsqConfig(JobConfig):
 class LinfConfig(JobConfig):
     name: str = "linf_regression"
     sketch: SketchKind = SketchKind.gaussian
-    sketch_rows: int = 0  # 0: 10 d log(n)
+    sketch_rows: int = 0  # 0: s = 10 d rows
     trials: int = 5
 
 

@@ -1,5 +1,11 @@
 """Top eigenvector of A^T A from a random-order row stream (Kacham, Woodruff, NeurIPS 2024).
 
+What it is: a two-pass algorithm. A first pass reads every row's squared norm (||A||_F^2 fixes the
+heavy-row threshold and the light rows' sampling rate, which the analysis assumes known); the second
+pass is the random-order stream, in which every row is read once (heavy rows, a sparse subset, are
+fetched by index after the first pass). It is not a one-pass streaming algorithm over an unknown
+stream; ``PASSES_OVER_A`` records this and results.json reports it.
+
 The rows arrive in uniformly random order, cut into T chunks (row i goes to chunk t_i, uniform and
 keyed by (seed, global row), so the stream does not depend on the partitioning). Heavy rows,
 ||a_i||^2 >= h ||A||_F^2 / (d log2 d), are kept exactly; light rows are norm-sampled (kept with
@@ -19,6 +25,9 @@ import numpy as np
 from jobs.blocks import Block, RowBlockMatrix, row_uniforms
 
 _TAG_CHUNK, _TAG_SAMPLE, _TAG_ORDER = 41, 42, 43
+
+#: full reads of A per estimate: the row-norm pass, then the stream (Kacham-Woodruff and Oja alike)
+PASSES_OVER_A = 2
 
 
 def _stream_keys(block: Block, seed: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +111,8 @@ def streaming_top_eigvec(
     progress: Any = None,
     v_ref: np.ndarray | None = None,
 ) -> StreamEigResult:
-    """Kacham-Woodruff random-order stream estimate of the top eigenvector of A^T A."""
+    """Kacham-Woodruff random-order stream estimate of the top eigenvector of A^T A (two passes
+    over A: row norms, then the stream; see the module docstring)."""
     d = mat.d
     m = samples_per_chunk or 8 * d
     stats = mat.map(block_norm_stats)
@@ -137,7 +147,8 @@ def oja_top_eigvec(
     seed: int = 0,
     v_ref: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[float]]:
-    """Oja's rule, mini-batch, on the same stream.
+    """Oja's rule, mini-batch, on the same stream (after the same row-norm pass, which sets the
+    step normalisation: two passes over A).
 
     Step lr / (max(||A_B||_F^2, mean ||a||^2) sqrt(s)) (normalised by the batch's mass).
     """

@@ -129,21 +129,21 @@ def run(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
             results, draw = jobs[job.name](mat, job, app.seed, bar)
     finally:
         bar.close()
-        n, d = (mat.n, mat.d) if mat is not None else (0, 0)
         if mat is not None:
+            n, d = mat.n, mat.d
             mat.close()
         if started_ray:
             import ray
 
             ray.shutdown()
+    sizes = {"n": n, "d": d} if mat is not None else {}  # a standalone job reports its own
     results = {
         "job": job.name,
         "time_s": time.perf_counter() - t0,
+        **sizes,
         **results,
         "backend": backend,
         "hosts": hosts,
-        "n": results.get("n", n),  # standalone jobs report their own sizes
-        "d": results.get("d", d),
         "seed": app.seed,
         "versions": _versions(),
     }

@@ -191,6 +191,11 @@ def run_constrained(mat: RowBlockMatrix, job: ConstrainedConfig, seed: int, bar)
             "final_kkt_residual": r.kkt[-1],
             "outer_iterations": len(r.kkt) - 1,
             "inner_iterations": r.inner,
+            # inexact Newton: ||K z + r|| / ||r|| reached per step against its target eta_t; a
+            # step that hit job.max_inner above target is counted, not hidden
+            "inner_relative_residual": r.inner_residual,
+            "inner_target": r.inner_target,
+            "inner_target_missed": r.inner_target_missed,
             "step_sizes": r.steps,
             "mu_final": r.mu[-1] if r.mu else job.mu,
             "converged": r.converged,
@@ -343,6 +348,7 @@ def run_top_eigvec(mat: RowBlockMatrix, job: TopEigConfig, seed: int, bar) -> Re
         "memory_floats": kw.memory_floats,
         "memory_floats_gram": mat.d * mat.d,
         "memory_floats_matrix": mat.n * mat.d,
+        "passes_over_A": eig.PASSES_OVER_A,  # a row-norm pass, then the random-order stream
         "stream_time_s": t_kw,
         "oja_time_s": t_oja,
     }

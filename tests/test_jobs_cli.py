@@ -76,6 +76,17 @@ def test_job_runs_from_hydra_app(name, tmp_path):
     for key in FIGURES[name]:
         assert key in on_disk, key
     assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    if name.startswith("compress_"):  # no row-block matrix: no n, d of zeros
+        assert "n" not in on_disk and "d" not in on_disk
+    elif name != "completion":  # a row-block job reports its matrix's shape
+        assert (on_disk["n"], on_disk["d"]) == (cfg.job.data.n, cfg.job.data.d)
+    if name == "top_eigvec":
+        assert on_disk["passes_over_A"] == 2
+    if name == "constrained":
+        for kind in cfg.job.problems:
+            assert len(on_disk[kind]["inner_relative_residual"]) == len(
+                on_disk[kind]["inner_target"]
+            )
     if name == "lstsq":
         assert res["residual_ratio"] - 1 < 1e-10 and res["converged"]
     if name == "constrained":

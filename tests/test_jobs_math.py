@@ -305,6 +305,20 @@ def test_constrained_kkt_converges(kind):
         np.testing.assert_allclose(r.x, x, rtol=1e-6, atol=1e-8)
 
 
+def test_constrained_reports_inner_solves_that_miss_their_target():
+    """With a tiny inner iteration cap the Kaczmarz solves stop above eta_t: each step's reached
+    relative residual is reported, and the misses are counted rather than hidden."""
+    spec = DataSpec(n=3000, d=20, cond=10.0, seed=14, noise=0.5)
+    mat = RowBlockMatrix.generate(spec, 2, hosts=1)
+    C, e = cons.make_constraints(20, 4, 0)
+    prob = cons.Problem(mat, "least_squares", C, e)
+    r = cons.exact_al_sketch(prob, tol=1e-8, max_outer=3, max_inner=1, inner_block=2, seed=1)
+    assert len(r.inner_residual) == len(r.inner_target) == len(r.inner) > 0
+    K_misses = [res > t for res, t in zip(r.inner_residual, r.inner_target, strict=True)]
+    assert r.inner_target_missed == sum(K_misses) > 0
+    assert all(0 < res < 10 for res in r.inner_residual)  # relative residuals, not raw norms
+
+
 def test_linf_dense_sketch_beats_countsketch_on_spiked():
     spec = DataSpec(n=8000, d=20, kind="spiked", cond=10.0, seed=15, noise=1.0)
     mat = RowBlockMatrix.generate(spec, 4, hosts=2)
