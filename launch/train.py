@@ -63,9 +63,11 @@ def app(cfg: DictConfig) -> float | None:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     acc = result["accuracy"]
+    ran = result.get("rounds_completed", result["rounds"])  # fewer after a budget stop
+    stopped = f" stopped={result['stopped']!r}" if result.get("stopped") else ""
     print(
         f"done: accuracy={acc if acc is None else round(acc, 4)} "
-        f"rounds={result['rounds']} run_dir={result['run_dir']}"
+        f"rounds={ran}/{result['rounds']}{stopped} run_dir={result['run_dir']}"
     )
     return acc
 

@@ -75,3 +75,24 @@ def test_cli_ray_backend_starts_ray_alongside_imports(tmp_path) -> None:
     assert summary["startup_s"] > 0 and summary["accuracy"] is not None
     bad = _run("experiment=smoke", "backend=ray", "client.lr=-1", f"hydra.run.dir={tmp_path / 'b'}")
     assert bad.returncode == 2 and "client.lr" in bad.stderr
+
+
+def test_cli_final_line_counts_the_rounds_run_after_a_budget_stop(tmp_path) -> None:
+    """After a privacy-budget stop the final line says how many rounds ran, not the configured
+    number (issue 18 item 7)."""
+    p = _run(
+        "experiment=privacy_dp_fedavg_digits",
+        "backend=local",
+        "progress=false",
+        "num_clients=20",
+        "clients_per_round=10",
+        "client.batch_size=32",
+        "rounds=10",
+        "privacy.target_epsilon=5",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    ran = summary["rounds_completed"]
+    assert summary["stopped"] == "privacy budget" and 1 <= ran < 10
+    assert f"rounds={ran}/10 stopped='privacy budget'" in p.stdout
