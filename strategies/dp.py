@@ -18,11 +18,14 @@ per round (as in McMahan et al.; the server samples a fixed-size subset, which t
 Poisson sampling with the same rate). The accountant history is part of the strategy state, so it is
 checkpointed and composes over the whole run. The aggregator must be the plain mean.
 
-Adaptive clipping: each round, the noised fraction of unclipped updates
-b~ = (sum_i 1[||u_i|| <= S] + N(0, sigma_b^2)) / m updates S <- S exp(-eta (b~ - gamma)) for the
-next round (geometric update towards the gamma-quantile of the norms). The update noise then uses
-z_u = (z^-2 - (2 sigma_b)^-2)^(-1/2) so that both releases together have noise multiplier z
-(Andrew et al., Theorem 1), and the accounting with z stays valid.
+Adaptive clipping (Andrew et al., Algorithm 1; as TF-Privacy's ``QuantileEstimatorQuery``): each
+round the server releases the *centred* count c = sum_i (1[||u_i|| <= S] - 1/2) + N(0, sigma_b^2),
+whose sensitivity is 1/2 under adding or removing one client, and b~ = c / m + 1/2 (the fixed
+expected denominator m) updates S <- S exp(-eta (b~ - gamma)) for the next round (geometric update towards the gamma-quantile of the norms). The update noise
+uses z_u = (z^-2 - (2 sigma_b)^-2)^(-1/2), so that the two Gaussian releases together have noise
+multiplier (z_u^-2 + (sigma_b / (1/2))^-2)^(-1/2) = z (Andrew et al., Theorem 1): that effective
+multiplier is what the accountant steps with. ``mechanism(state)`` writes all of it out (the runner
+puts it in summary.json under ``privacy.mechanism``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ import torch
 
 from strategies.base import RoundExtras, State
 
-__all__ = ["ClientLevelDP"]
+__all__ = ["ClientLevelDP", "COUNT_SENSITIVITY"]
+
+#: sensitivity of the centred count sum_i (1[||u_i|| <= S] - 1/2) when one client is added or removed
+COUNT_SENSITIVITY = 0.5
 
 
 def _epsilon(history: list, delta: float, kind: str) -> float:
@@ -118,7 +124,18 @@ class ClientLevelDP:
                     f"adaptive clipping with noise_multiplier={z} needs strategy.count_stddev > "
                     f"1/(2 z) = {1 / (2 * z):.3g} (got {sb}); raise count_stddev or the noise"
                 )
-            self.update_noise_multiplier = (z**-2 - (2 * sb) ** -2) ** -0.5
+            self.update_noise_multiplier = (z**-2 - (sb / COUNT_SENSITIVITY) ** -2) ** -0.5
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        """The noise multiplier of everything released per round, which the accountant uses: the
+        update's z_u alone, or with adaptive clipping the composition of the update and the count
+        releases, (z_u^-2 + (sigma_b / Delta_count)^-2)^(-1/2) (Gaussian mechanisms compose by
+        adding their inverse squared multipliers; Andrew et al., Theorem 1)."""
+        zu = self.update_noise_multiplier
+        if not self.adaptive or zu == 0:
+            return zu
+        return (zu**-2 + (self.count_stddev / COUNT_SENSITIVITY) ** -2) ** -0.5
 
     # -- delegation -------------------------------------------------------------------------------
     @property
@@ -167,18 +184,28 @@ class ClientLevelDP:
         std = self.update_noise_multiplier * clip / self.m
         noise = torch.randn(total.shape, generator=gen, dtype=torch.float64) * std
         noised = total + noise.to(total.dtype)
-        history = [list(h) for h in state["history"]]
-        if self.noise_multiplier > 0:
-            if history and history[-1][:2] == [self.noise_multiplier, self.sample_rate]:
+        history = self._step_history(state["history"])
+        if self.adaptive:
+            # centred count (sensitivity 1/2), fixed expected denominator m (Andrew et al., Alg. 1)
+            count = info["unclipped"] - info["n"] / 2
+            count += float(torch.randn((), generator=gen)) * self.count_stddev
+            frac = count / self.m + 0.5
+            clip = clip * math.exp(-self.clip_lr * (frac - self.target_quantile))
+        params, inner_state = self.inner.update(params, noised, state["inner"], round_idx, extras)
+        used = float(state["clip"])  # this round's clip (the next one is in "clip")
+        new = {"inner": inner_state, "clip": clip, "last_clip": used, "history": history}
+        return params, {**new, "round": {}}
+
+    def _step_history(self, history: list) -> list:
+        """The accountant history (noise multiplier, q, steps) after one more round."""
+        history = [list(h) for h in history]
+        z = self.effective_noise_multiplier
+        if z > 0:
+            if history and history[-1][:2] == [z, self.sample_rate]:
                 history[-1][2] += 1
             else:
-                history.append([self.noise_multiplier, self.sample_rate, 1])
-        if self.adaptive:
-            count = info["unclipped"] + float(torch.randn((), generator=gen)) * self.count_stddev
-            clip = clip * math.exp(-self.clip_lr * (count / self.m - self.target_quantile))
-        params, inner_state = self.inner.update(params, noised, state["inner"], round_idx, extras)
-        new = {"inner": inner_state, "clip": clip, "history": history, "round": {}}
-        return params, new
+                history.append([z, self.sample_rate, 1])
+        return history
 
     # -- accounting -------------------------------------------------------------------------------
     def epsilon(self, state: State) -> float:
@@ -191,8 +218,34 @@ class ClientLevelDP:
         """Epsilon after one more round (for the budget stop)."""
         if self.noise_multiplier == 0:
             return math.inf
-        step = [[self.noise_multiplier, self.sample_rate, 1]]
-        return _epsilon([list(h) for h in state["history"]] + step, self.delta, self.accountant)
+        return _epsilon(self._step_history(state["history"]), self.delta, self.accountant)
+
+    def mechanism(self, state: State) -> dict[str, Any]:
+        """What was released and how it is accounted, for summary.json (``privacy.mechanism``).
+
+        Per round: the clipped sum / m plus N(0, update_noise_std^2 I) (sensitivity clip / m) and,
+        with adaptive clipping, the centred count plus N(0, count_noise_std^2) (sensitivity
+        count_sensitivity); the accountant composes ``steps`` sampled-Gaussian steps with the
+        effective noise multiplier at ``sampling_rate``. ``clip`` is the clip of the last round
+        (with adaptive clipping it changes every round; the noise scales with it)."""
+        clip = float(state.get("last_clip", state["clip"]))
+        return {
+            "kind": "client-level",
+            "algorithm": "DP-FedAvg (McMahan et al. 2018)"
+            + (", adaptive clipping (Andrew et al. 2021)" if self.adaptive else ""),
+            "clients_per_round": self.m,
+            "clip": clip,
+            "update_sensitivity": clip / self.m,
+            "update_noise_multiplier": self.update_noise_multiplier,
+            "update_noise_std": self.update_noise_multiplier * clip / self.m,
+            "count_noise_std": self.count_stddev if self.adaptive else None,
+            "count_sensitivity": COUNT_SENSITIVITY if self.adaptive else None,
+            "effective_noise_multiplier": self.effective_noise_multiplier,
+            "sampling_rate": self.sample_rate,
+            "steps": int(sum(h[2] for h in state["history"])),
+            "accountant": self.accountant,
+            "delta": self.delta,
+        }
 
     def __repr__(self) -> str:
         return (

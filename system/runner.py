@@ -129,6 +129,10 @@ def train(
             hosts=_RUN_INFO.get("hosts"),
             host_nodes=_RUN_INFO.get("host_nodes"),
         )
+        if hasattr(server, "privacy_summary"):  # epsilon and the released mechanism (DP runs)
+            privacy = _call(server, "privacy_summary")
+            if privacy:
+                summary["privacy"] = privacy
         out.write_json("summary.json", summary)
         out.plot_curves()
         times = [r["round_time_s"] for r in rows]

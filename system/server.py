@@ -253,6 +253,16 @@ class ParameterServer:
             out["delta"] = self.delta
         return out
 
+    def privacy_summary(self) -> dict[str, Any] | None:
+        """summary.json's ``privacy``: the epsilon reported and, for client-level DP, the mechanism
+        that was released (``strategy.mechanism``), so that anyone can recompute the epsilon."""
+        out = self.privacy_metrics()
+        if not out:
+            return None
+        if hasattr(self.strategy, "mechanism"):
+            out["mechanism"] = self.strategy.mechanism(self.state)
+        return out
+
     def _budget_stop(self, assignment: dict[int, list[int]], r: int) -> str | None:
         """A message if round r would take a client (or the run) past privacy.target_epsilon."""
         if self.target_epsilon is None:

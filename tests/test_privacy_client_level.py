@@ -129,3 +129,107 @@ def test_dp_fedavg_needs_the_mean_aggregator() -> None:
 
     with pytest.raises(ConfigError, match="aggregator=mean"):
         validate(compose("experiment=privacy_dp_fedavg_digits", "aggregator=median"))
+
+
+# -- adaptive clipping: the mechanism actually released (issue 18 item 1) ---------------------------
+# Andrew et al. 2021, Algorithm 1 / Theorem 1: the released count is centred, sum_i (b_i - 1/2) +
+# N(0, sigma_b^2), so one client more or less moves it by at most 1/2, and the pair of releases has
+# the noise multiplier z with z^-2 = z_u^-2 + (2 sigma_b)^-2. These tests measure what is released
+# (the noised update and the next clip, from which b~ follows) instead of reading the formulas.
+
+
+def _release(s: ClientLevelDP, U: torch.Tensor, r: int, clip: float) -> tuple[torch.Tensor, float]:
+    """One server step on updates U (n, d) from zero parameters with clip S = ``clip``, as the
+    server runs it (clip, mean aggregator, update); returns the noised update and the released
+    fraction b~ recovered from the next clip, S' = S exp(-eta (b~ - gamma))."""
+    d = U.shape[1]
+    state = {**s.init(torch.zeros(d)), "clip": clip}
+    V, w, state = s.pre_aggregate(U, torch.ones(len(U)), state, r)
+    new, state = s.update(torch.zeros(d), V.mean(0), state, r)
+    b = s.target_quantile - math.log(state["clip"] / clip) / s.clip_lr
+    return new.double(), b
+
+
+def _clients(unclipped: int, clipped: int, d: int, S: float) -> torch.Tensor:
+    """``unclipped`` zero updates and ``clipped`` updates of norm 10 S along the first axis."""
+    U = torch.zeros(unclipped + clipped, d)
+    U[unclipped:, 0] = 10 * S
+    return U
+
+
+def test_adaptive_effective_noise_multiplier_measured_equals_accounted() -> None:
+    m, S, z, sb = 10, 0.5, 1.0, 1.0
+    s = _dp(adaptive=True, noise_multiplier=z, count_stddev=sb, clip=S, clients_per_round=m)
+    d = 4
+    # sensitivities: neighbouring rounds (one client more, unclipped or clipped), same noise draw
+    base = _clients(5, 5, d, S)
+    u0, b0 = _release(s, base, 0, S)
+    u_in, b_in = _release(s, torch.cat([base, _clients(1, 0, d, S)]), 0, S)
+    u_out, b_out = _release(s, torch.cat([base, _clients(0, 1, d, S)]), 0, S)
+    sens_update = max(float((u_in - u0).norm()), float((u_out - u0).norm()))
+    sens_count = m * max(abs(b_in - b0), abs(b_out - b0))  # the count is m (b~ - 1/2)
+    assert sens_update == pytest.approx(S / m, rel=1e-5)
+    # noise: the update noise over many coordinates, the count noise over many rounds
+    big, _ = _release(s, _clients(5, 5, 100_000, S), 1, S)
+    noise_u = big[1:]  # coordinate 0 holds the clipped updates' sum
+    counts = torch.tensor([m * _release(s, base, r, S)[1] for r in range(2, 3002)])
+    std_u, std_b = float(noise_u.std()), float(counts.std())
+    assert std_b == pytest.approx(sb, rel=0.05)
+    measured = ((sens_update / std_u) ** 2 + (sens_count / std_b) ** 2) ** -0.5
+    state = s.init(torch.zeros(d))
+    _, _, state = s.pre_aggregate(base, torch.ones(len(base)), state, 0)
+    _, state = s.update(torch.zeros(d), base.mean(0), state, 0)
+    accounted = state["history"][-1][0]
+    assert measured == pytest.approx(accounted, rel=0.03)
+    assert sens_count == pytest.approx(0.5, rel=1e-6)
+
+
+def test_adaptive_count_is_centred_with_the_expected_denominator() -> None:
+    # 14 of the expected m = 20 clients answer, 7 of them unclipped: b~ = (7 - 14/2 + noise) / 20
+    # + 1/2, so its mean is 1/2 (the uncentred count would give 7 / 20 = 0.35)
+    m, S = 20, 1.0
+    s = _dp(adaptive=True, noise_multiplier=1.0, count_stddev=1.0, clip=S, clients_per_round=m)
+    U = _clients(7, 7, 3, S)
+    b = torch.tensor([_release(s, U, r, S)[1] for r in range(2000)])
+    assert float(b.mean()) == pytest.approx(0.5, abs=5 * (1.0 / m) / math.sqrt(2000))
+    assert float(b.std()) == pytest.approx(1.0 / m, rel=0.1)
+
+
+def test_summary_mechanism_reproduces_the_reported_epsilon(tmp_path) -> None:
+    from opacus.accountants import RDPAccountant
+
+    from system.runner import train
+
+    cfg = compose(
+        "experiment=privacy_dp_fedavg_digits",
+        "backend=local",
+        "progress=false",
+        "num_clients=20",
+        "clients_per_round=10",
+        "client.batch_size=32",
+        "rounds=3",
+        "strategy.adaptive=true",
+        "strategy.count_stddev=1.0",
+    )
+    train(cfg, run_dir=str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    mech = summary["privacy"]["mechanism"]
+    assert mech["count_sensitivity"] == 0.5 and mech["count_noise_std"] == 1.0
+    assert mech["update_noise_std"] == pytest.approx(
+        mech["update_noise_multiplier"] * mech["clip"] / mech["clients_per_round"], rel=1e-12
+    )
+    # the two Gaussian releases compose to one with z^-2 = z_u^-2 + (sigma_b / Delta_b)^-2
+    z_eff = (
+        mech["update_noise_multiplier"] ** -2
+        + (mech["count_noise_std"] / mech["count_sensitivity"]) ** -2
+    ) ** -0.5
+    assert mech["effective_noise_multiplier"] == pytest.approx(z_eff, rel=1e-12)
+    assert mech["sampling_rate"] == 0.5 and mech["steps"] == 3
+    acc = RDPAccountant()
+    for _ in range(mech["steps"]):
+        acc.step(noise_multiplier=z_eff, sample_rate=mech["sampling_rate"])
+    assert mech["accountant"] == "rdp" and mech["delta"] == 1e-5
+    eps = acc.get_epsilon(delta=mech["delta"])
+    assert rows[-1]["epsilon"] == pytest.approx(eps, rel=1e-9)
+    assert summary["privacy"]["epsilon"] == pytest.approx(eps, rel=1e-9)
