@@ -21,6 +21,9 @@ its own vector; ``aggregator``: its own aggregation, e.g. NNA centred on ``targe
 ``attack.per_target(honest, aggregators=[...])`` does it for every node of a complete graph and
 returns ``(h, f, d)``. Built-in attacks compute their statistics from ``received_honest`` and use
 ``target`` only through the node's aggregator; non-adaptive ones send the same vectors to everyone.
+There the exchanged vectors are models, not updates: the peer-to-peer runtime uses
+``attack.for_models()``, which is the attack itself except for adaptive FOE, whose model-space form
+(:class:`FOEModelAdaptive`, the MoNNA reference code's) sends ``(1 - c) mu`` instead of ``-eps mu``.
 
 Conventions chosen here (tested in tests/test_attacks.py):
 
@@ -58,6 +61,7 @@ __all__ = [
     "DataAttack",
     "FOE",
     "FOEAdaptive",
+    "FOEModelAdaptive",
     "Gaussian",
     "InfAttack",
     "LabelFlip",
@@ -288,6 +292,11 @@ class Attack:
                 return None
             outs.append(out)
         return torch.stack(outs)
+
+    def for_models(self) -> Attack:
+        """This attack as a peer-to-peer adversary applies it to exchanged *models* (the honest
+        rows are models, not updates); ``system.p2p`` calls it once. Default: the attack itself."""
+        return self
 
     # -- randomness and checkpoints -------------------------------------------------------------
     def _rng(self, generator: torch.Generator | None) -> torch.Generator:
@@ -755,6 +764,66 @@ class FOEAdaptive(_LineSearch, FOE):
     def craft(self, honest: Tensor, aggregator: Aggregator | None, gen: torch.Generator) -> Tensor:
         mu = honest.mean(dim=0)
         return self._search(honest, aggregator, lambda eps: -eps * mu, self.eps)
+
+    def for_models(self) -> FOEModelAdaptive:
+        """The model-space form (peer-to-peer): :class:`FOEModelAdaptive` with the same f, seed,
+        budget, expansion and shrink factors (its start and step are in units of the spread)."""
+        return FOEModelAdaptive(
+            f=self.f,
+            seed=self.seed,
+            max_evals=self.max_evals,
+            expand=self.expand,
+            shrink=self.shrink,
+        )
+
+
+class FOEModelAdaptive(_LineSearch, ModelAttack):
+    """Adaptive FOE on exchanged models (peer-to-peer): every Byzantine sends ``(1 - c) mu``.
+
+    ``mu``: mean of the honest models the target node receives; ``(1 - c) mu = mu + c (-mu)``, the
+    honest average moved by c along FOE's direction -mu. This is the MoNNA reference code's attack
+    (LPD-EPFL/robust-collaborative-learning: ``attacks/identical.py``, "empire", applied by
+    ``peerToPeer.py`` to the honest models, c >= 0 line-searched from 0). Why not ``-eps mu``:
+    honest models spread over about 1 % of their norm, so ``-eps mu`` lies ``(1 + eps) ||mu||``
+    from every one of them and nearest-neighbour averaging always discards it (a no-op attack).
+
+    c is chosen by :func:`line_search` to maximise ``||aggregator(honest + f copies) - mu||`` (the
+    objective of every adaptive attack here; the reference maximises its square), searching
+    ``s = c / rho`` with ``rho = ||sigma|| / ||mu||`` (``sigma``: coordinate-wise std of the
+    honest models, ddof 1), so that a step moves the vector by a fixed fraction of the honest
+    spread, the scale on which NNA keeps or drops it (``start``, ``step`` in units of the spread;
+    the reference searches c itself with step 1). ``last_factor`` is the chosen c.
+
+    >>> H = torch.tensor([[10.0, 0.1, 0.0], [10.0, 0.0, 0.2], [10.0, -0.1, -0.2]])
+    >>> a = FOEModelAdaptive(f=1, max_evals=4)
+    >>> out = a(H, aggregator=lambda U: U.mean(dim=0))
+    >>> bool(torch.allclose(out, (1 - a.last_factor) * H.mean(dim=0)))
+    True
+    """
+
+    name: ClassVar[str] = "foe_adaptive"
+    adaptive: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        f: int = 0,
+        seed: int = 0,
+        start: float = 0.0,
+        step: float = 0.25,
+        max_evals: int = 16,
+        expand: float = 2.0,
+        shrink: float = 0.8,
+    ) -> None:
+        super().__init__(f, seed)
+        self._init_search(start, step, max_evals, expand, shrink)
+
+    def craft(self, honest: Tensor, aggregator: Aggregator | None, gen: torch.Generator) -> Tensor:
+        mu, sigma = _moments(honest, 1)
+        norm = float(torch.linalg.vector_norm(mu))
+        rho = float(torch.linalg.vector_norm(sigma)) / norm if norm > 0 else 0.0
+        out = self._search(honest, aggregator, lambda s: (1.0 - s * rho) * mu, None)
+        self.last_factor = None if self.last_factor is None else self.last_factor * rho  # c
+        return out
 
 
 # ----------------------------------------------------------------------------------------------

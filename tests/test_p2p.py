@@ -291,3 +291,41 @@ def test_monna_digits_end_to_end(tmp_path) -> None:
         run_dir=str(tmp_path),
     )
     assert res["accuracy"] > 0.8 and res["accuracy"] - res["accuracy_worst"] < 0.05
+
+
+def test_foe_adaptive_is_kept_by_nna_and_differs_from_sign_flip(tmp_path, monkeypatch) -> None:
+    """Issue 18 item 4: the peer-to-peer FOE is the reference's model-space attack. At every honest
+    node NNA keeps some of its vectors, so the aggregate leaves the honest-only aggregate (the
+    honest mean, which is what NNA returns when it drops every Byzantine vector, as it does for
+    sign flip's -mean), and foe_adaptive and sign_flip no longer give the same run."""
+    from strategies.peer import NNA
+
+    moved: dict[str, list[tuple[bool, float, float]]] = {}
+    real_mix = p2p.PeerHost.mix
+
+    def spy(self, t, inbox, byz, *halves):
+        if t == 2:
+            H = torch.cat([torch.as_tensor(h) for h in halves])
+            for k, rows in enumerate(inbox):
+                honest = H[torch.as_tensor(np.asarray(rows))]
+                R = torch.cat([honest, torch.as_tensor(byz[k]).to(H.dtype)])
+                own = self.half[k]
+                dist = torch.linalg.vector_norm(R - own, dim=1)
+                kept = dist.topk(R.shape[0] - 2, largest=False).indices
+                shift = float(torch.linalg.vector_norm(NNA(f=2)(R, own) - honest.mean(dim=0)))
+                spread = float(torch.linalg.vector_norm(honest.std(dim=0)))
+                moved[self._attack_name].append((bool((kept >= len(rows)).any()), shift, spread))
+        return real_mix(self, t, inbox, byz, *halves)
+
+    monkeypatch.setattr(p2p.PeerHost, "mix", spy)
+    runs = {}
+    for name in ("foe_adaptive", "sign_flip"):
+        moved[name] = []
+        monkeypatch.setattr(p2p.PeerHost, "_attack_name", name, raising=False)
+        runs[name] = _run(tmp_path, name, f"attack={name}", "attack.f=2", "rounds=4")
+    assert len(moved["foe_adaptive"]) == len(moved["sign_flip"]) == 6
+    for kept, shift, spread in moved["foe_adaptive"]:
+        assert kept and shift > 0.05 * spread  # measurably off the honest-only aggregate
+    for kept, shift, spread in moved["sign_flip"]:
+        assert not kept and shift < 1e-4 * spread  # -mean: always discarded, as in the reference
+    assert not torch.equal(runs["foe_adaptive"]["params"], runs["sign_flip"]["params"])

@@ -136,3 +136,70 @@ def test_hyperbolic_lr() -> None:
     assert hyperbolic_lr(0.75, 149, 50, 50) == pytest.approx(0.25)
     assert hyperbolic_lr(1.0, 7, 10, 1) == pytest.approx(1 / 1.7)
     assert hyperbolic_lr(1.0, 7, 0, 1) == 1.0
+
+
+# -- the model-space FOE of the MoNNA reference code (issue 18, item 4) ------------------------------
+
+
+def _hand_built_models() -> torch.Tensor:
+    """Five honest models (float64) around a common (10, 0, ..., 0): model j sits r_j off it along
+    its own axis, r = 0.1 .. 0.5, so the honest spread is 1-5 % of the norm, as for real models."""
+    H = torch.zeros(5, 6, dtype=torch.float64)
+    H[:, 0] = 10.0
+    H[torch.arange(5), torch.arange(1, 6)] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]).double()
+    return H
+
+
+def _displacement(rule, H: torch.Tensor, own: torch.Tensor, byz: torch.Tensor) -> float:
+    """The documented objective: ||rule(honest + Byzantine, own) - honest mean||."""
+    return float(torch.linalg.vector_norm(rule(torch.cat([H, byz]), own) - H.mean(dim=0)))
+
+
+def test_foe_on_models_sends_the_shrunk_honest_mean() -> None:
+    """In the peer-to-peer mode FOE is the reference's model-space attack: (1 - c) * honest mean."""
+    from clients.byzantine import FOEAdaptive
+
+    H, f = _hand_built_models(), 2
+    attack = FOEAdaptive(f=f).for_models()
+    out = attack.targeted(H, H[0], aggregator=NNA(f=f).for_node(H[0]))
+    c = attack.last_factor
+    assert c is not None and c > 0
+    expect = ((1.0 - c) * H.mean(dim=0)).expand(f, -1)
+    torch.testing.assert_close(out, expect, rtol=0, atol=1e-12)
+
+
+def test_foe_on_models_maximises_the_displacement_over_its_search() -> None:
+    """Hand-built case: the chosen c attains the largest objective among every c the search
+    evaluated (recomputed here from the rule, not taken from the attack), NNA keeps the Byzantine
+    vectors (sign flip's are all discarded: the aggregate is the honest mean), and c is close to
+    the best c on a fine grid (within the line search's resolution)."""
+    from clients.byzantine import FOEAdaptive, SignFlip
+
+    H, f = _hand_built_models(), 2
+    own, mu, rule = H[0], H.mean(dim=0), NNA(f=f)
+    node = rule.for_node(own)
+    tried: list[float] = []
+
+    def spy(U: torch.Tensor) -> torch.Tensor:
+        b = U[-1]
+        tried.append(float(1.0 - b @ mu / (mu @ mu)))  # b = (1 - c) mu  ->  c
+        return node(U)
+
+    attack = FOEAdaptive(f=f).for_models()
+    byz = attack.targeted(H, own, aggregator=spy)
+    c = attack.last_factor
+
+    def objective(cc: float) -> float:
+        return _displacement(rule, H, own, ((1.0 - cc) * mu).expand(f, -1))
+
+    assert len(tried) == attack.max_evals and tried[0] == pytest.approx(0.0, abs=1e-12)  # from mu
+    best = objective(c)
+    assert best >= max(objective(t) for t in tried) - 1e-12
+    assert best == pytest.approx(_displacement(rule, H, own, byz), abs=1e-12)
+    # NNA keeps the Byzantine rows: the aggregate moves away from the honest-only one (the mean)
+    assert best > 0.1
+    sign_flip = SignFlip(f=f)(H)
+    assert _displacement(rule, H, own, sign_flip) < 1e-12
+    rho = float(H.std(dim=0).norm() / mu.norm())
+    fine = max(objective(float(s) * rho) for s in np.linspace(0.0, 4.0, 401))
+    assert best >= 0.9 * fine
