@@ -7,13 +7,19 @@ all of a host's sampled clients in lockstep instead of one ``PrivacyEngine`` at 
    with probability q = 1 / ceil(n / batch_size) (Opacus' ``sample_rate`` for its data loader); the
    draw is a counter-based hash of (seed, round, client, step, sample), so it does not depend on the
    host or on the other clients.
-2. Per-sample gradients (nested ``torch.func.vmap`` over clients and samples), each clipped to norm
-   ``max_grad_norm`` with Opacus' factor min(1, C / (||g|| + 1e-6)), summed over the batch.
-3. Gaussian noise N(0, (sigma C)^2 I) per client (its own generator, seeded by seed/round/client), and
-   division by the expected batch size q * n (Opacus' ``loss_reduction="mean"``).
+2. Per-sample gradients (nested ``torch.func.vmap`` over clients and samples) of the parameters
+   clients train, each clipped to norm ``max_grad_norm`` with Opacus' factor
+   min(1, C / (||g|| + 1e-6)), summed over the batch.
+3. Gaussian noise N(0, (sigma C)^2 I) per client on those coordinates (its own generator, seeded by
+   seed/round/client), and division by the expected batch size q * n (Opacus'
+   ``loss_reduction="mean"``).
 4. The SGD step (momentum, weight decay) of ``torch.optim.SGD``, gated by the plan like LocalSGD; a
    model's regularizer (``model.penalty``, e.g. SORSA's) adds its gradient after step 3 (it does not
    touch data, so it is neither clipped nor noised).
+
+Coordinates clients keep fixed (a frozen LoRA factor, ``clients.lora.trainable_mask``: A under
+FedSVD / FFA-LoRA) are left out as Opacus leaves them out of its optimizer: no per-sample gradient
+(the clip norm is over the trainable coordinates), no noise, no weight decay, no update.
 
 Accounting is Opacus': each client's history of (sigma, q, steps) is exactly what its own
 ``RDPAccountant``/``PRVAccountant`` would hold after those steps, and epsilon is computed by that
@@ -31,6 +37,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from clients.dp import DPSGDTrainer, check_dp_call
+from clients.lora import client_frozen_names, trainable_mask
 from clients.plan import BatchPlan, mix64
 from clients.rules import LocalRule
 from clients.trainer import ParamSpec, TrainResult, loss_fn_for
@@ -146,13 +153,20 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
         )
         K = len(n)
         loss = loss_fn_for(num_classes)
+        # the coordinates clients train (a frozen factor: no gradient, no noise, no update)
+        mask = trainable_mask(model, spec.names, spec.shapes)
+        frozen = client_frozen_names(model) & set(spec.names)
+        trained = [name for name in spec.names if name not in frozen]
+        keep = None if mask is None else torch.nonzero(mask).flatten()
 
-        def sample_loss(p, xs, ys):
-            value = loss(functional_call(model, p, (xs.unsqueeze(0),)), ys.unsqueeze(0)).sum()
+        def sample_loss(p, fixed, xs, ys):
+            out = functional_call(model, {**fixed, **p}, (xs.unsqueeze(0),))
+            value = loss(out, ys.unsqueeze(0)).sum()
             return value, value.detach()
 
-        # per-sample gradients: inner vmap over a client's batch, outer vmap over clients
-        per_sample = vmap(vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0)))
+        # per-sample gradients of the trained parameters: inner vmap over a client's batch, outer
+        # vmap over clients
+        per_sample = vmap(vmap(grad(sample_loss, has_aux=True), in_dims=(None, None, 0, 0)))
         # a model's regularizer (SORSA): parameters only, no data, so added after clipping + noise
         penalty = getattr(model, "penalty", None)
         if penalty is not None:
@@ -172,21 +186,28 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
         lr = self.lr_at(round_idx)
         C = self.max_grad_norm
         loss_sum = torch.zeros(K, dtype=X.dtype)
+        d_train = X.shape[1] if keep is None else len(keep)
         for t in range(pplan.num_steps):
             idx, mb = pplan.idx[t], pplan.mask[t]
-            gs, lval = per_sample(spec.unflatten(X), x[idx], y[idx])
-            g = torch.cat([gs[name].flatten(2) for name in spec.names], dim=2)  # (K, B, d)
+            params = spec.unflatten(X)
+            p_train = {name: params[name] for name in trained}
+            p_fixed = {name: params[name] for name in frozen}
+            gs, lval = per_sample(p_train, p_fixed, x[idx], y[idx])
+            g = torch.cat([gs[name].flatten(2) for name in trained], dim=2)  # (K, B, d_train)
             norms = g.norm(dim=2)
             factor = (C / (norms + 1e-6)).clamp(max=1.0) * mb
             summed = torch.einsum("kb,kbd->kd", factor, g)
-            noise = torch.stack([torch.randn(X.shape[1], generator=gen) for gen in gens])
+            noise = torch.stack([torch.randn(d_train, generator=gen) for gen in gens])
             grad_t = (summed + noise_std[:, None] * noise.to(X.dtype)) / expected[:, None]
+            if keep is not None:  # back to all d coordinates, zero on the frozen ones
+                grad_t = torch.zeros_like(X).index_copy_(1, keep, grad_t)
             if penalty is not None:
-                grad_t = grad_t + penalty_grad(X)
+                pg = penalty_grad(X)
+                grad_t = grad_t + (pg if mask is None else pg * mask)
             act = pplan.active[t]
             loss_sum += torch.where(act, (lval * mb).sum(1) / mb.sum(1).clamp(min=1), 0.0)
             if self.weight_decay:
-                grad_t = grad_t + self.weight_decay * X
+                grad_t = grad_t + self.weight_decay * (X if mask is None else X * mask)
             gate = act[:, None]
             if buf is not None:
                 buf = torch.where(gate, self.momentum * buf + grad_t, buf)

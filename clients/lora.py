@@ -32,6 +32,7 @@ __all__ = [
     "lora_factors",
     "adapter_layers",
     "client_frozen_names",
+    "trainable_mask",
     "build_lora_model",
     "TextClassifier",
     "load_minilm",
@@ -241,6 +242,22 @@ def client_frozen_names(model: nn.Module) -> set[str]:
             if f not in m.train_factors:
                 out.add(f"{name}.lora_{f}.weight" if name else f"lora_{f}.weight")
     return out
+
+
+def trainable_mask(
+    model: nn.Module, names: Sequence[str], shapes: Sequence[Sequence[int]]
+) -> torch.Tensor | None:
+    """Bool (d,) mask of the coordinates of the flat vector (parameters ``names`` with ``shapes``,
+    in order) that clients train, or None when they train all of them. A frozen factor gets no
+    gradient, no noise, no weight decay and no update on any trainer (docs/privacy.md)."""
+    frozen = client_frozen_names(model)
+    if not frozen & set(names):
+        return None
+    parts = [
+        torch.full((math.prod(s),), n not in frozen, dtype=torch.bool)
+        for n, s in zip(names, shapes, strict=True)
+    ]
+    return torch.cat(parts)
 
 
 # -- MiniLM text classifier ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from clients.lora import trainable_mask
 from clients.plan import BatchPlan
 from clients.rules import Context, Finish, LocalRule
 
@@ -99,6 +100,8 @@ class LocalSGD:
     FedProx, SCAFFOLD, FedDyn, FedSAM, FedSpeed add their terms); each step is then
     ``d = clip(direction) + weight_decay * x``, ``b = momentum * b + d``, ``x = x - lr * b``, every
     part gated by ``plan.active`` so that a client with fewer steps does exactly its own steps.
+    Coordinates clients keep fixed (a frozen LoRA factor, ``clients.lora.trainable_mask``) get no
+    direction, no weight decay and no update: the step is masked to the trainable coordinates.
     A model with a ``penalty`` attribute (a pure function of the named trainable parameters, e.g.
     SORSA's orthonormal regularizer) has it added to each client's objective inside the same
     batched backward; models without one take the unchanged path.
@@ -209,6 +212,8 @@ class LocalSGD:
         loss = loss_fn_for(num_classes)
         lr = self.lr_at(round_idx)
         bcast = {n: v.to(global_flat) for n, v in (broadcast or {}).items()}
+        mask = trainable_mask(model, spec.names, spec.shapes)
+        mask = None if mask is None else mask.to(global_flat)
         parts: list[tuple[torch.Tensor, torch.Tensor, Finish]] = []
         for start in range(0, K, chunk):
             ks = range(start, min(K, start + chunk))
@@ -216,7 +221,7 @@ class LocalSGD:
             ctx = Context(
                 global_flat, {n: state[n][start : ks.stop] for n in rule.client_state}, bcast
             )
-            parts.append(self._train_chunk(model, spec, x, y, sub, loss, rule, ctx, lr))
+            parts.append(self._train_chunk(model, spec, x, y, sub, loss, rule, ctx, lr, mask))
         fin = [f for _, _, f in parts]
         return TrainResult(
             torch.cat([f.message for f in fin]),
@@ -237,6 +242,7 @@ class LocalSGD:
         rule: LocalRule,
         ctx: Context,
         lr: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Finish]:
         K = plan.idx.shape[1]
         X = ctx.x0.unsqueeze(0).expand(K, -1).clone()
@@ -279,7 +285,7 @@ class LocalSGD:
             direction, lval = rule.direction(batch_grad, X, ctx)
             act = plan.active[t]
             loss_sum += torch.where(act, lval, 0.0)
-            X, buf = self._step(X, direction, buf, act, lr)
+            X, buf = self._step(X, direction, buf, act, lr, mask)
         fin = rule.finish(X, ctx, plan.steps.to(X.device), lr)
         return X, loss_sum / plan.steps.clamp(min=1), fin
 
@@ -290,14 +296,16 @@ class LocalSGD:
         buf: torch.Tensor | None,
         act: torch.Tensor,
         lr: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One gated SGD step on stacked flat parameters (inactive clients keep everything)."""
-        g = direction
+        """One gated SGD step on stacked flat parameters (inactive clients keep everything;
+        coordinates outside ``mask``, the trainable ones, keep their values)."""
+        g = direction if mask is None else direction * mask
         if self.grad_clip > 0:
             scale = (self.grad_clip / (g.norm(dim=1) + 1e-6)).clamp(max=1.0)
             g = g * scale[:, None]
         if self.weight_decay:
-            g = g + self.weight_decay * X
+            g = g + self.weight_decay * (X if mask is None else X * mask)
         if bool(act.all()):  # every client steps: no gating needed (the common case)
             if buf is not None:
                 buf = self.momentum * buf + g

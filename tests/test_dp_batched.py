@@ -160,3 +160,78 @@ def test_runs_from_the_runner_with_epsilon_per_round(tmp_path) -> None:
     res = train(compose("experiment=smoke", "client=dpsgd_batched"), run_dir=str(tmp_path))
     eps = [r["epsilon"] for r in res["metrics"]]
     assert len(eps) == 3 and eps[0] > 0 and eps == sorted(eps)
+
+
+def _lora_setup():
+    """A LoRA MLP whose clients train B (A frozen, as FedSVD / FFA-LoRA), B started generic."""
+    from clients.lora import LoRALinear, build_lora_model, client_frozen_names
+
+    model = build_lora_model("mlp", (64,), 10, rank=2, hidden=(16,), train=["B"], seed=0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(std=0.1, generator=torch.Generator().manual_seed(1))
+    spec = ParamSpec.of(model)
+    g0 = spec.flatten(dict(model.named_parameters())).detach().clone()
+    frozen = client_frozen_names(model)
+    mask = torch.cat(
+        [
+            torch.full((int(np.prod(sh)),), n not in frozen)
+            for n, sh in zip(spec.names, spec.shapes, strict=True)
+        ]
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, spec, g0, mask
+
+
+def test_frozen_factor_gets_no_gradient_noise_or_update() -> None:
+    """Issue 18 item 2: A (frozen) stays exactly where it was under noise and weight decay, and
+    with noise 0 the update equals Opacus' DPOptimizer over the trainable parameters only."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from clients.lora import client_frozen_names
+
+    ds = load_digits()
+    x, y = ds.x_train[:60], ds.y_train[:60]
+    model, spec, g0, mask = _lora_setup()
+    assert int((~mask).sum()) == 2 * 64  # A: rank 2 x 64 inputs
+    sizes, offsets = np.full(3, 20), np.array([0, 20, 40])
+    args = (model, spec, g0, x, y, None, 10, torch.as_tensor(sizes))
+    noisy = _trainer(noise_multiplier=1.0, weight_decay=0.01, momentum=0.9).train(
+        *args, client_ids=np.arange(3), offsets=offsets
+    )
+    assert torch.count_nonzero(noisy.updates[:, ~mask]) == 0
+    assert bool((noisy.updates[:, mask] != 0).all())  # every trainable coordinate is noised
+    tr = _trainer(weight_decay=0.01)
+    res = tr.train(*args, client_ids=np.arange(3), offsets=offsets)
+    q = np.array([tr.sample_rate(20)] * 3)
+    plan = poisson_plan(
+        offsets, sizes, np.arange(3), q, np.array([tr.steps_per_round(20)] * 3), 3, 0
+    )
+    for k in range(3):
+        ref, _, _, _ = _lora_setup()
+        frozen = client_frozen_names(ref)
+        for name, p in ref.named_parameters():
+            p.requires_grad_(name in spec.names and name not in frozen)
+        gsm = GradSampleModule(ref)
+        live = [p for p in gsm.parameters() if p.requires_grad]
+        opt = DPOptimizer(
+            torch.optim.SGD(live, lr=0.1, weight_decay=0.01),
+            noise_multiplier=0.0,
+            max_grad_norm=0.5,
+            expected_batch_size=int(20 * q[k]),
+        )
+        for t in range(plan.num_steps):
+            rows = plan.idx[t, k][plan.mask[t, k] > 0]
+            opt.zero_grad()
+            if len(rows) == 0:
+                for p in live:
+                    p.grad_sample = torch.zeros(0, *p.shape)
+            else:
+                torch.nn.functional.cross_entropy(gsm(x[rows]), y[rows]).backward()
+            opt.step()
+        named = dict(gsm._module.named_parameters())
+        want = torch.cat([named[n].detach().reshape(-1) for n in spec.names]) - g0
+        torch.testing.assert_close(res.updates[k], want, atol=1e-6, rtol=0)

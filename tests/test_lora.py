@@ -164,3 +164,73 @@ def test_minilm_loads_offline_with_a_head(monkeypatch) -> None:
         m = x[:, 1, :, None].float()
         ref = model.head((h * m).sum(1) / m.sum(1))
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+# -- frozen factors stay frozen on every trainer (issue 18 item 2) ----------------------------------
+_FROZEN_RUN = [
+    "backend=local",
+    "progress=false",
+    "data=digits",
+    "num_clients=4",
+    "clients_per_round=2",
+    "model=lora_mlp",
+    "model.rank=2",
+    "rounds=3",
+    "partition=iid",
+    "client.batch_size=16",
+    "client.weight_decay=0.01",  # weight decay must not move a frozen factor either
+]
+_TRAINERS = {
+    "dpsgd": ["client=dpsgd"],
+    "dpsgd_batched": ["client=dpsgd_batched"],
+    "sgd": ["client=sgd"],
+    "sgd_sequential": ["client=sgd", "client.batched=false"],
+    "momentum": ["client=momentum"],
+}
+
+
+def _changed(tmp_path, strategy: str, factors: str, trainer: str) -> set[int]:
+    """Coordinates of the global vector that differ from the initial model after a runner run."""
+    from system.config import validate
+    from system.host import build_from
+    from system.runner import train
+    from tests.conftest import compose
+
+    cfg = compose(
+        *_FROZEN_RUN, f"strategy={strategy}", f"model.train={factors}", *_TRAINERS[trainer]
+    )
+    res = train(cfg, run_dir=str(tmp_path / f"{strategy}-{trainer}"))
+    c = validate(cfg)
+    model = build_from(c["model"], input_shape=(64,), num_classes=10, seed=c["seed"])
+    spec = ParamSpec.of(model)
+    start = spec.flatten(dict(model.named_parameters())).detach()
+    return set(torch.nonzero(res["params"] != start).flatten().tolist())
+
+
+@pytest.mark.parametrize(
+    ("strategy", "factors"),
+    [
+        ("ffa_lora", "[B]"),  # the fast variant: A frozen and never touched by the server
+        pytest.param("fedsvd", "[B]", marks=pytest.mark.slow),
+        pytest.param("dp_lora", "[A,B]", marks=pytest.mark.slow),
+    ],
+)
+def test_every_trainer_changes_the_coordinates_opacus_changes(tmp_path, strategy, factors) -> None:
+    """The coordinates that move under client=dpsgd (Opacus leaves frozen factors out of its
+    optimizer) are exactly those that move under the batched DP trainer and the non-DP trainers."""
+    want = _changed(tmp_path, strategy, factors, "dpsgd")
+    for trainer in _TRAINERS:
+        if trainer != "dpsgd":
+            got = _changed(tmp_path, strategy, factors, trainer)
+            assert got == want, (trainer, len(got - want), len(want - got))
+    if strategy == "ffa_lora":  # the frozen A (2 layers x 2 x 64) never moves
+        model = build_lora_model("mlp", (64,), 10, rank=2, train=["B"])
+        spec = ParamSpec.of(model)
+        frozen = client_frozen_names(model)
+        i, idx = 0, set()
+        for name, shape in zip(spec.names, spec.shapes, strict=True):
+            n = int(np.prod(shape))
+            if name in frozen:
+                idx |= set(range(i, i + n))
+            i += n
+        assert len(idx) == 2 * 2 * 64 and not idx & want

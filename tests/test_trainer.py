@@ -130,3 +130,40 @@ def test_rule_without_its_state_is_an_error() -> None:
         LocalSGD().train(model, spec, flat, x, y, plan, NUM_CLASSES, sizes, rule=Scaffold())
     with pytest.raises(ValueError, match="lr_decay"):
         LocalSGD(lr_decay=1.5)
+
+
+@pytest.mark.parametrize("name", list(RULES))
+@pytest.mark.parametrize("batched", ["true", "false"])
+def test_frozen_coordinates_never_move(name: str, batched: str) -> None:
+    """Issue 18 item 2: a factor clients keep fixed (LoRA A with model.train=[B]) gets no
+    direction, no weight decay and no update under every rule, with momentum and clipping; its
+    per-client state and extras stay zero (they start at zero, as on a host)."""
+    from clients.lora import build_lora_model, client_frozen_names
+
+    rule, bscale = RULES[name]
+    model = build_lora_model("mlp", (D_IN,), NUM_CLASSES, rank=2, hidden=(5,), train=["B"])
+    spec = ParamSpec.of(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    flat = spec.flatten(dict(model.named_parameters())).detach().clone()
+    frozen = client_frozen_names(model)
+    mask = torch.cat(
+        [
+            torch.full((int(np.prod(s)),), n not in frozen)
+            for n, s in zip(spec.names, spec.shapes, strict=True)
+        ]
+    )
+    _, _, _, x, y, plan, sizes = _setup()
+    g = torch.Generator().manual_seed(1)
+    K, d = len(sizes), spec.numel
+    state = {n: 0.1 * torch.randn(K, d, generator=g) * mask for n in rule.client_state}
+    bcast = {n: s * torch.randn(d, generator=g) for n, s in bscale.items()}  # server c: everywhere
+    tr = LocalSGD(batched=batched, momentum=0.5, weight_decay=0.01, grad_clip=2.0, lr=0.05)
+    res = tr.train(
+        model, spec, flat, x, y, plan, NUM_CLASSES, sizes, rule=rule, state=state, broadcast=bcast
+    )
+    assert int((~mask).sum()) == 2 * D_IN and torch.count_nonzero(res.updates[:, ~mask]) == 0
+    assert bool((res.updates[:, mask] != 0).any())
+    for v in list(res.state.values()) + list(res.extras.values()):
+        if name != "scaffold":  # SCAFFOLD's c_i+ = c_i - c + ...: the server's c enters as sent
+            assert torch.count_nonzero(v[:, ~mask]) == 0
