@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import hydra.utils
@@ -504,3 +507,99 @@ def test_flag_large_d_gram_route_float32():
     assert out.shape == (200_000,) and out.dtype == torch.float32 and torch.isfinite(out).all()
     ref = FlagAggregator(lam=1.0)(U.double())
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Krum / Multi-Krum / Bulyan ties: exact duplicates score exactly equal, the lowest index wins
+
+
+def _direct_krum_scores(U: torch.Tensor, f: int) -> list[float]:
+    """Krum scores from float64 differences, one pair at a time (the same ops for equal rows)."""
+    V = U.double()
+    n = V.shape[0]
+    D = [[float(((V[i] - V[j]) ** 2).sum()) for j in range(n)] for i in range(n)]
+    k = min(max(n - f - 2, 1), n - 1)
+    return [sum(sorted(D[i][j] for j in range(n) if j != i)[:k]) for i in range(n)]
+
+
+def _tie_cases() -> list[tuple[torch.Tensor, int]]:
+    """(U, f): a mimic attack (3 copies of one honest row among 12, n = 15, f = 3) in random
+    permutations, and two distinct vectors each sent twice (all four scores tie) in every order."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for _ in range(6):
+        H = 1.0 + 0.1 * torch.randn(12, 3000, generator=g)
+        U0 = torch.cat([H[5:6].repeat(3, 1), H])
+        cases.append((U0[torch.randperm(15, generator=g)], 3))
+    a, b = torch.randn(2, 3000, generator=g)
+    for perm in itertools.permutations([a, a, b, b]):
+        cases.append((torch.stack(perm), 0))
+    return cases
+
+
+def check_krum_ties() -> list[str]:
+    """Failures (empty if none): duplicate rows must get exactly equal Krum scores, and Krum,
+    Multi-Krum and Bulyan must pick the lowest index among tied scores."""
+    from strategies.aggregators.base import pairwise_sq_dists
+    from strategies.aggregators.krum import krum_scores
+
+    bad = []
+    for c, (U, f) in enumerate(_tie_cases()):
+        n = U.shape[0]
+        scores = krum_scores(pairwise_sq_dists(U), f)
+        for i in range(n):
+            for j in range(i + 1, n):
+                if torch.equal(U[i], U[j]) and scores[i] != scores[j]:
+                    bad.append(f"case {c}: rows {i}, {j} equal, scores {scores[i]}, {scores[j]}")
+        ref = _direct_krum_scores(U, f)
+        order = sorted(range(n), key=lambda i: (ref[i], i))  # noqa: B023
+        if Krum(f=f).select(U) != order[0]:
+            bad.append(f"case {c}: Krum picked {Krum(f=f).select(U)}, lowest tied is {order[0]}")
+        if not torch.equal(Krum(f=f)(U), U[order[0]]):
+            bad.append(f"case {c}: Krum output is not row {order[0]}")
+        mk = MultiKrum(f=f).select(U).tolist()
+        if mk != order[: n - f]:
+            bad.append(f"case {c}: Multi-Krum picked {mk}, expected {order[: n - f]}")
+        if n >= 4 * f + 3:
+            remaining, chosen = list(range(n)), []
+            for _ in range(n - 2 * f):
+                sub = U[remaining]
+                sc = _direct_krum_scores(sub, f)
+                chosen.append(remaining.pop(min(range(len(sc)), key=lambda i: (sc[i], i))))  # noqa: B023
+            if Bulyan(f=f).select(U).tolist() != chosen:
+                bad.append(
+                    f"case {c}: Bulyan chose {Bulyan(f=f).select(U).tolist()}, expected {chosen}"
+                )
+    return bad
+
+
+def test_krum_bulyan_ties_go_to_the_lowest_index(monkeypatch):
+    assert check_krum_ties() == []
+    # another BLAS sums each Gram entry in its own order: emulate it with last-bit noise that
+    # depends on the entry's position (not symmetric, not equal for equal rows)
+    import strategies.aggregators.base as base
+
+    exact = base.gram
+
+    def reordered_gram(U):
+        K = exact(U)
+        n = K.shape[0]
+        pos = torch.arange(n * n, dtype=K.dtype).reshape(n, n)
+        return K * (1.0 + 1e-15 * torch.sin(pos))
+
+    monkeypatch.setattr(base, "gram", reordered_gram)
+    assert check_krum_ties() == []
+
+
+def test_krum_bulyan_ties_with_mkl_avx2_kernels():
+    # MKL's AVX2 GEMM (MKL_CBWR=AVX2, what an AVX2-only CPU runs) rounds the Gram entries of
+    # equal rows differently; a fresh process, since MKL reads MKL_CBWR once at start
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import test_aggregators as t; "
+        "bad = t.check_krum_ties(); print(bad); sys.exit(1 if bad else 0)"
+    )
+    env = {**os.environ, "MKL_CBWR": "AVX2"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -28,6 +28,7 @@ __all__ = [
     "PreAggregator",
     "check_finite_rows",
     "coordinate_median",
+    "duplicate_representatives",
     "gram",
     "mean_of_rows",
     "pairwise_sq_dists",
@@ -86,13 +87,40 @@ def pairwise_sq_dists(U: Tensor, K: Tensor | None = None) -> Tensor:
     ``d`` is the Gram product. Like ``torch.cdist``'s matrix-multiply mode, the result has absolute
     error about ``eps(dtype) * ||x||^2``: for float32 vectors whose spread is tiny next to their
     norms (e.g. raw model weights rather than updates) pass float64 or centre them first.
+    The result is exactly symmetric, and exactly equal rows of U get bit-identical rows of
+    distances (``duplicate_representatives``), so ties between them do not depend on rounding.
     """
     if K is None:
         K = gram(U)
+    K = 0.5 * (K + K.T)  # exactly symmetric: a + b == b + a in floating point
     sq = K.diagonal()
     D = (sq[:, None] + sq[None, :] - 2.0 * K).clamp_min_(0.0)
     D.fill_diagonal_(0.0)
-    return D
+    rep = duplicate_representatives(U, D, sq)
+    return D if rep is None else D[rep][:, rep]
+
+
+def duplicate_representatives(U: Tensor, D: Tensor, sq: Tensor) -> Tensor | None:
+    """For each row of U, the lowest index of a row exactly equal to it (None if all differ).
+
+    A Gram matrix rounds each entry in an order chosen by the BLAS kernel (it differs with the
+    entry's position and with the CPU's instruction set), so equal rows get distances that differ
+    in the last bits, and rules that rank distances (Krum, Bulyan, NNM) would break their ties by
+    rounding. Indexing ``D`` by these representatives gives equal rows bit-identical distances
+    (and 0 between them), so ties go to the lowest index. Only pairs whose computed distance is
+    within rounding of 0 are compared entry by entry (``torch.equal``, O(d) per such pair).
+    """
+    tol = 1e-8 if U.dtype == torch.float64 else 1e-2
+    near = torch.triu(D <= tol * (sq[:, None] + sq[None, :]), diagonal=1).nonzero().tolist()
+    if not near:
+        return None
+    rep = list(range(U.shape[0]))
+    for i, j in near:  # pairs (i < j) in increasing i: the first match is the lowest index
+        if rep[j] == j and rep[i] == i and torch.equal(U[i], U[j]):
+            rep[j] = i
+    if rep == list(range(U.shape[0])):
+        return None
+    return torch.tensor(rep, device=D.device)
 
 
 def mean_of_rows(U: Tensor, rows: Tensor | list[int] | None = None) -> Tensor:

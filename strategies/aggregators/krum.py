@@ -62,9 +62,12 @@ class Krum(Aggregator):
     def requirement(self, n: int) -> str | None:
         return _krum_requirement(n, self.f)
 
+    def select(self, U: Tensor) -> int:
+        """Index of the input with the lowest score (the first one among exactly tied scores)."""
+        return int(torch.argmin(krum_scores(pairwise_sq_dists(U), self.f)))
+
     def aggregate(self, U: Tensor, weights: Tensor | None) -> Tensor:
-        scores = krum_scores(pairwise_sq_dists(U), self.f)
-        return U[int(torch.argmin(scores))].clone()
+        return U[self.select(U)].clone()
 
 
 class MultiKrum(Aggregator):
@@ -88,12 +91,15 @@ class MultiKrum(Aggregator):
             return f"averages m={self.m} inputs but only {n} arrive; use m <= {n} or m=None"
         return msg
 
-    def aggregate(self, U: Tensor, weights: Tensor | None) -> Tensor:
-        n = U.shape[0]
-        m = n - self.f if self.m is None else self.m
+    def select(self, U: Tensor) -> Tensor:
+        """Indices of the ``m`` lowest scores, in order (stable sort: ties go to the lower index,
+        like Krum's argmin)."""
+        m = U.shape[0] - self.f if self.m is None else self.m
         scores = krum_scores(pairwise_sq_dists(U), self.f)
-        # stable sort: ties go to the lower index, like Krum's argmin
-        return mean_of_rows(U, torch.sort(scores, stable=True).indices[:m])
+        return torch.sort(scores, stable=True).indices[:m]
+
+    def aggregate(self, U: Tensor, weights: Tensor | None) -> Tensor:
+        return mean_of_rows(U, self.select(U))
 
 
 class Bulyan(Aggregator):
