@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,7 +41,7 @@ from clients.plan import BatchPlan, mix64
 from clients.rules import LocalRule
 from clients.trainer import ParamSpec, TrainResult, loss_fn_for
 
-__all__ = ["DPSGDTrainer", "epsilon_of_history"]
+__all__ = ["DPSGDTrainer", "epsilon_of_history", "privacy_kinds", "private_partition"]
 
 _ACCOUNTANTS = ("prv", "rdp")
 
@@ -64,6 +66,40 @@ def _epsilon_cached(
     acc = create_accountant(kind)
     acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
+
+
+def privacy_kinds(*component_cfgs: Mapping[str, Any] | None) -> list[str]:
+    """The kinds of DP a run's components give ("sample-level", "client-level"), from their
+    ``_target_`` classes' ``epsilon_kind`` (client trainer, strategy); empty without DP."""
+    kinds = []
+    for cfg in component_cfgs:
+        target = str((cfg or {}).get("_target_") or "")
+        module, _, name = target.rpartition(".")
+        if not module:
+            continue
+        kind = getattr(getattr(importlib.import_module(module), name, None), "epsilon_kind", None)
+        if isinstance(kind, str) and kind not in kinds:
+            kinds.append(kind)
+    return kinds
+
+
+def private_partition(summary: dict[str, Any], kinds: list[str]) -> dict[str, Any]:
+    """partition.json under DP: only what the guarantee does not need to hide.
+
+    Label histograms are data and no mechanism releases them: always withheld under DP. Client
+    sizes are public by assumption under sample-level DP (Opacus' sample rate 1 / ceil(n_i / B)
+    and the expected batch q n_i, hence each client's noise and epsilon, are computed from them),
+    but a client's data set is the protected unit of client-level DP, so its size is withheld
+    there (the number of clients N stays: q = m / N is public)."""
+    if not kinds:
+        return summary
+    out: dict[str, Any] = {"num_clients": summary["num_clients"], "dp": kinds}
+    if "client-level" in kinds:
+        out["withheld"] = "per-client sizes and label histograms (client-level DP)"
+        return out
+    out["withheld"] = "per-client label histograms (sample-level DP; sizes are public)"
+    out["clients"] = [{"client": c["client"], "samples": c["samples"]} for c in summary["clients"]]
+    return out
 
 
 def check_dp_call(rule: LocalRule | None, client_ids: Any, offsets: Any) -> None:
@@ -143,6 +179,7 @@ class DPSGDTrainer:
     seed: int = 0
     #: the host passes client ids and data offsets (this trainer keeps per-client objects)
     per_client: bool = field(default=True, init=False)
+    epsilon_kind: ClassVar[str] = "sample-level"
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or not 0 < self.lr_decay <= 1:

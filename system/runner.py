@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from clients.dp import privacy_kinds, private_partition
 from clients.partition import summarize
 from system.adversary import Adversary
 from system.config import validate
@@ -98,7 +99,10 @@ def train(
         ds = build_from(c["data"])
         labels = ds.y_train.numpy()
         parts = build_from(c["partition"], labels=labels, num_clients=c["num_clients"])
-        out.write_json("partition.json", summarize(parts, labels, ds.num_classes))
+        # under DP without label histograms (and client sizes under client-level DP)
+        kinds = privacy_kinds(c["client"], c["strategy"])
+        part = private_partition(summarize(parts, labels, ds.num_classes), kinds)
+        out.write_json("partition.json", part)
         adversary = Adversary(c["attack"], c["num_clients"])
         server, pool_close = _start(c, ds, parts, adversary, stack)
         fp = fingerprint(c)

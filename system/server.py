@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from clients.dp import privacy_kinds
 from clients.trainer import ParamSpec, loss_fn_for
 from strategies.base import RoundExtras
 from system.adversary import Adversary
@@ -95,6 +96,8 @@ class ParameterServer:
         self.target_epsilon = privacy.get("target_epsilon")
         self.delta = privacy.get("delta")
         self.client_epsilon = torch.zeros(self.num_clients, dtype=torch.float64)
+        # under DP, metrics hold only what epsilon covers: no un-noised train loss (docs/privacy.md)
+        self.private = bool(privacy_kinds(cfg["client"], cfg["strategy"]))
         self.adversary = Adversary(cfg["attack"], self.num_clients)
         n_agg = self.adversary.inputs_per_round(self.per_round)
         self.aggregator = build_from(cfg["aggregator"], f=self.adversary.f, n=n_agg)
@@ -203,7 +206,7 @@ class ParameterServer:
             finite &= torch.isfinite(U).all(dim=1)
         metrics["dropped_nonfinite"] = int((~finite).sum())
         honest_loss = losses[finite & ~torch.as_tensor(self.adversary.is_byzantine(cids))]
-        if len(honest_loss):
+        if len(honest_loss) and not self.private:
             metrics["train_loss"] = float(honest_loss.mean())
         U, w, cids = U[finite], w[finite], cids[finite]
         extras = RoundExtras({n: v[finite] for n, v in extra.items()}, cids, self.num_clients)
@@ -222,7 +225,7 @@ class ParameterServer:
         finite = [rep.finite for rep in replies]
         metrics["dropped_nonfinite"] = int(sum(int((~f).sum()) for f in finite))
         losses = torch.cat([rep.losses[f] for rep, f in zip(replies, finite, strict=True)])
-        if len(losses):
+        if len(losses) and not self.private:
             metrics["train_loss"] = float(losses.mean())
         for rep in replies:
             if "epsilon" in rep.metrics:
