@@ -14,6 +14,13 @@ Two kinds of attack (class attribute ``kind``):
   ``attack.poison(x, y, num_classes, generator)``. The updates those clients then compute are their
   Byzantine updates; ``attack(updates)`` is the identity, so a runtime may treat both kinds alike.
 
+Per-client extras (SCAFFOLD's delta c_i, FedDyn's delta grad_i, FedSpeed's delta ghat_i): a
+Byzantine client corrupts everything it sends. ``attack.extra(honest_extra_rows, aggregator=...)``
+crafts the f rows sent in place of one extra, by default with the same rule as the update's applied
+to that extra's honest rows (each attack's docstring says what it sends); ``attack_round`` applies
+update and extras together (crash: nothing sent; non-finite: dropped from both). Data poisoning
+leaves the extras as the client computed them on its poisoned data.
+
 Peer-to-peer (MoNNA): a Byzantine node may send a different vector to every honest node.
 ``attack.targeted(received_honest, target, aggregator=...)`` crafts the ``(f, d)`` vectors for one
 honest node (``received_honest``: the honest vectors that node holds, its own included; ``target``:
@@ -46,6 +53,7 @@ import copy
 import math
 import operator
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any, ClassVar
 
@@ -57,6 +65,7 @@ __all__ = [
     "ALIE",
     "ALIEAdaptive",
     "Attack",
+    "AttackedRound",
     "Crash",
     "DataAttack",
     "FOE",
@@ -74,6 +83,7 @@ __all__ = [
     "SignFlip",
     "Uniform",
     "alie_z",
+    "attack_round",
     "build_attack",
     "line_search",
 ]
@@ -243,6 +253,23 @@ class Attack:
         generator: torch.Generator | None = None,
     ) -> Tensor | None:
         raise NotImplementedError
+
+    def extra(
+        self,
+        honest: Tensor,
+        *,
+        aggregator: Aggregator | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | None:
+        """The f vectors sent in place of one per-client extra vector (SCAFFOLD's delta c_i,
+        FedDyn's delta grad_i, FedSpeed's delta ghat_i), called after the update's ``__call__``.
+
+        ``honest`` (h, e): the honest clients' rows of that extra; ``aggregator``: the rule the
+        strategy aggregates it with. Default: the update's rule on the extra's own rows (sign flip
+        sends minus their mean, ALIE their mean - z std, uniform/Gaussian draw vectors of length e
+        from the same generator, the adaptive attacks line-search against the extra's rule).
+        """
+        return self(honest, aggregator=aggregator, generator=generator)
 
     def targeted(
         self,
@@ -474,7 +501,8 @@ class NoisyData(DataAttack):
 
 
 class Crash(ModelAttack):
-    """Crash failures: the Byzantine clients send nothing (``__call__`` returns None)."""
+    """Crash failures: the Byzantine clients send nothing (``__call__`` returns None): no update
+    and no per-client extras (the runtime removes their rows everywhere)."""
 
     name: ClassVar[str] = "crash"
 
@@ -494,6 +522,8 @@ class SignFlip(ModelAttack):
 
     ``source="rows"`` stands in for "each Byzantine sends minus its own honest update" (Allen-Zhu
     et al. 2021) with a distinct honest row per Byzantine client.
+    Extras (``extra``): the same flip of the honest clients' extra rows (``-scale`` times their
+    mean, or of the same honest rows).
     """
 
     name: ClassVar[str] = "sign_flip"
@@ -515,7 +545,8 @@ class SignFlip(ModelAttack):
 
 
 class Reversed(SignFlip):
-    """Reversed gradient ``-10 g``: the scaled flip of the Flag Aggregator paper (Almasi 2024)."""
+    """Reversed gradient ``-10 g``: the scaled flip of the Flag Aggregator paper (Almasi 2024).
+    Extras: ``-10`` times the honest extras' mean, as for the update."""
 
     name: ClassVar[str] = "reversed"
 
@@ -526,7 +557,8 @@ class Reversed(SignFlip):
 
 
 class Gaussian(ModelAttack):
-    """Gaussian random vectors N(mean, sigma^2 I), drawn independently per Byzantine client."""
+    """Gaussian random vectors N(mean, sigma^2 I), drawn independently per Byzantine client.
+    Extras: fresh N(mean, sigma^2 I) vectors of the extra's length, drawn after the update's."""
 
     name: ClassVar[str] = "gaussian"
 
@@ -542,7 +574,8 @@ class Gaussian(ModelAttack):
 
 
 class Uniform(ModelAttack):
-    """Uniform random vectors U[low, high)^d: the Flag Aggregator paper's headline attack."""
+    """Uniform random vectors U[low, high)^d: the Flag Aggregator paper's headline attack.
+    Extras: fresh U[low, high) vectors of the extra's length, drawn after the update's."""
 
     name: ClassVar[str] = "uniform"
 
@@ -558,7 +591,8 @@ class Uniform(ModelAttack):
 
 
 class InfAttack(ModelAttack):
-    """Every coordinate +inf (``sign=1``) or -inf (``sign=-1``): breaks non-robust arithmetic."""
+    """Every coordinate +inf (``sign=1``) or -inf (``sign=-1``): breaks non-robust arithmetic.
+    Extras too; the runtime drops such a client's row from update and extras together."""
 
     name: ClassVar[str] = "inf_vector"
 
@@ -573,7 +607,7 @@ class InfAttack(ModelAttack):
 
 
 class NaNAttack(ModelAttack):
-    """Every coordinate NaN."""
+    """Every coordinate NaN (extras too; dropped from update and extras together)."""
 
     name: ClassVar[str] = "nan_vector"
 
@@ -586,6 +620,8 @@ class ALIE(ModelAttack):
 
     ``z`` comes from :func:`alie_z` (``variant="paper"`` or ``"implementation"``) with
     ``n = h + f``, unless given. ``ddof`` is the std's degrees of freedom (1: unbiased).
+    Extras: ``mu_e - z * sigma_e`` with the mean and std of the honest clients' extra rows and
+    the same z.
     """
 
     name: ClassVar[str] = "alie"
@@ -624,7 +660,8 @@ class ALIE(ModelAttack):
 
 
 class FOE(ModelAttack):
-    """Fall of Empires / inner-product manipulation (Xie, Koyejo, Gupta; UAI 2019): ``-eps mu``."""
+    """Fall of Empires / inner-product manipulation (Xie, Koyejo, Gupta; UAI 2019): ``-eps mu``.
+    Extras: ``-eps`` times the honest extras' mean."""
 
     name: ClassVar[str] = "foe"
 
@@ -703,6 +740,10 @@ class ALIEAdaptive(_LineSearch, ALIE):
     The adaptive form used against robust rules (e.g. MoNNA, Farhadkhani et al. ICML 2023; ByzFL).
     The formula's z (when defined for this n, f) is an extra candidate. ``max_evals`` bounds the
     number of aggregator calls per crafted set of vectors.
+    Extras: a separate search of ``mu_e - factor * sigma_e`` (honest extras' statistics) against
+    the rule that aggregates the extra (``extra``; the run's aggregator, or the plain mean when
+    that is the mean), so each vector is displaced as far as its own rule lets it; ``last_factor``
+    is then the last extra's factor.
     """
 
     name: ClassVar[str] = "alie_adaptive"
@@ -741,7 +782,8 @@ class FOEAdaptive(_LineSearch, FOE):
     """FOE/IPM with eps chosen by line search to maximise ``||aggregator(all) - mu||``.
 
     ``eps`` (the fixed variant's value) is an extra candidate; ``max_evals`` bounds the number of
-    aggregator calls.
+    aggregator calls. Extras: a separate search of ``-eps * mu_e`` against the rule that
+    aggregates the extra, as for :class:`ALIEAdaptive`.
     """
 
     name: ClassVar[str] = "foe_adaptive"
@@ -841,7 +883,8 @@ class Mimic(ModelAttack):
     ``z = v/||v||``, C the centred honest inputs), and copies the input with the largest
     ``|<x_i - m, z>|``; after warmup that choice is frozen (state: ``state_dict``).
     Call ``__call__`` (or ``per_target``) once per round so the estimate advances once per round;
-    ``targeted`` only reads it.
+    ``targeted`` only reads it. Extras (``extra``): the Byzantines send the extras of the honest
+    client whose update they copied in the preceding ``__call__`` (they pose as that client).
     """
 
     name: ClassVar[str] = "mimic"
@@ -862,6 +905,7 @@ class Mimic(ModelAttack):
         self._acc: Tensor | None = None
         self._dir: Tensor | None = None
         self._chosen: int | None = None
+        self._last_row = 0  # the honest row copied by the last ``__call__`` (for ``extra``)
 
     def _pick(self, honest: Tensor, gen: torch.Generator, update: bool) -> int:
         h = honest.shape[0]
@@ -902,7 +946,19 @@ class Mimic(ModelAttack):
         return self._chosen
 
     def craft(self, honest: Tensor, aggregator: Aggregator | None, gen: torch.Generator) -> Tensor:
-        return _repeat(honest[self._pick(honest, gen, update=True)], self.f)
+        self._last_row = self._pick(honest, gen, update=True)
+        return _repeat(honest[self._last_row], self.f)
+
+    def extra(
+        self,
+        honest: Tensor,
+        *,
+        aggregator: Aggregator | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The copied client's row of the extra (no state update, no randomness)."""
+        _check_updates(honest, self.name)
+        return _repeat(honest[min(self._last_row, honest.shape[0] - 1)], self.f)
 
     def targeted(
         self,
@@ -997,6 +1053,88 @@ def adaptive_probe(aggregator: Any, byz: torch.Tensor, w: torch.Tensor) -> Calla
     return probe
 
 
+@dataclass
+class AttackedRound:
+    """What the aggregation receives after a model attack (rows in the input's order).
+
+    ``keep`` (n,) marks the input rows still present (crash and non-finite rows removed);
+    ``extras`` holds each per-client extra vector's rows, removed and replaced like ``U``'s.
+    """
+
+    U: torch.Tensor
+    w: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    keep: torch.Tensor | None = None
+    dropped_nonfinite: int = 0
+
+
+def _plain_mean(U: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain mean of the rows (how a strategy combines extras when no rule is given)."""
+    return U.mean(dim=0)
+
+
+def attack_round(
+    attack: Any,
+    U: torch.Tensor,
+    w: torch.Tensor,
+    byz: torch.Tensor,
+    aggregator: Any,
+    generator: torch.Generator,
+    extras: dict[str, torch.Tensor] | None = None,
+    extras_rule: Callable[[str], Any] | None = None,
+) -> AttackedRound:
+    """Where everything the clients sent meets (the omniscient threat model): replace the
+    Byzantine rows ``byz`` of ``U`` and of every extra by the attack's vectors, each computed from
+    the honest rows of the same tensor; crash removes the Byzantine rows everywhere; a row left
+    non-finite in ``U`` or in any extra is dropped from all of them (counted in
+    ``dropped_nonfinite``).
+
+    Order: the update first (so its random draws do not depend on the extras), then the extras in
+    sorted name order through ``attack.extra`` with the same ``generator``. Adaptive attacks
+    line-search the update against ``aggregator`` and each extra against ``extras_rule(name)``
+    (the rule the strategy aggregates that extra with; the plain mean when None), each probed
+    only through deep copies.
+    """
+    extras = dict(extras or {})
+    n = U.shape[0]
+    nb = int(byz.sum())
+    keep = torch.ones(n, dtype=torch.bool)
+    if nb == 0:
+        return AttackedRound(U, w, extras, keep)
+
+    def removed(mask: torch.Tensor, dropped: int = 0) -> AttackedRound:
+        ext = {k: v[mask] for k, v in extras.items()}
+        return AttackedRound(U[mask], w[mask], ext, mask, dropped)
+
+    if int((~byz).sum()) == 0:  # nothing to compute an attack from: Byzantines send nothing
+        return removed(~byz)
+    adaptive = bool(getattr(attack, "adaptive", False))
+    probe = adaptive_probe(aggregator, byz, w) if adaptive else None
+    crafted = attack(U[~byz], aggregator=probe, generator=generator)
+    if crafted is None:  # crash: the Byzantine clients send nothing
+        return removed(~byz)
+    U = U.clone()
+    U[byz] = crafted[:nb].to(device=U.device, dtype=U.dtype)
+    craft_extra = getattr(attack, "extra", attack)
+    for name in sorted(extras):
+        E = extras[name]
+        rule = extras_rule(name) if extras_rule is not None else _plain_mean
+        probe = adaptive_probe(rule, byz, None) if adaptive else None
+        fake = craft_extra(E[~byz], aggregator=probe, generator=generator)
+        if fake is None:  # sends no extra: then it sent nothing at all
+            return removed(~byz)
+        E = E.clone()
+        E[byz] = fake[:nb].to(device=E.device, dtype=E.dtype)
+        extras[name] = E
+    finite = torch.isfinite(U).all(dim=1)
+    for E in extras.values():
+        finite &= torch.isfinite(E).all(dim=1)
+    dropped = int((~finite).sum())
+    if dropped:
+        return removed(finite, dropped)
+    return AttackedRound(U, w, extras, keep)
+
+
 def apply_model_attack(
     attack: Any,
     U: torch.Tensor,
@@ -1005,24 +1143,6 @@ def apply_model_attack(
     aggregator: Any,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Where all updates meet (the omniscient threat model): replace the Byzantine rows ``byz`` of
-    ``U`` by the attack's vectors, computed from the honest rows (crash: remove them); drop crafted
-    non-finite rows. Returns ``(U, w, dropped_nonfinite)``; ``aggregator`` is only probed through
-    deep copies."""
-    nb = int(byz.sum())
-    if nb == 0:
-        return U, w, 0
-    honest = U[~byz]
-    if honest.shape[0] == 0:  # nothing to compute an attack from: Byzantines send nothing
-        return U[~byz], w[~byz], 0
-    probe = adaptive_probe(aggregator, byz, w) if getattr(attack, "adaptive", False) else None
-    crafted = attack(honest, aggregator=probe, generator=generator)
-    if crafted is None:  # crash: the Byzantine clients send nothing
-        return U[~byz], w[~byz], 0
-    U = U.clone()
-    U[byz] = crafted[:nb].to(device=U.device, dtype=U.dtype)
-    finite = torch.isfinite(U).all(dim=1)
-    dropped = int((~finite).sum())
-    if dropped:
-        U, w = U[finite], w[finite]
-    return U, w, dropped
+    """:func:`attack_round` on the updates alone: returns ``(U, w, dropped_nonfinite)``."""
+    out = attack_round(attack, U, w, byz, aggregator, generator)
+    return out.U, out.w, out.dropped_nonfinite

@@ -7,38 +7,98 @@ becomes the next global parameters. Its state is a plain dict of tensors, checkp
   the strategy from its config themselves and keep the rule and its per-client state.
 * ``broadcast(params, state)``: server vectors sent with the parameters each round (SCAFFOLD's c).
 * ``update(params, aggregate, state, round_idx, extras=None)``: ``aggregate`` is the aggregator's
-  output over the clients' messages; ``extras`` holds the per-client extra vectors of the round.
+  output over the clients' messages; ``extras`` holds the per-client extra vectors of the round,
+  as the Byzantine clients left them (``system.adversary``). A strategy combines them only through
+  ``RoundExtras.mean`` / ``mean_over_all`` / ``add_mean_over_all``, which use the run's aggregator
+  (``ExtrasAggregation``; the plain mean when the aggregator is the mean).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-__all__ = ["Strategy", "State", "RoundExtras"]
+__all__ = ["ExtrasAggregation", "Strategy", "State", "RoundExtras", "add_mean_over_all"]
 
 State = dict[str, Any]
 
 
+def _plain_mean(U: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    return U.mean(dim=0)
+
+
+class ExtrasAggregation:
+    """How a strategy combines the rows of one per-client extra vector: with the run's aggregator,
+    so that Byzantine extras meet the same robust rule as Byzantine updates (issue 18, item 3).
+
+    When the run's aggregator is the mean (``decomposable``: a weighted mean) the extras keep their
+    plain, unweighted mean (``plain``; no-attack results unchanged). Otherwise each extra name
+    gets its own deep copy of the aggregator as it was built (before any call), so a stateful
+    rule (centered clipping's centre, bucketing's random stream) keeps one state per vector,
+    apart from the updates'; ``state_dict`` holds those states for checkpoints. Rows are
+    aggregated unweighted, like the plain mean they replace.
+    """
+
+    def __init__(self, aggregator: Callable[..., torch.Tensor] | None = None) -> None:
+        self.plain = aggregator is None or bool(getattr(aggregator, "decomposable", False))
+        self._template = None if self.plain else copy.deepcopy(aggregator)
+        self.rules: dict[str, Callable[..., torch.Tensor]] = {}
+
+    def rule(self, name: str) -> Callable[..., torch.Tensor]:
+        """The rule, ``rule(rows, weights=None) -> (e,)``, that aggregates extra ``name``."""
+        if self.plain:
+            return _plain_mean
+        if name not in self.rules:
+            self.rules[name] = copy.deepcopy(self._template)
+        return self.rules[name]
+
+    def __call__(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        return self.rule(name)(rows, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {n: getattr(r, "state_dict", dict)() for n, r in sorted(self.rules.items())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, st in (state or {}).items():
+            rule = self.rule(name)
+            if hasattr(rule, "load_state_dict"):
+                rule.load_state_dict(st)
+
+
 @dataclass
 class RoundExtras:
-    """Per-client extra vectors of one round (rows sorted by client id, non-finite rows dropped)."""
+    """Per-client extra vectors of one round: rows sorted by client id, after the attack (Byzantine
+    rows replaced or removed, non-finite rows dropped together with their update).
+
+    ``aggregation``: how the rows combine (``ExtrasAggregation``; None = the plain mean)."""
 
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (n, d)
     client_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     num_clients: int = 1  # N, all clients of the run (for averages over all clients)
+    aggregation: ExtrasAggregation | None = None
+
+    def _plain(self) -> bool:
+        return self.aggregation is None or self.aggregation.plain
 
     def mean(self, name: str) -> torch.Tensor:
-        """Plain mean over this round's participants."""
-        return self.values[name].mean(dim=0)
+        """The participants' rows aggregated: the plain mean, or the run's robust rule."""
+        if self._plain():
+            return self.values[name].mean(dim=0)
+        return self.aggregation(name, self.values[name])
 
     def mean_over_all(self, name: str) -> torch.Tensor:
         """Sum over the participants divided by N: the change of a mean over all clients when only
-        the participants changed their vector by these deltas (|S|/N * mean over S)."""
-        return self.values[name].sum(dim=0) / self.num_clients
+        the participants changed their vector by these deltas (|S|/N * mean over S). With a robust
+        rule: |S|/N * rule(rows) (equal to the plain form when the rule is the mean)."""
+        rows = self.values[name]
+        if self._plain():
+            return rows.sum(dim=0) / self.num_clients
+        return self.aggregation(name, rows) * (len(rows) / self.num_clients)
 
 
 def add_mean_over_all(mean: torch.Tensor, extras: RoundExtras | None, name: str) -> torch.Tensor:

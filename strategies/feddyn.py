@@ -3,10 +3,11 @@
 Clients minimize f_i(x) - <grad_i, x> + (alpha/2)||x - x_t||^2 and update
 grad_i <- grad_i - alpha (x_i - x_t) (per-client state on the host). Server state h:
 h <- h - alpha (1/N) sum_{i in S} (x_i - x_t);  x <- mean_S(x_i) - h / alpha.
-The h update is computed from the clients' delta grad_i (a plain sum over S divided by N), so
-h = mean over all N clients of grad_i holds exactly (tested) whatever the aggregator; the
-mean_S(x_i) - x_t term is the aggregator's output. The method's fixed-point argument assumes that
-output is the mean: with a robust aggregator FedDyn is a heuristic.
+The h update is computed from the clients' delta grad_i: h += (|S|/N) aggregate(delta grad_i),
+with the run's aggregator (Byzantine clients send attacked delta grad_i; issue 18, item 3). With the
+mean aggregator that is the plain sum over S divided by N, so h = mean over all N clients of
+grad_i holds exactly (tested); the mean_S(x_i) - x_t term is the aggregator's output. The method's
+fixed-point argument assumes both are means: with a robust aggregator FedDyn is a heuristic.
 """
 
 from __future__ import annotations

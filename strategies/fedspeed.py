@@ -9,8 +9,9 @@ Averaging set (``average``):
   the sampled clients sent: x_{t+1} = mean_S(x_K,i - lambda ghat_i).
 * ``"all"`` (default; the reference code, woodenchild95/FL-Simulator): the correction is averaged over all N
   clients, including those not sampled: x_{t+1} = mean_S(x_K,i) - lambda mean_{i<N}(ghat_i); the server
-  keeps G = mean_{i<N} ghat_i, updated by sum_S(delta ghat_i)/N (a plain mean, whatever the
-  aggregator).
+  keeps G = mean_{i<N} ghat_i, updated by (|S|/N) aggregate(delta ghat_i): the plain
+  sum_S(delta ghat_i)/N with the mean aggregator, the run's robust rule otherwise (Byzantine
+  clients send attacked delta ghat_i; issue 18, item 3).
 The default is ``"all"``: with 10% participation the sampled form doubles a client's update on its
 first visit (x_K - lambda ghat_i = x_t + 2 (x_K - x_t) when ghat_i was 0) and averages stale
 corrections of the few sampled clients; on the heterogeneity benchmark it trailed FedAvg while

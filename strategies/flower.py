@@ -6,8 +6,9 @@
 follows Flagstaff's reference semantics (``system.server.ParameterServer.round``):
 
 sample clients -> send the global arrays (+ the strategy's broadcast vectors) -> replies' arrays to
-flat vectors, stacked (n, d) and sorted by client id -> drop non-finite rows -> model-poisoning
-attack on the Byzantine client ids -> aggregator (with its pre-aggregation, e.g. NNM) -> strategy
+flat vectors, stacked (n, d) and sorted by client id -> drop clients whose update or extras are not
+finite -> model-poisoning attack on the Byzantine client ids (updates and per-client extras, e.g.
+SCAFFOLD's delta c_i; ``clients.byzantine.attack_round``) -> aggregator (with its pre-aggregation, e.g. NNM) -> strategy
 update (FedAvg/FedAvgM, FedProx, SCAFFOLD, FedSpeed, FedAdam, FedSVD, ... any
 ``init/broadcast/update``; ``bind(model, spec)`` and ``pre_aggregate`` hooks are honoured, so the
 client-level DP wrapper ``strategies.dp.ClientLevelDP`` clips before and noises after aggregation).
@@ -18,8 +19,10 @@ global model. Client ids come from a ``client-id`` metric (Flagstaff's ClientApp
 partition id; ``discover=True`` asks every node once with a ``query`` message), else the node id.
 
 Byzantine clients in Flower: the ``byzantine`` client ids (default ``0..attack.f-1``, as in the
-Ray/local runtimes) train like everyone else; this adapter replaces their replies with the attack's
-vectors before aggregation (the omniscient adversary of the threat model). Data-poisoning attacks
+Ray/local runtimes) train like everyone else; this adapter replaces their replies, extras included,
+with the attack's vectors before aggregation (the omniscient adversary of the threat model), and
+the strategy combines the extras with the same aggregator (``strategies.base.ExtrasAggregation``),
+exactly as the parameter server does. Data-poisoning attacks
 act in the ClientApp instead (``clients.flower_app.poison_if_byzantine``).
 
 Reference: Flower 1.41 ``flwr.serverapp.strategy.Strategy``; McMahan et al. 2017 (FedAvg).
@@ -39,7 +42,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
-from clients.byzantine import apply_model_attack
+from clients.byzantine import AttackedRound, attack_round
 from clients.flower_app import (
     BROADCAST_KEY,
     EXTRAS_KEY,
@@ -50,7 +53,7 @@ from clients.flower_app import (
     vectors_to_record,
 )
 from clients.trainer import ParamSpec
-from strategies.base import RoundExtras
+from strategies.base import ExtrasAggregation, RoundExtras
 from strategies.fedavg import FedAvg
 
 __all__ = ["FlagstaffStrategy", "Sampler"]
@@ -100,6 +103,7 @@ class FlagstaffStrategy(FlowerStrategy):
         if not 0.0 <= fraction_train <= 1.0 or not 0.0 <= fraction_evaluate <= 1.0:
             raise ValueError("fraction_train and fraction_evaluate must be in [0, 1]")
         self.aggregator = aggregator
+        self.extras_aggregation = ExtrasAggregation(aggregator)
         self.strategy = strategy if strategy is not None else FedAvg()
         self.attack = attack
         f = int(getattr(attack, "f", 0) or 0)
@@ -151,6 +155,7 @@ class FlagstaffStrategy(FlowerStrategy):
             "params": None if self.params is None else self.params.clone(),
             "strategy": self.state,
             "aggregator": getattr(self.aggregator, "state_dict", dict)(),
+            "extras_aggregation": self.extras_aggregation.state_dict(),
             "adversary": getattr(self.attack, "state_dict", dict)() if self.attack else {},
         }
 
@@ -159,6 +164,7 @@ class FlagstaffStrategy(FlowerStrategy):
         self.state = state["strategy"]
         if hasattr(self.aggregator, "load_state_dict"):
             self.aggregator.load_state_dict(state.get("aggregator", {}))
+        self.extras_aggregation.load_state_dict(state.get("extras_aggregation", {}))
         if self.attack is not None and hasattr(self.attack, "load_state_dict"):
             self.attack.load_state_dict(state.get("adversary", {}))
 
@@ -299,6 +305,8 @@ class FlagstaffStrategy(FlowerStrategy):
         cids, U, w, losses, extra = self._reply_rows(ok)
         metrics: dict[str, Any] = {"round": r + 1, "clients": self._sent}
         finite = torch.isfinite(U).all(dim=1)
+        for v in extra.values():  # a client is dropped whole: update and extras together
+            finite &= torch.isfinite(v).all(dim=1)
         metrics["dropped_nonfinite"] = int((~finite).sum())
         metrics["dropped_failed"] = self._sent - len(ok)
         byz = torch.as_tensor([int(c) in self.byzantine for c in cids], dtype=torch.bool)
@@ -306,12 +314,14 @@ class FlagstaffStrategy(FlowerStrategy):
         if len(honest_loss):
             metrics["train_loss"] = float(honest_loss.mean())
         U, w, cids, byz = U[finite], w[finite], cids[finite.numpy()], byz[finite]
+        att = self._attack(U, w, byz, r, {n: v[finite] for n, v in extra.items()})
+        U, w, cids = att.U, att.w, cids[att.keep.cpu().numpy()]
         extras = RoundExtras(
-            {n: v[finite] for n, v in extra.items()},
+            att.extras,
             cids,
             self.num_clients or max(len(self.node_to_client), 1),
+            self.extras_aggregation,
         )
-        U, w = self._attack(U, w, byz, r)
         metrics["dropped_nonfinite"] += self.last_dropped_nonfinite  # inf/NaN attacks
         if hasattr(self.strategy, "pre_aggregate") and len(U):  # e.g. client-level DP clipping
             U, w, self.state = self.strategy.pre_aggregate(U, w, self.state, r)
@@ -337,18 +347,26 @@ class FlagstaffStrategy(FlowerStrategy):
         return self.arrays(), MetricRecord(flat)
 
     def _attack(
-        self, U: torch.Tensor, w: torch.Tensor, byz: torch.Tensor, round_idx: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replace the Byzantine rows with the model attack's vectors (crash: remove them)."""
+        self,
+        U: torch.Tensor,
+        w: torch.Tensor,
+        byz: torch.Tensor,
+        round_idx: int,
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> AttackedRound:
+        """Replace the Byzantine rows of the updates and extras with the model attack's vectors
+        (crash: remove them), as ``system.adversary.Adversary.attack_round`` does."""
         self.last_dropped_nonfinite = 0
+        extras = dict(extras or {})
         if not bool(byz.any()) or getattr(self.attack, "kind", "model") != "model":
-            return U, w
+            return AttackedRound(U, w, extras, torch.ones(len(U), dtype=torch.bool))
         seed = int(getattr(self.attack, "seed", 0) or 0)
         gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + round_idx)
-        U, w, self.last_dropped_nonfinite = apply_model_attack(
-            self.attack, U, w, byz, self.aggregator, gen
+        out = attack_round(
+            self.attack, U, w, byz, self.aggregator, gen, extras, self.extras_aggregation.rule
         )
-        return U, w
+        self.last_dropped_nonfinite = out.dropped_nonfinite
+        return out
 
     # -- federated evaluation ----------------------------------------------------------------------
     def configure_evaluate(

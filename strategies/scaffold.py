@@ -2,11 +2,12 @@
 
 Server state: the control variate c (d,), sent to the clients each round. Clients keep c_i (on their
 host), correct each local gradient by c - c_i, and send y_i - x_t and delta c_i. Server:
-x <- x + eta_g * aggregate(y_i - x_t);  c <- c + (|S|/N) mean_S(delta c_i) (= sum_S delta c_i / N),
-which keeps c equal to the mean of all N clients' c_i (tested).
-
-The model update may use any aggregator; the control-variate update is a plain mean (a robust
-rule would break c = mean(c_i), on which the drift correction relies).
+x <- x + eta_g * aggregate(y_i - x_t);  c <- c + (|S|/N) aggregate(delta c_i).
+With the mean aggregator the second step is the plain sum_S delta c_i / N, which keeps c equal to
+the mean of all N clients' c_i (tested). With a robust aggregator the delta c_i rows go through the
+same rule (``RoundExtras.mean_over_all``), because Byzantine clients send attacked delta c_i too
+(issue 18, item 3): c then tracks a robust estimate and no longer equals mean(c_i) exactly, the
+price of not letting f clients steer the drift correction.
 """
 
 from __future__ import annotations

@@ -21,6 +21,14 @@ Threat model (DESIGN.md "Adversary", ../shared/specs/robust.md):
   aggregation, as the server drops non-finite honest updates, and counted: ``last_dropped_nonfinite``
   (the server adds it to the round's ``dropped_nonfinite`` metric). The aggregator therefore gets
   ``n - f`` inputs, as under crash, and its precondition is checked against that count.
+* **Per-client extras** (SCAFFOLD's delta c_i, FedDyn's delta grad_i, FedSpeed's delta ghat_i):
+  Byzantine clients corrupt them too. A model attack replaces each extra's Byzantine rows with
+  the same rule as the update's, computed from that extra's honest rows (``Attack.extra``: sign
+  flip sends minus the honest extras' mean, ALIE their mean - z std, uniform/Gaussian fresh draws
+  of the extra's length, mimic the copied client's extras, the adaptive attacks line-search
+  against the rule that aggregates the extra); crash sends no extras either; a non-finite row
+  leaves update and extras together. Data poisoning leaves extras as the client computed them
+  (on its poisoned data).
 * **No honest update in a round** (partial participation that samples only Byzantine clients):
   attacks built from honest statistics cannot be crafted, so the Byzantine rows are dropped and the
   round has no usable update (the server then keeps the model and reports ``skipped``).
@@ -33,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.byzantine import Crash, InfAttack, NaNAttack, apply_model_attack
+from clients.byzantine import AttackedRound, Crash, InfAttack, NaNAttack, attack_round
 from system.host import build_from
 
 __all__ = ["Adversary"]
@@ -100,25 +108,45 @@ class Adversary:
         aggregator: Any,
         round_idx: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The round's inputs after the attack: Byzantine rows replaced, removed or dropped.
+        """The round's updates after the attack (:meth:`attack_round` without extras).
 
         ``U`` (n, d) and ``w`` (n,) are the gathered finite updates and sample counts in client-id
         order, ``client_ids`` their ids, ``aggregator`` the run's rule (only deep copies of it are
         called). Returns the (possibly shorter) ``(U, w)`` the aggregator receives. Crafted
         non-finite rows are dropped and counted in ``last_dropped_nonfinite``.
         """
+        out = self.attack_round(U, w, client_ids, aggregator, round_idx)
+        return out.U, out.w
+
+    def attack_round(
+        self,
+        U: torch.Tensor,
+        w: torch.Tensor,
+        client_ids: np.ndarray,
+        aggregator: Any,
+        round_idx: int = 0,
+        extras: dict[str, torch.Tensor] | None = None,
+        extras_rule: Any = None,
+    ) -> AttackedRound:
+        """Everything the round's clients sent, after the attack: updates and per-client extras.
+
+        ``extras`` (name -> (n, e) rows, same order as ``U``): SCAFFOLD's delta c_i, FedDyn's delta
+        grad_i, FedSpeed's delta ghat_i. A model attack replaces the Byzantine rows of each with
+        the same rule as the update's, computed from that extra's honest rows; crash removes the
+        Byzantine rows everywhere; non-finite rows leave update and extras together
+        (``clients.byzantine.attack_round``). ``extras_rule(name)`` is the rule the strategy
+        aggregates that extra with (what adaptive attacks probe). Data attacks and rounds without
+        a sampled Byzantine client return the inputs unchanged.
+        """
         self.last_dropped_nonfinite = 0
-        if not self.active or self.kind != "model":
-            return U, w
         byz = torch.as_tensor(self.is_byzantine(client_ids), dtype=torch.bool)
-        nb = int(byz.sum())
-        if nb == 0:
-            return U, w
+        if not self.active or self.kind != "model" or not bool(byz.any()):
+            keep = torch.ones(len(U), dtype=torch.bool)
+            return AttackedRound(U, w, dict(extras or {}), keep)
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + round_idx)
-        U, w, self.last_dropped_nonfinite = apply_model_attack(
-            self.attack, U, w, byz, aggregator, gen
-        )
-        return U, w
+        out = attack_round(self.attack, U, w, byz, aggregator, gen, extras, extras_rule)
+        self.last_dropped_nonfinite = out.dropped_nonfinite
+        return out
 
     def poison_data(
         self, x: torch.Tensor, y: torch.Tensor, num_classes: int, client: int
