@@ -18,7 +18,12 @@ inf/NaN vectors leave 12); ``div``: every seed stopped because the aggregate bec
 (``k div``: k seeds did; the mean is over the others).
 
 Runs use ``backend=local`` (in-process), evaluate only at the last round and skip the per-run
-plots. Each run is cached as one JSON file under ``--out/runs`` (a rerun skips finished runs);
+plots. Numerics are pinned before torch loads (``KERNEL_PIN``): one thread, and the AVX2 kernels
+of ATen (``ATEN_CPU_CAPABILITY=avx2``) and MKL (``MKL_CBWR=AVX2``, MKL's conditional numerical
+reproducibility), so any x86-64 CPU with AVX2 runs the same kernels in the same summation order
+(unpinned, an AVX-512 CPU runs other kernels and the chaotic cells change: docs/robustness.md,
+"Reproducibility"); ``--native-kernels`` leaves the CPU's own choice. ``robustness.json`` and
+``robustness.md`` record the provenance of the run (benchmarks/_provenance.py). Each run is cached as one JSON file under ``--out/runs`` (a rerun skips finished runs);
 ``--jobs 2`` runs configurations in two worker processes. Prints Markdown tables and the target
 check, and writes ``--out/robustness.json`` and ``--out/robustness.md``.
 
@@ -45,6 +50,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import markdown, provenance  # noqa: E402 (a sibling module, no torch import)
+
+#: set before torch loads: one thread and the AVX2 kernels of ATen and MKL on every x86-64 CPU
+KERNEL_PIN = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+}
 
 AGGREGATORS = [
     "mean",
@@ -170,6 +185,18 @@ def plan(
 # ---------------------------------------------------------------------------------------------
 # running (in a worker process)
 # ---------------------------------------------------------------------------------------------
+
+
+def pin_kernels() -> None:
+    """Apply ``KERNEL_PIN`` to this process and its workers (explicit environment values win).
+
+    ATen reads ``ATEN_CPU_CAPABILITY`` and MKL reads ``MKL_CBWR`` once, when torch loads, so this
+    must run before torch is imported; if it already is, only the workers are pinned.
+    """
+    if "torch" in sys.modules:
+        print("warning: torch is already loaded; only worker processes get the kernel pin")
+    for key, value in KERNEL_PIN.items():
+        os.environ.setdefault(key, value)
 
 
 def _worker_init() -> None:
@@ -366,6 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--flag-nnm", action="store_true", help="add a row: Flag with aggregator.pre=[nnm]"
     )
     p.add_argument("--jobs", type=int, default=1, help="worker processes (1 or 2)")
+    p.add_argument(
+        "--native-kernels",
+        action="store_true",
+        help="do not pin ATen/MKL to their AVX2 kernels (results then depend on the CPU)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "robustness")
     args = p.parse_args(argv)
     if not 1 <= args.jobs <= 2:
@@ -376,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = list(args.extra)
     if args.pre:
         extra.append(f"aggregator.pre=[{','.join(args.pre)}]")
+    if not args.native_kernels:
+        pin_kernels()
     os.chdir(ROOT)  # the runner and Hydra resolve relative paths against the repository
     runs = plan(args.settings, aggs, attacks, seeds, args.rounds, extra, args.flag_nnm)
     rows = run_all(runs, args.out, args.jobs)
@@ -393,11 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             *target_check(summary, s),
             "",
         ]
-    text = "\n".join(md)
+    prov = provenance(None if argv is None else ["benchmarks/robustness.py", *argv])
+    text = "\n".join([markdown(prov), *md])
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "robustness.md").write_text(text)
     blob = {
+        "provenance": prov,
         "settings": args.settings,
         "extra": extra,
         "rows": rows,

@@ -1,35 +1,47 @@
 """Flag Aggregator (Almasi, Mishra, Vamanan, Ravi, ICLR 2024, arXiv 2302.05865).
 
 The quality of input i is how much of it an m-dimensional subspace Y (d x m, orthonormal columns)
-explains. With unit vectors ``u_i = x_i / ||x_i||`` (zero inputs stay zero), Y minimizes
+explains. With unit vectors ``u_i = x_i / ||x_i||`` (zero inputs stay zero) and, for distinct
+``u_i != u_j``, the unit difference directions ``v_ij = (u_i - u_j) / ||u_i - u_j||``, Y minimizes
 
-    F(Y) = sum_i sqrt(|1 - ||Y^T u_i||^2|)
-           + lam / (n (n-1)) * sum_{i != j} sqrt(|1 - ||Y^T (u_i - u_j)||^2|)
+    F(Y) = sum_i sqrt(1 - ||Y^T u_i||^2 + eps)
+           + lam / (n (n-1)) * sum_{i != j, u_i != u_j} sqrt(1 - ||Y^T v_ij||^2 + eps)
 
-(for m = 1 the first term is the sum of |sin| of the angles), and the aggregate is the projection
-of the inputs onto Y.
+(for m = 1 and eps = 0 the first term is the sum of |sin| of the angles; eps = 1e-7 smooths the
+square root at 0, as the reference's weights do, and changes F by at most sqrt(eps) per term), and
+the aggregate is the projection of the inputs onto Y. ``fit().objectives`` records this F.
 
-Solver (IRLS, as in the reference code): given the current projections, column weights
-``a_i = (|1 - ||Y^T u_i||^2| + eps)^(-1/4)`` and, when lam > 0, for every ordered pair i != j
-``c_ij = lam / (n (n-1)) * (|1 - ||Y^T (u_i - u_j)||^2| + eps)^(-1/4)``; the new Y is the top-m
-left singular vectors of ``W = [a_i u_i]_i ++ [c_ij (u_i - u_j)]_{i != j}``. (The factor
-lam/(n(n-1)) multiplies the column, as in the reference, so it enters ``W W^T`` squared.) The
-objective F of every iterate is recorded; the best iterate is kept; the loop stops after
-``max_iter`` iterations or when an iterate lowers F by no more than ``tol``.
+Solver: IRLS, which here is a majorize-minimize (MM) method, so F never increases (tested).
+sqrt(s + eps) is concave in s, so at the current Y0 each term is majorized by its tangent,
+``sqrt(s0 + eps) + (s - s0) / (2 sqrt(s0 + eps))``, and the sum of tangents is linear in Y Y^T;
+its minimizer is the top-m eigenvectors of ``A = sum_i a_i u_i u_i^T + sum_{i != j} C_ij (u_i -
+u_j)(u_i - u_j)^T`` with ``a_i = (s_i + eps)^(-1/2)``, ``s_i = |1 - ||Y0^T u_i||^2|`` and ``C_ij
+= lam / (n (n-1)) (s_ij + eps)^(-1/2) / ||u_i - u_j||^2``, ``s_ij = |1 - ||Y0^T v_ij||^2|``:
+the weights multiply the squared terms, i.e. the columns ``sqrt(a_i) u_i`` (the reference's
+``(s_i + eps)^(-1/4) u_i``) and ``sqrt(C_ij) (u_i - u_j)``. At lam = 0 this is the reference's
+iteration exactly. With lam > 0 the reference differs: it weights the columns ``u_i - u_j`` by
+``lam / (n (n-1)) (s_ij + eps)^(-1/4)`` with ``s_ij = |1 - ||Y0^T (u_i - u_j)||^2|``, so lam
+enters squared and the raw differences (norm up to 2) make ``s_ij`` non-concave in Y Y^T: its
+objective can rise between iterations (9.301, 8.776, 8.783 on a test instance, lam = 1). The unit
+directions ``v_ij`` keep every term of the form sqrt(1 - ||Y^T w||^2) with ||w|| = 1, for which
+the MM step holds. (Hunter and Lange 2004, "A tutorial on MM algorithms"; Mankovich et al. 2022,
+"The flag median and FlagIRLS", the reference's solver.) The best iterate is kept; the loop stops
+after ``max_iter`` iterations or when an iterate lowers F by no more than ``tol``.
 
 Two routes, same mathematics:
 
-* ``method="gram"`` (default): ``W W^T = Unorm^T M Unorm`` with the n x n matrix
-  ``M = diag(a^2) + 2 (diag(C2 1) - C2)``, ``C2_ij = c_ij^2`` (the pairwise columns form a graph
-  Laplacian). With ``G = Unorm Unorm^T = E diag(g) E^T`` (one Gram product, one pass over d), write
-  ``Y = Unorm^T C``; the top-m eigenvectors Q of the r x r matrix ``diag(g^1/2) E^T M E diag(g^1/2)``
-  give ``C = E diag(g^-1/2) Q`` and the projections ``Unorm Y = E diag(g^1/2) Q``. So every IRLS
-  iteration is O(n^3), whatever lam (even the n(n-1) pairwise columns never exist), and the only
-  d-sized work is the Gram product and the final (n,) x (n, d) product: O(n^2 d) like Krum.
-* ``method="svd"``: builds the d x k matrix W explicitly (k = n, or n + n(n-1)/2 with lam > 0:
-  unordered pairs with a sqrt(2) factor, which has the same ``W W^T`` as the ordered pairs) and
-  takes ``torch.linalg.svd(W, full_matrices=False)``. Exact and simple; O(d k^2) per iteration.
-  Kept as the reference the Gram route is tested against.
+* ``method="gram"`` (default): ``A = Unorm^T M Unorm`` with the n x n matrix
+  ``M = diag(a) + 2 (diag(C 1) - C)`` (the pairwise terms form a graph Laplacian). With
+  ``G = Unorm Unorm^T = E diag(g) E^T`` (one Gram product, one pass over d), write
+  ``Y = Unorm^T C``; the top-m eigenvectors Q of the r x r matrix
+  ``diag(g^1/2) E^T M E diag(g^1/2)`` give ``C = E diag(g^-1/2) Q`` and the projections
+  ``Unorm Y = E diag(g^1/2) Q`` (and ``||u_i - u_j||^2`` comes from G). So every IRLS iteration is
+  O(n^3), whatever lam (the n(n-1) pairwise columns never exist), and the only d-sized work is
+  the Gram product and the final (n,) x (n, d) product: O(n^2 d) like Krum.
+* ``method="svd"``: builds the d x k matrix W with ``W W^T = A`` explicitly (k = n, or
+  n + n(n-1)/2 with lam > 0: unordered pairs with a sqrt(2) factor, the same ``W W^T`` as the
+  ordered pairs) and takes ``torch.linalg.svd(W, full_matrices=False)``. Exact and simple;
+  O(d k^2) per iteration. Kept as the reference the Gram route is tested against.
 
 Both routes truncate to the numerical rank of the inputs (``m > rank`` gives ``rank`` columns;
 the dropped directions are orthogonal to every input and would not change the output).
@@ -60,6 +72,7 @@ experiments use m = 8 for 15 workers, 16 for 30, 32 for 60; its README example u
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -91,30 +104,52 @@ class FlagFit:
     basis: Tensor | None = None
 
 
-def _objective(P: Tensor, lam: float) -> float:
-    n = P.shape[0]
-    proj = (P * P).sum(dim=1)
-    obj = (1.0 - proj).abs().sqrt().sum()
-    if lam > 0 and n > 1:
-        diff = P[:, None, :] - P[None, :, :]
-        s = (1.0 - (diff * diff).sum(dim=-1)).abs().sqrt()
-        s.fill_diagonal_(0.0)
-        obj = obj + lam / (n * (n - 1)) * s.sum()
+def _pair_scale(R2: Tensor, rtol: float) -> Tensor:
+    """``1 / ||u_i - u_j||^2`` for the ordered pairs with distinct unit inputs, 0 elsewhere (equal
+    inputs and the diagonal: their difference has no direction, its term is left out)."""
+    keep = R2 > rtol
+    keep.fill_diagonal_(False)
+    return torch.where(keep, 1.0 / torch.where(keep, R2, torch.ones_like(R2)), torch.zeros_like(R2))
+
+
+def _residuals(P: Tensor, inv_r2: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """s_i = |1 - ||Y^T u_i||^2| (n,) and, with ``inv_r2``, s_ij = |1 - ||Y^T v_ij||^2| (n, n);
+    ``P = Unorm Y`` gives ``Y^T v_ij = (P_i - P_j) / r_ij``. (The squared norms are at most 1; the
+    absolute value, as in the reference, only guards against rounding.)"""
+    s = (1.0 - (P * P).sum(dim=1)).abs()
+    if inv_r2 is None:
+        return s, None
+    diff = P[:, None, :] - P[None, :, :]
+    return s, (1.0 - (diff * diff).sum(dim=-1) * inv_r2).abs()
+
+
+def _objective(P: Tensor, lam: float, eps: float, inv_r2: Tensor | None) -> float:
+    """The documented objective F at projections ``P`` (see the module docstring)."""
+    s, s2 = _residuals(P, inv_r2)
+    obj = (s + eps).sqrt().sum()
+    if s2 is not None:
+        n = P.shape[0]
+        obj = obj + lam / (n * (n - 1)) * ((s2 + eps).sqrt() * (inv_r2 > 0)).sum()
     return float(obj)
 
 
-def _weights(P: Tensor, lam: float, eps: float) -> tuple[Tensor, Tensor | None]:
-    """Squared column weights: a_i^2 (n,) and, when lam > 0, c_ij^2 (n, n) with zero diagonal."""
-    n = P.shape[0]
-    proj = (P * P).sum(dim=1)
-    a2 = ((1.0 - proj).abs() + eps).pow(-0.5)
-    if not lam > 0 or n == 1:
+def _weights(
+    P: Tensor, lam: float, eps: float, inv_r2: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Majorize-minimize weights at the current projections: ``a_i = (s_i + eps)^(-1/2)`` (n,)
+    for the terms ``u_i u_i^T`` and, when lam > 0, ``C_ij = lam/(n(n-1)) (s_ij + eps)^(-1/2) /
+    ||u_i - u_j||^2`` (n, n) for the terms ``(u_i - u_j)(u_i - u_j)^T`` (= ``v_ij v_ij^T`` times
+    ``||u_i - u_j||^2``). sqrt(s + eps) is concave in s, so
+    ``sqrt(s + eps) <= sqrt(s0 + eps) + (s - s0) / (2 sqrt(s0 + eps))``, and summing these
+    tangents gives a surrogate that is linear in ``Y Y^T``: the new Y, the top-m eigenvectors of
+    ``sum_i a_i u_i u_i^T + sum_{i != j} C_ij (u_i - u_j)(u_i - u_j)^T``, minimizes it, so F never
+    increases (Hunter and Lange 2004, "A tutorial on MM algorithms")."""
+    s, s2 = _residuals(P, inv_r2)
+    a2 = (s + eps).pow(-0.5)
+    if s2 is None:
         return a2, None
-    diff = P[:, None, :] - P[None, :, :]
-    s = (1.0 - (diff * diff).sum(dim=-1)).abs()
-    c2 = (lam / (n * (n - 1))) ** 2 * (s + eps).pow(-0.5)
-    c2.fill_diagonal_(0.0)
-    return a2, c2
+    n = P.shape[0]
+    return a2, lam / (n * (n - 1)) * (s2 + eps).pow(-0.5) * inv_r2
 
 
 class FlagAggregator(Aggregator):
@@ -151,7 +186,7 @@ class FlagAggregator(Aggregator):
             raise ValueError(f"flag: need tol >= 0 and eps > 0, got tol={tol}, eps={eps}")
         for key, value, valid in (
             ("method", method, ("gram", "svd")),
-            ("rescale", rescale, ("none", "median_norm")),
+            ("rescale", rescale, ("none", "median_norm", "median_proj")),
             ("init", init, ("flag_mean", "random", "ambient")),
         ):
             if value not in valid:
@@ -200,6 +235,10 @@ class FlagAggregator(Aggregator):
         Er, gr = E[:, keep], g[keep]
         half = Er * gr.sqrt()  # P = half @ Q
         r = half.shape[1]
+        inv_r2 = None
+        if self.lam > 0 and n > 1:
+            dg = G.diagonal()
+            inv_r2 = _pair_scale(dg[:, None] + dg[None, :] - 2.0 * G, self._rtol(U))
 
         if self.init == "flag_mean":
             P = torch.zeros(n, 1, dtype=torch.float64)
@@ -210,19 +249,19 @@ class FlagAggregator(Aggregator):
         else:
             P = self._ambient_init(U, inv, m)
 
-        fit.objectives = [_objective(P, self.lam)]
+        fit.objectives = [_objective(P, self.lam, self.eps, inv_r2)]
         best, best_C = math.inf, torch.zeros(n, 0, dtype=torch.float64)
         for t in range(1, self.max_iter + 1):
-            a2, c2 = _weights(P, self.lam, self.eps)
+            a2, c2 = _weights(P, self.lam, self.eps, inv_r2)
             M = torch.diag(a2)
-            if c2 is not None:
+            if c2 is not None:  # sum over ordered pairs: a graph Laplacian
                 M = M + 2.0 * (torch.diag(c2.sum(dim=1)) - c2)
             B = half.T @ M @ half
             _, Q = torch.linalg.eigh(0.5 * (B + B.T))
             k = min(m, r)
             Qk = Q[:, -k:].flip(-1)
             P = half @ Qk
-            obj = _objective(P, self.lam)
+            obj = _objective(P, self.lam, self.eps, inv_r2)
             fit.objectives.append(obj)
             if obj < best:
                 best, fit.best_iteration, fit.projections = obj, t, P
@@ -232,7 +271,8 @@ class FlagAggregator(Aggregator):
                 break
         P = fit.projections
         coef = inv * (best_C @ P.sum(dim=0)) / m  # (1/m) Y Y^T sum_i u_i = coef @ U
-        coef = self._rescale(coef, coef @ K @ coef, norms)
+        out_norm = math.sqrt(max(float(coef @ K @ coef), 0.0))
+        coef = coef * self._scale(out_norm, lambda: (K @ coef) / out_norm, norms)
         fit.coef = coef
         fit.output = coef.to(device=U.device, dtype=U.dtype) @ U
         if return_basis:
@@ -247,13 +287,18 @@ class FlagAggregator(Aggregator):
         keep = w > w.max().clamp_min(0.0) * 1e-12
         return GR @ (V[:, keep] / w[keep].sqrt())
 
-    def _rescale(self, coef: Tensor, sq_norm: Tensor | float, norms: Tensor) -> Tensor:
+    def _scale(self, out_norm: float, components: Callable[[], Tensor], norms: Tensor) -> float:
+        """The factor that gives the output the scale chosen by ``rescale``: 1 (``none``), the
+        median input norm over ``out_norm`` (``median_norm``), or the median of the inputs'
+        components along the output, ``components()`` = ``(<x_i, out> / ||out||)_i``, over
+        ``out_norm`` (``median_proj``). A zero output stays zero."""
         if self.rescale == "none":
-            return coef
-        out_norm = math.sqrt(max(float(sq_norm), 0.0))
+            return 1.0
         if out_norm <= 0.0:
-            return torch.zeros_like(coef)
-        return coef * (float(torch.quantile(norms, 0.5)) / out_norm)
+            return 0.0
+        if self.rescale == "median_norm":
+            return float(torch.quantile(norms.double(), 0.5)) / out_norm
+        return float(torch.quantile(components().double(), 0.5)) / out_norm
 
     # -- the SVD route ----------------------------------------------------------------------------
     def _fit_svd(self, U: Tensor, return_basis: bool) -> FlagFit:
@@ -265,6 +310,10 @@ class FlagAggregator(Aggregator):
         inv = inv_u.double().cpu()
         rtol = self._rtol(U)
         iu, ju = torch.triu_indices(n, n, offset=1)
+        inv_r2 = None
+        if self.lam > 0 and n > 1:
+            Ud = Un.double()
+            inv_r2 = _pair_scale(torch.cdist(Ud, Ud).pow(2).cpu(), rtol)
 
         if self.init == "flag_mean":
             P = torch.zeros(n, 1, dtype=torch.float64)
@@ -276,10 +325,10 @@ class FlagAggregator(Aggregator):
         else:
             P = self._ambient_init(U, inv, m)
 
-        fit = FlagFit(objectives=[_objective(P, self.lam)])
+        fit = FlagFit(objectives=[_objective(P, self.lam, self.eps, inv_r2)])
         best, Y_best = math.inf, None
         for t in range(1, self.max_iter + 1):
-            a2, c2 = _weights(P, self.lam, self.eps)
+            a2, c2 = _weights(P, self.lam, self.eps, inv_r2)
             cols = [Un.T * a2.sqrt().to(device=U.device, dtype=U.dtype)]
             if c2 is not None:
                 cw = (2.0 * c2[iu, ju]).sqrt().to(device=U.device, dtype=U.dtype)
@@ -291,7 +340,7 @@ class FlagAggregator(Aggregator):
             k = min(m, r)
             Y = Uw[:, :k]
             P = (Un @ Y).double().cpu()
-            obj = _objective(P, self.lam)
+            obj = _objective(P, self.lam, self.eps, inv_r2)
             fit.objectives.append(obj)
             if obj < best:
                 best, fit.best_iteration, fit.projections, fit.rank, Y_best = obj, t, P, k, Y
@@ -301,11 +350,8 @@ class FlagAggregator(Aggregator):
             Y_best = torch.zeros_like(U[0])[:, None][:, :0]
             fit.projections = torch.zeros(n, 0, dtype=torch.float64)
         out = Y_best @ (Y_best.T @ Un.sum(dim=0)) / m
-        if self.rescale == "median_norm":
-            out_norm = float(torch.linalg.vector_norm(out))
-            target = float(torch.quantile(norms.double(), 0.5))
-            out = out * (target / out_norm) if out_norm > 0 else torch.zeros_like(out)
-        fit.output = out
+        out_norm = float(torch.linalg.vector_norm(out))
+        fit.output = out * self._scale(out_norm, lambda: (U @ out).cpu() / out_norm, norms.cpu())
         fit.basis = Y_best if return_basis else None
         return fit
 
