@@ -11,6 +11,15 @@ per run (a rerun skips runs whose JSON exists) and accuracy-vs-round plots.
     python benchmarks/heterogeneity.py --out outputs/hetero             # full setting
     python benchmarks/heterogeneity.py --quick --out outputs/hetero_q   # 1 seed, 30 rounds, digits
     python benchmarks/heterogeneity.py --datasets mnist1d --alphas 0.1 --rounds 50 --seeds 0
+
+Under attack (issue 18, item 3: Byzantine clients corrupt their per-client extras too): ``--attacks``
+adds the attack x aggregator grid (``f`` Byzantine clients, ids 0..f-1; ``none`` runs with f = 0)
+and prints one row per cell; ``--before DIR`` puts the runs of the same grid made with an
+earlier commit (e.g. before the extras were attacked) beside them:
+
+    python benchmarks/heterogeneity.py --datasets digits --alphas 0.1 --rounds 30 \
+        --num-clients 10 --per-round 10 --epochs 1 --strategies fedavg scaffold feddyn fedspeed \
+        --attacks none sign_flip alie --aggregators mean median --f 3 --out <dir>
 """
 
 from __future__ import annotations
@@ -24,8 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _provenance import git_state, markdown, pin_threads, provenance
+
 STRATEGIES = ["fedavg", "fedprox", "scaffold", "feddyn", "fedsam", "fedspeed", "fedavgm", "fedadam"]
 TARGETS = {"digits": 0.80, "mnist1d": 0.50}  # target test accuracy for "rounds to target"
+DEFAULT_SETTING = {"num_clients": 100, "clients_per_round": 10, "epochs": 5}
 
 
 def run_one(
@@ -38,12 +50,20 @@ def run_one(
     extra: list[str],
     eval_every: int,
     rundirs: Path | None = None,
+    setting: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """One training run through the Flagstaff runner (backend=local); cached as JSON.
 
     The run's own directory (checkpoint ~2 MB, metrics, partition) goes under `rundirs`
-    (default `<out>/rundirs`); only the small JSON summary goes under `<out>/runs`."""
+    (default `<out>/rundirs`); only the small JSON summary goes under `<out>/runs`. `setting`
+    changes num_clients / clients_per_round / epochs from the benchmark's 100 / 10 / 5."""
+    setting = {**DEFAULT_SETTING, **(setting or {})}
     tag = "_".join(e.replace("=", "-").replace("/", "-") for e in extra)
+    if setting != DEFAULT_SETTING:
+        s = setting
+        tag = f"n{s['num_clients']}of{s['clients_per_round']}_e{s['epochs']}" + (
+            "_" + tag if tag else ""
+        )
     name = f"{dataset}_a{alpha}_{strategy}{'_' + tag if tag else ''}_s{seed}_r{rounds}"
     path = out / "runs" / f"{name}.json"
     if path.exists():
@@ -59,12 +79,13 @@ def run_one(
         f"data={dataset}",
         "data.image=true",
         "model=cnn",
-        "num_clients=100",
-        "clients_per_round=10",
+        f"num_clients={setting['num_clients']}",
+        f"clients_per_round={setting['clients_per_round']}",
         "partition=dirichlet",
         f"partition.alpha={alpha}",
         "client=fedspeed_ref",
         "client.batch_size=10",
+        f"client.epochs={setting['epochs']}",
         f"strategy={strategy}",
         f"rounds={rounds}",
         f"seed={seed}",
@@ -88,6 +109,10 @@ def run_one(
         "final_accuracy": res["accuracy"],
         "s_per_round": res["round_time_median_s"],
         "wall_s": time.perf_counter() - t0,
+        "setting": setting,
+        "extra": extra,
+        "name": name,
+        "git": git_state(),  # the code that made this run (a rerun reuses cached runs)
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row))
@@ -123,6 +148,65 @@ def table(rows: list[dict[str, Any]], targets: dict[str, float]) -> str:
             f"| {ds} | {alpha} | {strat} | {len(rs)} | {rs[0]['rounds']} | "
             f"{100 * statistics.mean(accs):.2f} +- {100 * sd:.2f} | {rt} | {spr:.3f} |"
         )
+    return "\n".join(lines)
+
+
+def attack_overrides(attack: str, f: int, aggregator: str) -> list[str]:
+    """The overrides of one attack cell (``none``: no Byzantine client, f = 0)."""
+    return [
+        f"attack={attack}",
+        f"attack.f={0 if attack == 'none' else f}",
+        f"aggregator={aggregator}",
+    ]
+
+
+def _cell(extra: list[str]) -> tuple[str, int, str]:
+    kv = dict(e.split("=", 1) for e in extra)
+    return kv.get("attack", "none"), int(kv.get("attack.f", 0)), kv.get("aggregator", "mean")
+
+
+def attack_table(rows: list[dict[str, Any]], before: dict[str, dict[str, Any]] | None) -> str:
+    """Markdown table of final accuracy per (dataset, alpha, strategy, aggregator, attack), mean
+    +- std over seeds, with the same runs of an earlier commit (``before``: run name -> row) beside
+    it when given."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        attack, f, agg = _cell(r["extra"])
+        base = r["strategy"].split(" (")[0]
+        groups.setdefault((r["dataset"], r["alpha"], base, agg, attack, f), []).append(r)
+
+    def stat(accs: list[float]) -> str:
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        return f"{100 * statistics.mean(accs):.2f} +- {100 * sd:.2f}"
+
+    head = "| dataset | Dir alpha | strategy | aggregator | attack | f | "
+    if before is None:
+        lines = [head + "final acc (mean +- std) | per seed |", "|---|---|---|---|---|---|---|---|"]
+    else:
+        lines = [
+            head + "before: honest extras | after: attacked extras | change (pt) "
+            "| per seed, before -> after |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    for key, rs in groups.items():
+        ds, alpha, strat, agg, attack, f = key
+        rs = sorted(rs, key=lambda r: r["seed"])
+        accs = [r["final_accuracy"] for r in rs]
+        cells = f"| {ds} | {alpha} | {strat} | {agg} | {attack} | {f} | "
+        if before is None:
+            seeds = " / ".join(f"{100 * a:.1f}" for a in accs)
+            lines.append(cells + f"{stat(accs)} | {seeds} |")
+            continue
+        old = [before.get(r["name"]) for r in rs]
+        if any(o is None for o in old):
+            lines.append(cells + f"- | {stat(accs)} | - | - |")
+            continue
+        olds = [o["final_accuracy"] for o in old]
+        change = 100 * (statistics.mean(accs) - statistics.mean(olds))
+        seeds = " / ".join(
+            f"{100 * a:.1f} -> {100 * b:.1f}" for a, b in zip(olds, accs, strict=True)
+        )
+        lines.append(cells + f"{stat(olds)} | {stat(accs)} | {change:+.2f} | {seeds} |")
     return "\n".join(lines)
 
 
@@ -175,6 +259,23 @@ def main(argv: list[str] | None = None) -> None:
         "adds a separate row, e.g. for a tuning grid)",
     )
     ap.add_argument("--target", action="append", default=[], metavar="DATASET=ACC")
+    ap.add_argument(
+        "--attacks",
+        nargs="+",
+        default=None,
+        help="attack grid (conf/attack names; none = f 0): every strategy x aggregator x attack",
+    )
+    ap.add_argument("--aggregators", nargs="+", default=["mean"], help="with --attacks")
+    ap.add_argument("--f", type=int, default=3, help="Byzantine clients (ids 0..f-1), --attacks")
+    ap.add_argument("--num-clients", type=int, default=DEFAULT_SETTING["num_clients"])
+    ap.add_argument("--per-round", type=int, default=DEFAULT_SETTING["clients_per_round"])
+    ap.add_argument("--epochs", type=int, default=DEFAULT_SETTING["epochs"])
+    ap.add_argument(
+        "--before",
+        default=None,
+        help="--out directory of the same --attacks grid run with an earlier commit: its final "
+        "accuracies go beside these",
+    )
     ap.add_argument("--out", default="outputs/heterogeneity")
     ap.add_argument(
         "--rundirs",
@@ -183,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         "(pass a path under outputs/ when --out is inside the repo)",
     )
     args = ap.parse_args(argv)
+    pin_threads(1)  # sums in a fixed order on any machine (the hosts run 1 thread each anyway)
+    prov = provenance()
     if args.quick:
         args.datasets, args.seeds, args.rounds = ["digits"], [0], min(args.rounds, 30)
     targets = dict(TARGETS)
@@ -191,7 +294,19 @@ def main(argv: list[str] | None = None) -> None:
         targets[k] = float(v)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    setting = {
+        "num_clients": args.num_clients,
+        "clients_per_round": args.per_round,
+        "epochs": args.epochs,
+    }
     variants: list[tuple[str, list[str]]] = [(s, []) for s in args.strategies]
+    if args.attacks:
+        variants = [
+            (s, attack_overrides(a, args.f, g))
+            for s in args.strategies
+            for g in args.aggregators
+            for a in args.attacks
+        ]
     for spec in args.set:
         strat, over = spec.split(":", 1)
         variants.append((strat, over.split(",")))
@@ -204,7 +319,9 @@ def main(argv: list[str] | None = None) -> None:
             for strat, extra in variants:
                 for seed in args.seeds:
                     i += 1
-                    row = run_one(ds, alpha, strat, seed, args.rounds, out, extra, ev, rundirs)
+                    row = run_one(
+                        ds, alpha, strat, seed, args.rounds, out, extra, ev, rundirs, setting
+                    )
                     rows.append(row)
                     print(
                         f"[{i}/{total}] {ds} a={alpha} {row['strategy']} seed={seed}: "
@@ -212,14 +329,34 @@ def main(argv: list[str] | None = None) -> None:
                         file=sys.stderr,
                         flush=True,
                     )
-    md = table(rows, targets)
-    header = (
-        f"targets: {', '.join(f'{k} {v:.2f}' for k, v in targets.items() if k in args.datasets)}; "
-        f"100 clients, 10 per round, 5 local epochs, batch 10, seeds {args.seeds}\n\n"
-    )
+    (out / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
+    header = markdown(prov) + "\n"
+    if args.attacks:
+        before = None
+        if args.before:
+            bdir = Path(args.before)
+            before = {p.stem: json.loads(p.read_text()) for p in (bdir / "runs").glob("*.json")}
+            if (bdir / "provenance.json").exists():
+                bprov = json.loads((bdir / "provenance.json").read_text())
+                header += "before: " + markdown(bprov) + "\n"
+        md = attack_table(rows, before)
+        header += (
+            f"{args.num_clients} clients, {args.per_round} per round, {args.epochs} local epoch(s), "
+            f"batch 10, {args.rounds} rounds, f = {args.f} Byzantine clients (ids 0..{args.f - 1}), "
+            f"seeds {args.seeds}\n\n"
+        )
+    else:
+        md = table(rows, targets)
+        header += (
+            f"targets: "
+            f"{', '.join(f'{k} {v:.2f}' for k, v in targets.items() if k in args.datasets)}; "
+            f"{args.num_clients} clients, {args.per_round} per round, {args.epochs} local epochs, "
+            f"batch 10, seeds {args.seeds}\n\n"
+        )
     (out / "table.md").write_text(header + md + "\n")
-    for p in plot(rows, out, targets):
-        print(f"plot: {p}", file=sys.stderr)
+    if not args.attacks:
+        for p in plot(rows, out, targets):
+            print(f"plot: {p}", file=sys.stderr)
     print(header + md)
     if not math.isfinite(sum(r["final_accuracy"] or 0.0 for r in rows)):
         sys.exit("a run ended with a non-finite accuracy")
