@@ -182,6 +182,9 @@ def main() -> None:
         print(json.dumps(res))
         return
 
+    from _provenance import markdown, provenance  # benchmarks/ is sys.path[0]
+
+    print(markdown(provenance()))
     if args.target:
         n, d = args.n[0], int(max(args.d))
         res = compare(n, d, max(args.repeats, 5))

@@ -55,7 +55,10 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/flagstaff-cluster-bench")
     args = ap.parse_args()
     import ray
+    from _provenance import markdown, provenance  # benchmarks/ is sys.path[0]
     from ray.cluster_utils import Cluster
+
+    print(markdown(provenance()))
 
     tmp = Path(args.out)
     base = [

@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unknown part(s) {bad}; choose from {list(PARTS)} or all")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    from _provenance import markdown, provenance
+
     sections = [
-        f"# Compression benchmark\n\n{platform.platform()}, {os.cpu_count()} CPUs, "
+        f"# Compression benchmark\n\n{markdown(provenance())}\n\n{platform.platform()}, {os.cpu_count()} CPUs, "
         f"load average {load:.1f} at start{' (quick)' if args.quick else ''}\n"
     ]
     for part in parts:

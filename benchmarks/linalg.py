@@ -282,6 +282,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray rows")
     args = ap.parse_args()
+    from _provenance import markdown, provenance  # benchmarks/ is sys.path[0]
+
+    print(markdown(provenance()))
     hosts = 0 if args.no_ray else 2
     if hosts:
         import ray

@@ -959,6 +959,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else _parse_list(args.workload, list(WORKLOADS), "workload")
     )
     impls = _parse_list(args.impl, list(RUNNERS), "impl")
+    from _provenance import markdown, provenance
+
+    print(markdown(provenance(None if argv is None else ["benchmarks/simulation.py", *argv])))
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="simulation-bench-"))
 
     print(f"# Simulation benchmark\n\n{_machine_info()}\nLogs: {log_dir}\n", flush=True)
@@ -1007,6 +1010,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Note: flower ran via {FLOWER_API}.")
     if args.json:
         payload = {
+            "provenance": provenance(None if argv is None else ["benchmarks/simulation.py", *argv]),
             "machine": _machine_info(),
             "definitions": DEFINITIONS,
             "workloads": {n: dataclasses.asdict(get_workload(n)) for n in workload_names},
