@@ -1,13 +1,19 @@
-"""Flower's deployment engine on localhost: a real SuperLink with TLS and SuperNode authentication,
-two SuperNodes running the example app (Flag Aggregator), and a SuperNode with an unknown key that
-the SuperLink refuses.
+"""Flower's deployment engine on this machine, attacked by a stranger: a real SuperLink with TLS and
+SuperNode authentication, SuperNodes admitted by the operator, and an intruder who has only the CA
+certificate (what every SuperNode is given) and the address SuperNodes connect to.
+
+The intruder (a) runs ``flwr supernode register intruder.pub`` against every address of the
+deployment it can reach, and (b) starts a SuperNode with its own key. Neither may work: the node
+must never be listed as online by the operator's Control API and must receive no task (its
+ClientApp process would leave a marker file). A SuperNode whose key nobody registered is refused as
+well (``ApiError 2004``).
 
 flwr 1.41: with ``--enable-supernode-auth`` the SuperLink disables self-registration; SuperNode
 public keys (OpenSSH, NIST EC curve) are registered through the Control API with
 ``flwr supernode register <public-key> <connection>``, and each SuperNode signs its requests with
 ``--auth-supernode-private-key`` (OpenSSH private key). Certificates (a CA and a server certificate
-for 127.0.0.1/localhost) are generated here with ``cryptography``. Every process is started on free
-127.0.0.1 ports, every wait is bounded, and all processes are killed at the end.
+for 127.0.0.1/localhost and this machine's address) are generated here with ``cryptography``.
+Every wait is bounded, and all processes are killed at the end.
 """
 
 from __future__ import annotations
@@ -15,25 +21,39 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from launch import flower_superlink
 from tests.test_flower_example import BIN, ROOT, flwr_env, free_port, kill_trees, wait_for_file
+
+#: the ClientApp process of a SuperNode is ``flwr-clientapp``: on the intruder's machine it leaves
+#: a marker (a sitecustomize on the intruder's PYTHONPATH), so a task that reached it is visible
+_MARKER_SITECUSTOMIZE = """\
+import os, sys
+if sys.argv and os.path.basename(sys.argv[0]) == "flwr-clientapp":
+    with open(os.environ["INTRUDER_MARKER"], "a") as f:
+        f.write(" ".join(sys.argv) + "\\n")
+"""
 
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def make_tls(d: Path) -> tuple[Path, Path, Path]:
-    """A self-signed CA and a server certificate for 127.0.0.1 and localhost (ca, cert, key)."""
+def make_tls(d: Path, ips: tuple[str, ...] = ()) -> tuple[Path, Path, Path]:
+    """A self-signed CA and a server certificate for 127.0.0.1, localhost and ``ips``."""
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca = (
@@ -48,9 +68,9 @@ def make_tls(d: Path) -> tuple[Path, Path, Path]:
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP384R1())
-    san = x509.SubjectAlternativeName(
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    )
+    names = [x509.DNSName("localhost")] + [
+        x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", *ips)
+    ]
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name("127.0.0.1"))
@@ -59,7 +79,7 @@ def make_tls(d: Path) -> tuple[Path, Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(san, critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
@@ -95,52 +115,103 @@ def make_node_key(d: Path, name: str) -> tuple[Path, Path]:
     return priv, pub
 
 
-def _cli(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
-    proc = subprocess.run(
-        [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, f"flwr {args[:2]} failed:\n{proc.stdout[-2000:]}{proc.stderr}"
-    return proc.stdout
+def public_ipv4() -> str | None:
+    """A non-loopback IPv4 address of this machine (what a remote stranger would connect to)."""
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
+                return a.address
+    return None
 
 
-def _wait_port(port: int, timeout: float) -> None:
-    import socket
-
+def _wait_port(host: str, port: int, timeout: float) -> None:
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.3)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
-@pytest.mark.slow
-def test_superlink_tls_and_supernode_auth_two_rounds(tmp_path) -> None:
-    ca, cert, key = make_tls(tmp_path)
-    port = free_port()
-    env = flwr_env(tmp_path / "flwr")
-    (tmp_path / "flwr" / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca}"\n'
+def _connection(home: Path, name: str, address: str, ca: Path) -> dict[str, str]:
+    """A Flower CLI home whose only SuperLink connection is ``name`` -> ``address`` (TLS, CA)."""
+    env = flwr_env(home)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
+        f'address = "{address}"\nroot-certificates = "{ca}"\n'
     )
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen] = []
+    return env
 
-    def start(name: str, args: list[str]) -> subprocess.Popen:
-        out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, stdout=out, stderr=out)
-        procs.append(p)
+
+class Deployment:
+    """A SuperLink as docs/flower.md deploys it, the operator's CLI, and a stranger's CLI."""
+
+    def __init__(self, d: Path) -> None:
+        self.d = d
+        self.public = public_ipv4() or "127.0.0.1"  # where SuperNodes (and strangers) connect
+        self.ca, self.cert, self.key = make_tls(d, (self.public,) if self.public else ())
+        self.fleet_port, self.control_port = free_port(), free_port()
+        self.logs = d / "logs"
+        self.logs.mkdir()
+        self.procs: list[subprocess.Popen] = []
+        self.operator_env = _connection(
+            d / "operator", "deploy", f"127.0.0.1:{self.control_port}", self.ca
+        )
+        # the stranger has the CA certificate and the SuperNodes' address, nothing else
+        self.stranger_env = _connection(
+            d / "stranger", "stranger", f"{self.public}:{self.fleet_port}", self.ca
+        )
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None):
+        out = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        p = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            env=env or self.operator_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=self.d,
+        )
+        self.procs.append(p)
         return p
 
-    def supernode(name: str, priv: Path, partition: int, **kw: str) -> subprocess.Popen:
+    def start_superlink(self) -> None:
+        """launch/flower_superlink.py: Control and Runtime APIs on loopback, Fleet API public."""
+        self.start(
+            "superlink",
+            [
+                "python",
+                "-m",
+                "launch.flower_superlink",
+                "--ssl-ca-certfile",
+                str(self.ca),
+                "--ssl-certfile",
+                str(self.cert),
+                "--ssl-keyfile",
+                str(self.key),
+                "--enable-supernode-auth",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.control_port),
+                "--fleet-host",
+                self.public,
+                "--fleet-port",
+                str(self.fleet_port),
+            ],
+        )
+        _wait_port(self.public, self.fleet_port, 60)
+        _wait_port("127.0.0.1", self.control_port, 60)
+
+    def supernode(
+        self, name: str, priv: Path, partition: int, env: dict[str, str] | None = None, **kw: str
+    ) -> subprocess.Popen:
         args = [
             "flower-supernode",
             "--superlink",
-            f"127.0.0.1:{port}",
+            f"{self.public}:{self.fleet_port}",
             "--root-certificates",
-            str(ca),
+            str(self.ca),
             "--auth-supernode-private-key",
             str(priv),
             "--host",
@@ -152,62 +223,219 @@ def test_superlink_tls_and_supernode_auth_two_rounds(tmp_path) -> None:
         ]
         for k, v in kw.items():
             args += [f"--{k.replace('_', '-')}", v]
-        return start(name, args)
+        return self.start(name, args, env)
+
+    def flwr(self, args: list[str], env: dict[str, str], timeout: float = 120):
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def operator(self, args: list[str], timeout: float = 120) -> str:
+        """``flwr <args> deploy`` as the operator; must succeed."""
+        proc = self.flwr(args, self.operator_env, timeout)
+        assert proc.returncode == 0, f"flwr {args[:2]} failed:\n{proc.stdout[-2000:]}{proc.stderr}"
+        return proc.stdout
+
+    def admit(self, pub: Path) -> str:
+        """Register a SuperNode's public key as the operator; its node id."""
+        out = self.operator(["supernode", "register", str(pub), "deploy", "--format", "json"])
+        return str(json.loads(out)["node-id"])
+
+    def nodes(self) -> dict[str, str]:
+        """node id -> status, from the operator's Control API."""
+        out = self.operator(["supernode", "ls", "deploy", "--format", "json"])
+        return {n["node-id"]: n["status"] for n in json.loads(out)["nodes"]}
+
+    def close(self) -> None:
+        kill_trees([p.pid for p in self.procs])
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    d = Deployment(tmp_path)
+    try:
+        d.start_superlink()
+        yield d
+    finally:
+        d.close()
+
+
+def _intruder_env(d: Deployment) -> dict[str, str]:
+    """The stranger's environment, with a marker that records any ClientApp started there."""
+    site = d.d / "intruder_site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_MARKER_SITECUSTOMIZE)
+    return {
+        **d.stranger_env,
+        "PYTHONPATH": str(site),
+        "INTRUDER_MARKER": str(d.d / "intruder_clientapp_called"),
+    }
+
+
+def _stranger_attacks(d: Deployment, pub: Path) -> dict[str, str]:
+    """(a) ``flwr supernode register`` with only the CA certificate, on every address the stranger
+    can reach from outside (the SuperNodes' address; the Control API's port on this machine's
+    external address), plus raw requests for the Runtime API and the API docs on the SuperNodes'
+    address. What each attempt got back (must be a refusal, never a registration)."""
+    out = {}
+    proc = d.flwr(["supernode", "register", str(pub), "stranger"], d.stranger_env)
+    out["register@fleet"] = f"rc={proc.returncode} {proc.stdout}{proc.stderr}"
+    if d.public != "127.0.0.1":
+        env = _connection(d.d / "stranger2", "s2", f"{d.public}:{d.control_port}", d.ca)
+        proc = d.flwr(["supernode", "register", str(pub), "s2"], env)
+        out["register@control-port"] = f"rc={proc.returncode} {proc.stdout}{proc.stderr}"
+    with httpx.Client(verify=ssl.create_default_context(cafile=d.ca), timeout=30) as http:
+        base = f"https://{d.public}:{d.fleet_port}"
+        out["runtime@fleet"] = str(http.post(f"{base}/v1/runtime/acquire-task").status_code)
+        out["docs@fleet"] = str(http.get(f"{base}/docs").status_code)
+    return out
+
+
+def _assert_refused(attempts: dict[str, str]) -> None:
+    assert "rc=1" in attempts["register@fleet"] and "404" in attempts["register@fleet"], attempts
+    if "register@control-port" in attempts:
+        assert "rc=1" in attempts["register@control-port"], attempts
+        assert "unavailable" in attempts["register@control-port"], attempts
+    assert attempts["runtime@fleet"] == attempts["docs@fleet"] == "404", attempts
+
+
+def _watch_intruder(
+    d: Deployment, intruder: subprocess.Popen, admitted: set[str], timeout: float
+) -> set[str]:
+    """Poll the operator's node list until the admitted nodes are online and the intruder's
+    SuperNode has given up (or ``timeout``); every node id ever seen online that the operator did
+    not admit."""
+    strangers: set[str] = set()
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        nodes = d.nodes()
+        strangers |= {n for n, s in nodes.items() if s == "online" and n not in admitted}
+        online = {n for n, s in nodes.items() if s == "online"}
+        if admitted <= online and (intruder.poll() is not None or strangers):
+            break
+        time.sleep(1.0)
+    return strangers
+
+
+def test_stranger_with_the_ca_cert_cannot_register_or_join(deployment, tmp_path) -> None:
+    d = deployment
+    node0 = make_node_key(tmp_path, "node0")
+    intruder = make_node_key(tmp_path, "intruder")
+    admitted = {d.admit(node0[1])}
+
+    attempts = _stranger_attacks(d, intruder[1])
+    env = _intruder_env(d)
+    intr = d.supernode("intruder", intruder[0], 0, env, max_retries="1", max_wait_time="20")
+    d.supernode("node0", node0[0], 0)
+    strangers = _watch_intruder(d, intr, admitted, timeout=120)
+    nodes = d.nodes()
+    code = intr.poll()
+    log = (d.logs / "intruder.log").read_text()
+
+    _assert_refused(attempts)
+    assert not strangers, f"nodes the operator never admitted were online: {strangers}"
+    assert set(nodes) == admitted and nodes[next(iter(admitted))] == "online", nodes
+    assert code is not None and code != 0, log[-2000:]
+    assert "Receiving:" not in log and not Path(env["INTRUDER_MARKER"]).exists()
+
+
+@pytest.mark.slow
+def test_two_admitted_nodes_train_while_an_intruder_and_an_unknown_key_are_refused(
+    deployment, tmp_path
+) -> None:
+    d = deployment
+    keys = [make_node_key(tmp_path, f"node{i}") for i in range(2)]
+    admitted = {d.admit(pub) for _, pub in keys}
+    intruder = make_node_key(tmp_path, "intruder")
+    unknown = make_node_key(tmp_path, "unknown")  # nobody ever registers this key
+
+    attempts = _stranger_attacks(d, intruder[1])
+    env = _intruder_env(d)
+    intr = d.supernode("intruder", intruder[0], 0, env, max_retries="2", max_wait_time="30")
+    for i, (priv, _) in enumerate(keys):
+        d.supernode(f"node{i}", priv, i)
+    strangers = _watch_intruder(d, intr, admitted, timeout=120)
 
     result = tmp_path / "result.json"
-    try:
-        start(
-            "superlink",
-            [
-                "flower-superlink",
-                "--ssl-ca-certfile",
-                str(ca),
-                "--ssl-certfile",
-                str(cert),
-                "--ssl-keyfile",
-                str(key),
-                "--enable-supernode-auth",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-        )
-        _wait_port(port, 60)
-        keys = [make_node_key(tmp_path, f"node{i}") for i in range(3)]
-        for _, pub in keys[:2]:  # node2's key is never registered
-            _cli(["supernode", "register", str(pub), "deploy"], env)
-        supernode("node0", keys[0][0], 0)
-        supernode("node1", keys[1][0], 1)
-        _cli(
-            [
-                "run",
-                str(ROOT / "examples" / "flower_flag"),
-                "deploy",
-                "--stream",
-                "--run-config",
-                f"num-server-rounds=2 num-clients=2 attack='none' byzantine=0 "
-                f"result-file='{result}'",
-            ],
-            env,
-            timeout=600,
-        )
-        wait_for_file(result, 120)
-        out = json.loads(result.read_text())
+    d.operator(
+        [
+            "run",
+            str(ROOT / "examples" / "flower_flag"),
+            "deploy",
+            "--stream",
+            "--run-config",
+            f"num-server-rounds=2 num-clients=2 attack='none' byzantine=0 result-file='{result}'",
+        ],
+        timeout=600,
+    )
+    wait_for_file(result, 120)
+    out = json.loads(result.read_text())
 
-        # a SuperNode whose key the SuperLink does not know is refused and gives up
-        intruder = supernode("intruder", keys[2][0], 0, max_retries="2", max_wait_time="30")
-        try:
-            code = intruder.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            code = None
-        intruder_log = (logs / "intruder.log").read_text()
-        nodes = _cli(["supernode", "ls", "deploy", "--format", "json"], env)
-    finally:
-        kill_trees([p.pid for p in procs])
+    # a SuperNode whose key the SuperLink does not know is refused and gives up
+    stray = d.supernode("unknown", unknown[0], 1, max_retries="2", max_wait_time="30")
+    try:
+        stray_code = stray.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        stray_code = None
+    nodes = d.nodes()
+    intruder_log = (d.logs / "intruder.log").read_text()
+
+    _assert_refused(attempts)
+    assert not strangers, f"nodes the operator never admitted were online: {strangers}"
     assert sorted(int(r) for r in out["train"]) == [1, 2]
     assert all(t["clients"] == 2 and t["dropped_failed"] == 0 for t in out["train"].values())
     assert out["accuracy"]["2"]["accuracy"] > out["accuracy"]["0"]["accuracy"]
-    assert code is not None and code != 0, intruder_log[-2000:]
-    listed = json.loads(nodes)["nodes"]  # the Control API over TLS: only the registered two
-    assert len(listed) == 2, listed
+    assert "Receiving:" not in intruder_log and not Path(env["INTRUDER_MARKER"]).exists()
+    assert stray_code is not None and stray_code != 0, (d.logs / "unknown.log").read_text()[-2000:]
+    assert set(nodes) == admitted, nodes  # the Control API knows only the two admitted nodes
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"--host": "0.0.0.0"}, "--host 0.0.0.0 would expose the Control API"),
+        ({"--enable-supernode-auth": None}, "--enable-supernode-auth is required"),
+        ({"--ssl-keyfile": None}, "TLS is required"),
+        ({"--insecure": ""}, "TLS is required"),
+        ({"--ssl-certfile": "missing.pem"}, "--ssl-certfile missing.pem is not a file"),
+        ({"--fleet-port": "PORT"}, "must be a free port other than --port"),
+    ],
+)
+def test_launcher_refuses_a_superlink_a_stranger_could_join(tmp_path, capsys, change, words):
+    """One line naming the option and the fix, exit code 2, nothing bound."""
+    ca, cert, key = make_tls(tmp_path)
+    port = free_port()
+    opts = {
+        "--ssl-ca-certfile": str(ca),
+        "--ssl-certfile": str(cert),
+        "--ssl-keyfile": str(key),
+        "--enable-supernode-auth": "",
+        "--host": "127.0.0.1",
+        "--port": str(port),
+        "--fleet-host": "127.0.0.1",
+        "--fleet-port": str(free_port()),
+    }
+    for k, v in change.items():
+        opts[k] = str(port) if v == "PORT" else v
+    argv = [a for k, v in opts.items() if v is not None for a in ([k, v] if v else [k])]
+    with pytest.raises(SystemExit) as exc:
+        flower_superlink.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and words in err, err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the Control API's port was never taken
+
+
+def test_launcher_says_which_port_is_taken(tmp_path, capsys):
+    ca, cert, key = make_tls(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        argv = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile"]
+        argv += [str(key), "--enable-supernode-auth", "--port", str(free_port())]
+        argv += ["--fleet-host", "127.0.0.1", "--fleet-port", str(busy)]
+        with pytest.raises(SystemExit) as exc:
+            flower_superlink.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and f"cannot listen on 127.0.0.1:{busy}" in err, err
