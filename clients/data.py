@@ -183,25 +183,46 @@ def load_user(root: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Da
 def _check_labels(y: np.ndarray, where: str) -> np.ndarray:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{where}: labels must be a 1-D integer array, got {y.dtype} {y.shape}")
+    if len(y) == 0:
+        raise ValueError(f"{where}: the labels have 0 rows; save at least one sample per class")
     if y.min() < 0:
         raise ValueError(f"{where}: labels must be >= 0")
     return y.astype(np.int64)
 
 
+def _check_features(x: np.ndarray, name: str, where: str) -> np.ndarray:
+    """Features are (samples, features...) with at least one sample."""
+    if x.ndim < 2:
+        raise ValueError(
+            f"{where}: {name} is {x.ndim}-D {x.shape}; features must be (samples, features...): "
+            f"for one feature per sample save {name}.reshape(-1, 1)"
+        )
+    if len(x) == 0:
+        raise ValueError(f"{where}: {name} has 0 rows; save at least one sample per class")
+    return x.astype(np.float32)
+
+
 def _load_npz(path: Path, test_fraction: float, seed: int) -> Dataset:
+    where = str(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{where} is an empty file (0 bytes); save the arrays with numpy.savez")
     try:
         arrays = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, EOFError) as err:
         raise ValueError(f"could not read {path} as .npz arrays: {err}") from err
     keys = set(arrays.files)
-    where = str(path)
     if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+        x_tr = _check_features(arrays["x_train"], "x_train", where)
+        x_te = _check_features(arrays["x_test"], "x_test", where)
         y_tr = _check_labels(arrays["y_train"], where)
         y_te = _check_labels(arrays["y_test"], where)
-        x_tr = arrays["x_train"].astype(np.float32)
-        x_te = arrays["x_test"].astype(np.float32)
+        if x_tr.shape[1:] != x_te.shape[1:]:
+            raise ValueError(
+                f"{where}: x_train has {_features(x_tr)} features per sample but x_test has "
+                f"{_features(x_te)}; both splits must have the same features"
+            )
     elif {"x", "y"} <= keys:
-        x = arrays["x"].astype(np.float32)
+        x = _check_features(arrays["x"], "x", where)
         y = _check_labels(arrays["y"], where)
         if len(x) != len(y):
             raise ValueError(f"{where}: x has {len(x)} rows but y has {len(y)}")
@@ -215,8 +236,19 @@ def _load_npz(path: Path, test_fraction: float, seed: int) -> Dataset:
         raise ValueError(f"{where}: features and labels differ in length")
     if not (np.isfinite(x_tr).all() and np.isfinite(x_te).all()):
         raise ValueError(f"{where}: features contain NaN or infinity")
+    unseen = np.setdiff1d(y_te, y_tr)
+    if len(unseen):
+        raise ValueError(
+            f"{where}: test labels {unseen.tolist()} never appear in training (training labels: "
+            f"{np.unique(y_tr).tolist()}), so no model can predict them; put samples of every "
+            "test class into x_train/y_train, or save x,y and let Flagstaff split them"
+        )
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
     return _to_dataset(x_tr, x_te, y_tr, y_te, num_classes, path.stem)
+
+
+def _features(x: np.ndarray) -> str:
+    return str(x.shape[1]) if x.ndim == 2 else "x".join(map(str, x.shape[1:]))
 
 
 def _load_image_folder(path: Path, test_fraction: float, seed: int) -> Dataset:

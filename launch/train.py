@@ -62,6 +62,13 @@ def app(cfg: DictConfig) -> float | None:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RuntimeError as err:  # a run that stopped itself (system/runner.py RunStopped): exit 1
+        from system.runner import RunStopped
+
+        if not isinstance(err, RunStopped):
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(1) from None
     acc = result["accuracy"]
     ran = result.get("rounds_completed", result["rounds"])  # fewer after a budget stop
     stopped = f" stopped={result['stopped']!r}" if result.get("stopped") else ""

@@ -55,6 +55,11 @@ class ClusterSchema:
     on_host_failure: HostFailure = HostFailure.retry
     round_deadline_s: float | None = None
     max_restarts: int = 3
+    # a dead host not restarted by Ray within this many seconds is lost: its clients move to the
+    # surviving hosts (system/pool.py)
+    restart_timeout_s: float = 60.0
+    # this many rounds in a row without a usable update stop the run with an error (0: never)
+    max_skipped_rounds: int = 3
     include_dashboard: bool = False
     # a new local Ray without dashboard skips Ray's idle dashboard head and polls for its node
     # (system/ray_start.py lean_local_start); false: Ray's own start-up
@@ -180,6 +185,15 @@ def validate(cfg: DictConfig | dict) -> dict[str, Any]:
     _check(cl["hosts"] is None or cl["hosts"] >= 1, "cluster.hosts must be >= 1 or null")
     _check(cl["cpus_per_host"] >= 0 and cl["gpus_per_host"] >= 0, "cluster resources must be >= 0")
     _check(cl["threads_per_host"] >= 1, "cluster.threads_per_host must be >= 1")
+    _check(
+        cl["restart_timeout_s"] >= 0,
+        f"cluster.restart_timeout_s={cl['restart_timeout_s']} must be >= 0 (seconds to wait for "
+        "Ray to restart a dead host before its clients move to the others)",
+    )
+    _check(
+        cl["max_skipped_rounds"] >= 0,
+        f"cluster.max_skipped_rounds={cl['max_skipped_rounds']} must be >= 0 (0: never stop)",
+    )
     _check(
         cl["placement"] in ("default", "spread"),
         f"cluster.placement={cl['placement']!r}: choose default or spread",

@@ -8,6 +8,7 @@ in an actor, the ``local`` backend calls it directly.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import dataclass, field, fields
@@ -23,18 +24,34 @@ from clients.trainer import ParamSpec
 from system.codecs import build_codec
 from system.wire import from_wire, shared_from_wire, to_wire
 
-__all__ = ["ClientHost", "HostShard", "HostReply", "ClientError", "build_from"]
+__all__ = [
+    "ClientHost",
+    "HostShard",
+    "HostReply",
+    "ClientError",
+    "UnknownClientsError",
+    "PRIVACY_STATE",
+    "build_from",
+]
+
+#: the name :meth:`ClientHost.state_kinds` gives the per-client privacy accountants (DP-SGD)
+PRIVACY_STATE = "privacy accountant"
 
 
 class ClientError(RuntimeError):
     """A client raised during local training; carries its id and the traceback."""
 
 
+class UnknownClientsError(ValueError):
+    """A host was asked to train clients it does not hold (e.g. a restarted host that had taken
+    over a lost host's clients: the pool gives them back and asks again)."""
+
+
 @dataclass
 class HostShard:
     """The data of a host's clients: contiguous samples plus per-client offsets and sizes."""
 
-    client_ids: np.ndarray  # (C,) global ids, sorted
+    client_ids: np.ndarray  # (C,) global ids, sorted (within each block a host adopted)
     offsets: np.ndarray  # (C,)
     sizes: np.ndarray  # (C,)
     x: torch.Tensor
@@ -73,6 +90,9 @@ class HostReply:
     bytes_up: int = 0
     #: ``updates`` holds the codec's (K, p) payload, which the server decodes (system/codecs.py)
     encoded: bool = False
+    #: a random number drawn when the host process started: a new value means Ray restarted the
+    #: host, so the per-client state it held is gone (the pool names the clients, system/pool.py)
+    incarnation: int = 0
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle the tensor fields as numpy arrays (fast through Ray: system/wire.py)."""
@@ -110,6 +130,7 @@ class ClientHost:
         comm_cfg: dict[str, Any] | None = None,
     ) -> None:
         self.delay_s = float(delay_s)  # chaos testing (cluster.slow_hosts): a deliberate straggler
+        self._incarnation = int.from_bytes(os.urandom(6), "big")
         torch.set_num_threads(max(1, int(threads)))
         self.host_id = host_id
         self.device = torch.device(
@@ -157,6 +178,53 @@ class ClientHost:
     def ping(self) -> int:
         return self.host_id
 
+    def incarnation(self) -> int:
+        """A random number drawn when this host process started (see ``HostReply.incarnation``)."""
+        return self._incarnation
+
+    def state_kinds(self) -> list[str]:
+        """The per-client state this host keeps for its clients, by name (lost if the host dies):
+        the local rule's (e.g. SCAFFOLD's ``c_i``), the codec's (``comm.*``) and the DP-SGD
+        accountants (:data:`PRIVACY_STATE`)."""
+        kinds = [*self.client_state, *(f"comm.{n}" for n in self.comm_state)]
+        if hasattr(self.trainer, "state_dict"):
+            kinds.append(PRIVACY_STATE)
+        return kinds
+
+    def adopt(self, shard: HostShard) -> list[int]:
+        """Take over the clients of ``shard`` (a lost host's; issue 19 item 4): append their samples
+        and give them fresh per-client state (zeros; the codec's initial state). Returns the ids
+        taken; a shard whose clients this host already holds is ignored (the call is idempotent).
+        Refused for trainers with per-client privacy accountants: a fresh accountant would
+        under-count the epsilon the clients already spent."""
+        if PRIVACY_STATE in self.state_kinds():
+            raise ValueError(
+                f"host {self.host_id}: clients with DP-SGD accountants cannot move to another host "
+                "(their privacy history stayed on the lost host)"
+            )
+        ids = np.asarray(shard.client_ids, dtype=np.int64)
+        if len(ids) == 0 or int(ids[0]) in self.position:
+            return []
+        base = self.x.shape[0]
+        self.x = torch.cat([self.x, shard.x.to(self.device)])
+        self.y = torch.cat([self.y, shard.y.to(self.device)])
+        old = self.shard
+        self.shard = HostShard(
+            np.concatenate([old.client_ids, ids]),
+            np.concatenate([old.offsets, np.asarray(shard.offsets) + base]),
+            np.concatenate([old.sizes, shard.sizes]),
+            self.x,
+            self.y,
+        )
+        self.position.update({int(c): len(old.client_ids) + i for i, c in enumerate(ids)})
+        d, C = self.spec.numel, len(ids)
+        for n, v in self.client_state.items():
+            self.client_state[n] = torch.cat([v, torch.zeros(C, d, device=self.device)])
+        fresh = self.codec.init_state(C, self.device) if self.codec else {}
+        for n, v in self.comm_state.items():
+            self.comm_state[n] = torch.cat([v, fresh[n]])
+        return ids.tolist()
+
     def node_id(self) -> str:
         """The Ray node this host runs on ("local" outside Ray)."""
         try:
@@ -186,7 +254,7 @@ class ClientHost:
             time.sleep(self.delay_s)
         missing = [c for c in client_ids if c not in self.position]
         if missing:
-            raise ValueError(f"host {self.host_id} does not own clients {missing}")
+            raise UnknownClientsError(f"host {self.host_id} does not own clients {missing}")
         if global_flat.numel() != self.spec.numel:
             raise ValueError(
                 f"host {self.host_id}: the server sent {global_flat.numel()} parameters, this host's "
@@ -253,6 +321,7 @@ class ClientHost:
             {n: v.cpu() for n, v in getattr(res, "metrics", {}).items()},
             bytes_up=_nbytes(updates) + sum(_nbytes(v) for v in res.extras.values()),
             encoded=self.codec is not None,
+            incarnation=self._incarnation,
         )
         return reduce_reply(reply) if reduce else reply
 

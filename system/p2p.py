@@ -544,16 +544,15 @@ def run_p2p(c: dict[str, Any], out: RunDir, t_start: float | None = None) -> dic
     from clients.partition import summarize
     from system.loggers import make_logger
     from system.memory import tree_memory_mb
+    from system.preflight import load_inputs
     from system.runner import fingerprint, finish_summary
 
     t_start = time.perf_counter() if t_start is None else t_start
     n, steps = int(c["num_clients"]), int(c["rounds"])
     with ExitStack() as stack:
         torch.manual_seed(c["seed"])
-        ds = build_from(c["data"])
+        ds, parts = load_inputs(c)  # a bad input: one line naming it (system/preflight.py)
         labels = ds.y_train.numpy()
-        parts = build_from(c["partition"], labels=labels, num_clients=n)
-        out.write_json("partition.json", summarize(parts, labels, ds.num_classes))
         attack = build_from(c["attack"])
         f = int(getattr(attack, "f", 0))
         if not 0 <= f < n:
@@ -567,14 +566,12 @@ def run_p2p(c: dict[str, Any], out: RunDir, t_start: float | None = None) -> dic
         net = PeerNetwork(c, backend, [s.client_ids for s in shards], n, attack)
         fp = fingerprint(c)
         start = 0
-        if c["resume"]:
-            state = out.load_checkpoint(fp)
-            if state is not None:
-                net.load_state_dict(state)
-                start = int(state["round"])
-                out.truncate_metrics(start)
-        elif out.metrics_path.exists():
-            out.metrics_path.unlink()
+        state = out.load_checkpoint(fp) if c["resume"] else None
+        if state is not None:
+            net.load_state_dict(state)
+            start = int(state["round"])
+        out.begin(start)  # checks passed: .hydra/, metrics.jsonl cut back to the checkpoint
+        out.write_json("partition.json", summarize(parts, labels, ds.num_classes))
         logger = make_logger(c["logger"], out.path, c)
         stack.callback(logger.close)
         startup_s = time.perf_counter() - t_start

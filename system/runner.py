@@ -31,7 +31,7 @@ from system.ray_start import check_auth_token, init_ray
 from system.rundir import RunDir, versions
 from system.server import ParameterServer
 
-__all__ = ["train", "fingerprint", "check_auth_token"]
+__all__ = ["train", "fingerprint", "check_auth_token", "RunStopped"]
 
 log = logging.getLogger("flagstaff")
 
@@ -121,6 +121,7 @@ def train(
         startup_s = time.perf_counter() - t_start
         rows, stop = _loop(c, server, out, fp, start_round, logger)
         params = _call(server, "get_params")
+        faults = _call(server, "faults") if hasattr(server, "faults") else {}
         pool_close()
         summary = finish_summary(c, rows, start_round, startup_s, out.path)
         summary.update(
@@ -132,6 +133,7 @@ def train(
             stop_message=stop.get("message"),
             hosts=_RUN_INFO.get("hosts"),
             host_nodes=_RUN_INFO.get("host_nodes"),
+            **faults,  # lost hosts and the clients whose per-client state they took (system/pool.py)
         )
         if hasattr(server, "privacy_summary"):  # epsilon and the released mechanism (DP runs)
             privacy = _call(server, "privacy_summary")
@@ -139,8 +141,52 @@ def train(
                 summary["privacy"] = privacy
         out.write_json("summary.json", summary)
         out.plot_curves()
+        if stop.get("stopped") == NO_UPDATE:  # checkpoint and summary are written: now fail
+            raise RunStopped(stop["message"])
         times = [r["round_time_s"] for r in rows]
         return {**summary, "round_times": times, "params": params, "metrics": rows}
+
+
+NO_UPDATE = "no usable update"
+
+
+class RunStopped(RuntimeError):
+    """The run stopped before its last round because it could not make progress (e.g.
+    ``cluster.max_skipped_rounds`` rounds in a row without a usable update); the checkpoint holds
+    everything up to the stop."""
+
+
+def no_update_message(skipped: list[dict[str, Any]], c: dict[str, Any], path: Any) -> str:
+    """Why K rounds in a row had no usable update (which clients were late, failed or sent
+    non-finite updates) and what to change; one line."""
+    who: dict[str, set[int]] = {}
+    for m in skipped:
+        for k, v in (m.get("skipped_clients") or {}).items():
+            who.setdefault(k, set()).update(v)
+    fixes = {
+        "nonfinite": "sent non-finite updates (lower client.lr, check the data for NaN/inf, or "
+        "clip the updates)",
+        "late": "were late (raise cluster.round_deadline_s, or speed up or remove the slow "
+        "hosts: cluster.slow_hosts, `ray status`)",
+        "failed": "were on failed or lost hosts (check `ray status` and the host log lines above)",
+    }
+    why = [f"clients {_ids(who[k])} {fixes[k]}" for k in fixes if who.get(k)]
+    if not why:  # e.g. the flower backend, or rounds that sampled no client
+        why = sorted({str(m.get("skipped")) for m in skipped})
+    first, last = skipped[0]["round"], skipped[-1]["round"]
+    return (
+        f"{len(skipped)} rounds in a row (rounds {first}-{last}) had no usable update: "
+        + "; ".join(why)
+        + f". The model is unchanged since round {first - 1}; {path}/checkpoint.pt holds round "
+        f"{last}: fix the cause and rerun with resume=true (cluster.max_skipped_rounds="
+        f"{c['cluster'].get('max_skipped_rounds', 3)} sets how many such rounds stop a run; 0: "
+        "never)"
+    )
+
+
+def _ids(ids: set[int]) -> str:
+    ids_ = sorted(ids)
+    return str(ids_) if len(ids_) <= 20 else f"{ids_[:20]}... ({len(ids_)} clients)"
 
 
 def finish_summary(
@@ -184,6 +230,8 @@ def _loop(
         dynamic_ncols=True,
     )
     stop: dict[str, Any] = {}
+    skipped: list[dict[str, Any]] = []  # the rounds in a row without a usable update
+    max_skipped = c["cluster"].get("max_skipped_rounds", 3)
     for r in bar:
         evaluate = (r + 1) % every == 0 or r + 1 == rounds
         m = _call(server, "round", r, evaluate)
@@ -201,9 +249,17 @@ def _loop(
         rows.append(m)
         if "accuracy" in m:
             bar.set_postfix(acc=f"{m['accuracy']:.3f}", s_per_round=f"{m['round_time_s']:.3f}")
-        if (ck and (r + 1) % ck == 0) or r + 1 == rounds:
+        skipped = [*skipped, m] if m.get("skipped") else []
+        if skipped:  # a visible event; max_skipped in a row stop the run (issue 19 item 5)
+            why = m["skipped"] if isinstance(m["skipped"], str) else NO_UPDATE
+            bar.write(f"flagstaff: round {m['round']} skipped: {why}", file=sys.stderr)
+        if max_skipped and len(skipped) >= max_skipped:
+            stop = {"stopped": NO_UPDATE, "message": no_update_message(skipped, c, out.path)}
+        if (ck and (r + 1) % ck == 0) or r + 1 == rounds or stop:
             state = _call(server, "state_dict")
             out.save_checkpoint({**state, "fingerprint": fp})
+        if stop:
+            break
     bar.close()
     return rows, stop
 
@@ -280,7 +336,14 @@ def _start_ray(c, ds, parts, adversary, host_args, stack: ExitStack):
         )
         for h in range(hosts)
     ]
-    pool = RayPool(actors, on_failure=cl["on_host_failure"], deadline_s=cl["round_deadline_s"])
+    pool = RayPool(
+        actors,
+        on_failure=cl["on_host_failure"],
+        deadline_s=cl["round_deadline_s"],
+        restart_timeout_s=cl["restart_timeout_s"],
+        shards=shard_refs,  # a lost host's clients move with these (system/pool.py)
+        owner=owner,
+    )
     where = server_placement(cl)
     if where == "driver":  # the server is a plain object in this process, on the driver's node
         server = ParameterServer(

@@ -133,6 +133,8 @@ class ParameterServer:
         assignment: dict[int, list[int]] = {}
         for c in sampled.tolist():
             assignment.setdefault(int(self.owner[c]), []).append(c)
+        # clients of a lost host train where their data moved, or are out (system/pool.py)
+        assignment, out = self.pool.place(assignment, r)
         stop = self._budget_stop(assignment, r)
         if stop:  # nothing trained: the runner writes the final checkpoint and ends the run
             return {"round": r + 1, "stopped": "privacy budget", "message": stop}
@@ -145,18 +147,20 @@ class ParameterServer:
         down += sum(v.numel() * v.element_size() for v in (bcast or {}).values())
         metrics["bytes_down"] = down * len(sampled)
         metrics["bytes_up"] = sum(rep.bytes_up for rep in got.replies)
-        metrics["dropped_failed"] = len(got.dropped)
+        metrics["dropped_failed"] = len(got.dropped) + len(out)
         metrics["dropped_late"] = len(got.late)
         # the slowest host's local training (round_time_s minus this: transport and aggregation)
         metrics["host_train_s"] = max((rep.train_time_s for rep in got.replies), default=0.0)
         if got.retried_hosts:
             metrics["retried_hosts"] = got.retried_hosts
+        metrics.update(self.pool.take_events())  # lost_hosts, lost_state_clients
+        self._nonfinite = np.empty(0, np.int64)  # set by the aggregation, for a skipped round
         if self.reduce_on_hosts:
             agg, extras = self._reduced_aggregate(got, metrics), None
         else:
             agg, extras = self._aggregate(got, metrics, r)
-        if agg is None:
-            metrics["skipped"] = True  # no usable update: keep the model, say so
+        if agg is None:  # no usable update: keep the model, say why (the runner stops after K)
+            metrics["skipped"], metrics["skipped_clients"] = self._skip_reason(sampled, got, out)
         else:
             if not torch.isfinite(agg).all():
                 raise FloatingPointError(
@@ -210,6 +214,7 @@ class ParameterServer:
             U = self.codec.decode(torch.where(finite[:, None], U, 0.0), r)
             finite &= torch.isfinite(U).all(dim=1)
         metrics["dropped_nonfinite"] = int((~finite).sum())
+        self._nonfinite = cids[~finite.numpy()]
         honest_loss = losses[finite & ~torch.as_tensor(self.adversary.is_byzantine(cids))]
         if len(honest_loss) and not self.private:
             metrics["train_loss"] = float(honest_loss.mean())
@@ -234,7 +239,11 @@ class ParameterServer:
         replies = sorted(got.replies, key=lambda rep: rep.host_id)
         finite = [rep.finite for rep in replies]
         metrics["dropped_nonfinite"] = int(sum(int((~f).sum()) for f in finite))
-        losses = torch.cat([rep.losses[f] for rep, f in zip(replies, finite, strict=True)])
+        self._nonfinite = np.concatenate(
+            [rep.client_ids[~f.numpy()] for rep, f in zip(replies, finite, strict=True)] or [[]]
+        ).astype(np.int64)
+        losses = [rep.losses[f] for rep, f in zip(replies, finite, strict=True)]
+        losses = torch.cat(losses) if losses else torch.empty(0)  # no host replied in time
         if len(losses) and not self.private:
             metrics["train_loss"] = float(losses.mean())
         for rep in replies:
@@ -245,6 +254,34 @@ class ParameterServer:
             return None
         total = torch.stack([rep.updates[0] for rep in replies]).sum(0)
         return (total / wsum).to(self.params.dtype)
+
+    def _skip_reason(
+        self, sampled: np.ndarray, got: Any, out: list[int]
+    ) -> tuple[str, dict[str, list[int]]]:
+        """Why the round has no update, in words and as client ids per cause (late, failed,
+        nonfinite): the runner's line per skipped round and its stop message use both."""
+        who = {
+            "late": sorted(int(c) for c in got.late),
+            "failed": sorted(int(c) for c in [*got.dropped, *out]),
+            "nonfinite": sorted(int(c) for c in self._nonfinite),
+        }
+        who = {k: v for k, v in who.items() if v}
+        deadline = self.cfg["cluster"].get("round_deadline_s")
+        words = {
+            "late": f"did not reply within cluster.round_deadline_s={deadline}",
+            "failed": "were on a failed or lost host",
+            "nonfinite": "sent a non-finite update",
+        }
+        parts = [f"{len(v)} client(s) {words[k]}" for k, v in who.items()]
+        if not len(sampled):
+            parts.append("no client was sampled")
+        if not parts:
+            parts.append("the attack removed every update (only Byzantine clients answered)")
+        return "no usable update: " + "; ".join(parts), who
+
+    def faults(self) -> dict[str, list]:
+        """What host faults lost so far (system/pool.py ``faults``): for summary.json."""
+        return self.pool.faults()
 
     # -- privacy ---------------------------------------------------------------------------------
     def privacy_metrics(self) -> dict[str, Any]:
@@ -336,6 +373,7 @@ class ParameterServer:
             "extras_aggregation": self.extras_aggregation.state_dict(),
             "adversary": self.adversary.state_dict(),
             "clients": self.pool.state_dict(),  # per-client state of the local rule, on the hosts
+            "faults": self.pool.faults(),  # lost hosts, lost client state, clients out of the run
             "privacy": self._privacy_state(),
         }
 
@@ -365,6 +403,7 @@ class ParameterServer:
         self.extras_aggregation.load_state_dict(state.get("extras_aggregation", {}))
         self.adversary.load_state_dict(state.get("adversary", {}))
         self.pool.load_state_dict(state.get("clients", {}))
+        self.pool.load_faults(state.get("faults", {}))
         privacy = state.get("privacy") or {}
         if "client_epsilon" in privacy:
             self.client_epsilon = privacy["client_epsilon"].clone()

@@ -138,3 +138,32 @@ def test_plan_is_an_epoch_of_shuffled_batches_per_client() -> None:
 def test_plan_rejects_empty_clients() -> None:
     with pytest.raises(ValueError, match="hold no samples"):
         make_plan(np.array([0, 3]), np.array([3, 0]), np.array([0, 1]), 2, 0, 0)
+
+
+def _npz(path, **arrays) -> str:
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_user_npz_inputs_that_cannot_train_are_refused_naming_the_fix(tmp_path) -> None:
+    """Issue 19 item 9: each bad .npz gets a ValueError naming the file and what to change, at load
+    time (before: a crash after round 1, an IndexError, an EOFError, or a silent 0-accuracy model)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 6)).astype(np.float32), np.arange(60) % 3
+    split = dict(x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
+    features = _npz(tmp_path / "f.npz", **{**split, "x_test": x[40:, :4]})
+    with pytest.raises(ValueError, match=r"x_train has 6 features.*x_test has 4"):
+        load_user(features)
+    with pytest.raises(ValueError, match=r"1-D.*reshape\(-1, 1\)"):
+        load_user(_npz(tmp_path / "one_d.npz", x=x[:, 0], y=y))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        load_user(tmp_path / "empty.npz")
+    with pytest.raises(ValueError, match="0 rows"):
+        load_user(_npz(tmp_path / "zero.npz", x=np.zeros((0, 6)), y=np.zeros(0, dtype=int)))
+    with pytest.raises(ValueError, match="0 rows"):
+        load_user(_npz(tmp_path / "zero_test.npz", **{**split, "x_test": x[:0], "y_test": y[:0]}))
+    unseen = {**split, "y_train": y[:40] % 2, "y_test": np.full(20, 2)}
+    with pytest.raises(ValueError, match=r"test labels \[2\] never appear in training"):
+        load_user(_npz(tmp_path / "unseen.npz", **unseen))
+    assert load_user(_npz(tmp_path / "ok.npz", **split)).input_shape == (6,)  # a good file loads

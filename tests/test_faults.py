@@ -1,18 +1,72 @@
-"""Faults that must not lose a run: stragglers, a killed driver, resource requests that cannot fit."""
+"""Faults that must not lose a run: stragglers, lost hosts, rounds with no usable update, a killed
+driver, a full disk, resource requests that cannot fit.
+
+The fault-injection tests (``pytest -m faults``) run each fault of docs/cluster.md's fault table on
+a real local Ray with 2 client hosts and assert the documented outcome.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 import torch
 
 from system.runner import train
 from tests.conftest import ROOT, compose
+
+#: two client hosts on a real local Ray; host 1 owns clients 5..9 of the smoke run's 10
+RAY2 = ("experiment=smoke", "backend=ray", "cluster.hosts=2", "clients_per_round=10")
+
+
+def _rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _kill_host_after(ray, run: Path, rows: int, host: int, out: dict) -> threading.Thread:
+    """A thread that kills client host ``host`` (as a crash would: Ray may restart it) shortly
+    after ``rows`` rounds of ``run`` are logged, while the next round trains."""
+
+    def kill() -> None:
+        t_end = time.time() + 180
+        while time.time() < t_end and len(_rows(run)) < rows:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith(f"flagstaff-host-{host}-"):
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                ray.kill(handle, no_restart=False)
+                out["at"] = len(_rows(run))
+                return
+
+    th = threading.Thread(target=kill)
+    th.start()
+    return th
+
+
+def _server(c: dict, stack: ExitStack):
+    """The parameter server and Ray hosts of a validated config, as train() starts them."""
+    from system.adversary import Adversary
+    from system.host import build_from
+    from system.runner import _start
+
+    ds = build_from(c["data"])
+    parts = build_from(c["partition"], labels=ds.y_train.numpy(), num_clients=c["num_clients"])
+    server, close = _start(c, ds, parts, Adversary(c["attack"], c["num_clients"]), stack)
+    stack.callback(close)
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +129,7 @@ def test_gpu_request_falls_back_to_cpu_without_gpus(ray_custom, tmp_path) -> Non
     assert res["accuracy"] > 0.3
 
 
+@pytest.mark.faults
 def test_straggler_past_the_deadline_is_dropped_and_counted(ray_custom, tmp_path) -> None:
     over = (
         "experiment=smoke",
@@ -92,28 +147,202 @@ def test_straggler_past_the_deadline_is_dropped_and_counted(ray_custom, tmp_path
     assert res["accuracy"] > 0.3
 
 
-def test_killed_driver_resumes_to_identical_parameters(tmp_path) -> None:
-    """SIGKILL the training process mid-run; rerun with resume=true; same final parameters."""
-    over = ["experiment=smoke", "rounds=12", "checkpoint_every=1", "client.epochs=3"]
+# -- rounds with no usable update (issue 19 item 5) ---------------------------------------------
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("reduce", [True, False], ids=["host_reduce", "per_client"])
+def test_every_client_late_stops_the_run_with_a_checkpoint(ray_custom, tmp_path, reduce) -> None:
+    """No host replies before the deadline: each round is skipped (a line and a metrics field),
+    and 3 such rounds in a row stop the run with an error naming the late clients and the fix."""
+    over = (
+        *RAY2,
+        "rounds=8",
+        "cluster.round_deadline_s=1",
+        "cluster.slow_hosts=[3,3]",
+        f"cluster.host_reduce={str(reduce).lower()}",
+    )
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="3 rounds in a row") as err:
+        train(compose(*over), run_dir=str(run))
+    msg = str(err.value)
+    assert (
+        "late" in msg
+        and "cluster.round_deadline_s" in msg
+        and "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in msg
+    )
+    rows = _rows(run)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all("round_deadline_s" in r["skipped"] and r["dropped_late"] == 10 for r in rows)
+    assert all(r["skipped_clients"] == {"late": list(range(10))} for r in rows)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["round"] == 3  # nothing is lost: the run resumes from where it stopped
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped"] == "no usable update"
+
+
+def test_nonfinite_updates_stop_the_cli_with_a_clear_error(tmp_path) -> None:
+    """client.lr=nan: every update is non-finite; the CLI says so per round and stops non-zero."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch.train", "experiment=smoke", "rounds=6", "client.lr=nan"]
+    p = subprocess.run(
+        [*cmd, f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode != 0 and "done:" not in p.stdout
+    for r in (1, 2, 3):
+        assert f"round {r} skipped" in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "non-finite" in last and "client.lr" in last and "Traceback" not in p.stderr
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["round"] == 3
+
+
+def test_skipped_rounds_do_not_stop_when_the_limit_is_off(tmp_path) -> None:
+    over = ("experiment=smoke", "rounds=4", "client.lr=nan", "cluster.max_skipped_rounds=0")
+    res = train(compose(*over), run_dir=str(tmp_path))
+    assert [bool(r.get("skipped")) for r in res["metrics"]] == [True] * 4
+    assert "non-finite" in res["metrics"][0]["skipped"]
+
+
+# -- a host lost for good (issue 19 item 4) -------------------------------------------------------
+
+
+@pytest.mark.faults
+def test_host_lost_for_good_run_completes_on_the_survivor(ray_custom, tmp_path) -> None:
+    """max_restarts=0: the killed host never comes back; its clients move to the surviving host
+    (their shards are in the object store) and train in the same round: nothing is lost."""
+    over = (*RAY2, "rounds=6", "cluster.slow_hosts=[0,1.0]", "cluster.max_restarts=0")
+    run = tmp_path / "run"
+    killed: dict = {}
+    th = _kill_host_after(ray_custom, run, 2, 1, killed)
+    res = train(compose(*over), run_dir=str(run))
+    th.join()
+    assert "at" in killed, "the test did not find the host actor to kill"
+    rows = res["metrics"]
+    assert [r["round"] for r in rows] == list(range(1, 7))
+    assert [r.get("lost_hosts") for r in rows].count([1]) == 1
+    assert all(r["dropped_failed"] == 0 and r["clients"] == 10 for r in rows)
+    assert res["lost_hosts"] == [1] and res["lost_state_clients"] == []  # FedAvg keeps no state
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["round"] == 6
+    undisturbed = ("experiment=smoke", "cluster.hosts=2", "clients_per_round=10", "rounds=6")
+    clean = train(compose(*undisturbed, "backend=local"), run_dir=str(tmp_path / "clean"))
+    assert torch.equal(res["params"], clean["params"])
+
+
+@pytest.mark.faults
+def test_host_lost_before_a_checkpoint_names_the_lost_client_state(ray_custom) -> None:
+    """The checkpoint step gathers per-client state from the hosts; a dead host's state is gone:
+    the checkpoint is written anyway and names exactly which clients' state was lost."""
+    from system.config import validate
+
+    c = validate(compose(*RAY2, "strategy=scaffold", "cluster.max_restarts=0"))
+    with ExitStack() as stack:
+        server = _server(c, stack)
+        server.round(0)
+        before = server.state_dict()["clients"]
+        ray_custom.kill(server.pool.actors[1])
+        state = server.state_dict()["clients"]  # must not fail
+        assert state["client_ids"].tolist() == list(range(10))
+        assert torch.equal(state["c_i"][:5], before["c_i"][:5])
+        assert not state["c_i"][5:].any() and before["c_i"][5:].any()  # host 1's c_i: lost
+        report = server.faults()
+        assert report["lost_hosts"] == [1] and report["lost_state_clients"] == [5, 6, 7, 8, 9]
+        assert report["lost_state"] == ["c_i"]
+        m = server.round(1)  # the survivor trains all 10 clients
+        assert m["lost_hosts"] == [1] and m["lost_state_clients"] == [5, 6, 7, 8, 9]
+        assert m["clients"] == 10 and m["dropped_failed"] == 0 and not m.get("skipped")
+
+
+@pytest.mark.faults
+def test_host_lost_with_privacy_accountants_drops_its_clients_for_good(ray_custom, caplog) -> None:
+    """DP-SGD clients whose accountants died with their host cannot train again without
+    under-counting epsilon: they are dropped, with a line per round, and stay out after resume."""
+    from system.config import validate
+
+    over = (*RAY2, "client=dpsgd_batched", "cluster.max_restarts=0")
+    c = validate(compose(*over))
+    caplog.set_level(logging.WARNING)
+    with ExitStack() as stack:
+        server = _server(c, stack)
+        server.round(0)
+        ray_custom.kill(server.pool.actors[1])
+        for r in (1, 2):
+            m = server.round(r)
+            assert m["dropped_failed"] == 5 and not m.get("skipped")
+            assert f"round {r + 1}: clients [5, 6, 7, 8, 9] dropped" in caplog.text
+        state = server.state_dict()
+        assert state["faults"]["out_of_run"] == [5, 6, 7, 8, 9]
+    with ExitStack() as stack:  # a resumed run keeps them out
+        server = _server(c, stack)
+        server.load_state_dict(state)
+        assert server.round(3)["dropped_failed"] == 5
+
+
+# -- a killed driver, a full disk (issue 19 item 10) ----------------------------------------------
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "every", [1, 50], ids=["after_first_checkpoint", "before_first_checkpoint"]
+)
+def test_killed_driver_resumes_to_identical_parameters(tmp_path, every) -> None:
+    """SIGKILL the driver of a 2-host Ray run mid-run; rerun with resume=true: the same final
+    parameters as an undisturbed run, and every round once in metrics.jsonl."""
+    over = [*RAY2, "rounds=12", f"checkpoint_every={every}", "client.epochs=3"]
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "launch.train", *over, f"hydra.run.dir={run}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = run / "metrics.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
-            break
+    while time.time() < deadline and proc.poll() is None and len(_rows(run)) < 4:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(metrics.read_text().splitlines())
-    assert 4 <= done < 12, "the kill must land mid-run"
+    assert 4 <= len(_rows(run)) < 12, "the kill must land mid-run"
     p = subprocess.run(cmd + ["resume=true"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["resumed_from"] >= 3
-    rounds = [json.loads(x)["round"] for x in metrics.read_text().splitlines()]
-    assert rounds == list(range(1, 13))
+    assert summary["resumed_from"] >= (3 if every == 1 else 0)
+    assert [r["round"] for r in _rows(run)] == list(range(1, 13))
     resumed = torch.load(run / "checkpoint.pt", weights_only=True)["params"]
-    clean = train(compose(*over), run_dir=str(tmp_path / "clean"))
+    undisturbed = [o for o in over if o != "backend=ray"]  # local == ray, bit for bit (tested)
+    clean = train(compose(*undisturbed, "backend=local"), run_dir=str(tmp_path / "clean"))
     assert torch.equal(resumed, clean["params"])
+
+
+def _namespace_prefix() -> list[str]:
+    """How to get a private mount namespace here (to mount a small tmpfs), or skip."""
+    if shutil.which("unshare") is None:
+        pytest.skip("disk-full test needs unshare(1) to mount a private tmpfs")
+    prefix = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "-Urm"]
+    probe = subprocess.run([*prefix, "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", "/mnt"])
+    if probe.returncode != 0:
+        pytest.skip("cannot mount a private tmpfs here (no user namespaces)")
+    return prefix
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_disk_full_says_so_and_keeps_the_last_checkpoint(tmp_path) -> None:
+    """A real full disk: the run directory is on a 4 MiB tmpfs (private mount namespace) that a
+    filler fills once the first checkpoint is written; the run stops with a clear message and the
+    checkpoint it had is intact and loadable."""
+    prefix = _namespace_prefix()
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    over = " ".join([*RAY2, "rounds=12", "checkpoint_every=2", "cluster.slow_hosts=[0.5,0.5]"])
+    script = f"""
+mount -t tmpfs -o size=4m tmpfs {mnt} || exit 90
+{sys.executable} -m launch.train {over} hydra.run.dir={mnt}/run >{out}.stdout 2>{out}.stderr &
+pid=$!
+for i in $(seq 2400); do [ -f {mnt}/run/checkpoint.pt ] && break; sleep 0.05; done
+dd if=/dev/zero of={mnt}/fill bs=4k 2>/dev/null
+wait $pid; rc=$?
+rm -f {mnt}/fill; cp -r {mnt}/run {out}; exit $rc
+"""
+    p = subprocess.run([*prefix, "sh", "-c", script], cwd=ROOT, timeout=400)
+    stderr = Path(f"{out}.stderr").read_text()
+    assert p.returncode not in (0, 90), stderr[-3000:]
+    # the run's own message (a raw OSError says "No space left on device")
+    assert re.search(r"no space left on (?!device)", stderr, re.I), stderr[-3000:]
+    assert "intact" in stderr
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["round"] >= 2 and ck["round"] % 2 == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from system.runner import server_placement, train
@@ -33,6 +34,7 @@ def test_server_placement_rule() -> None:
     assert server_placement({"address": None, "server": "actor"}) == "actor"
 
 
+@pytest.mark.faults
 def test_host_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, tmp_path) -> None:
     """ray.kill a host while the run goes on: Ray restarts it, its clients are retried."""
     # host 1 takes >= 1 s per round, so a kill shortly after a round ends lands mid-round

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from system.config import ConfigError
-from system.rundir import CheckpointError, RunDir
+from system.rundir import CheckpointError, RunDir, RunDirBusy
 from system.runner import train
 from system.server import sample_clients
 from tests.conftest import compose
@@ -145,3 +147,145 @@ def test_host_reduction_equals_per_client_aggregation(tmp_path) -> None:
     assert not can_reduce_on_hosts(median, fedavg, honest)  # robust rules need every update
     assert not can_reduce_on_hosts(mean, scaffold, honest)  # per-client control variates
     assert not can_reduce_on_hosts(mean, fedavg, alie)  # the adversary needs the honest updates
+
+
+# -- issue 19 items 6-9: the run directory survives resumes, torn rows, two runs and bad files --
+
+
+def _rounds(path) -> list[int]:
+    return [json.loads(line)["round"] for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def _snapshot(path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def test_resume_before_the_first_checkpoint_starts_a_fresh_log(tmp_path) -> None:
+    """Killed before its first checkpoint (rows 1..3, no checkpoint.pt), the resumed run logs
+    rounds 1..5 once (before: 1, 2, 3, 1, 2, 3, 4, 5)."""
+    train(compose("experiment=smoke", "checkpoint_every=0"), run_dir=str(tmp_path))
+    (tmp_path / "checkpoint.pt").unlink()
+    res = train(compose("experiment=smoke", "rounds=5", "resume=true"), run_dir=str(tmp_path))
+    assert res["resumed_from"] == 0 and _rounds(tmp_path) == [1, 2, 3, 4, 5]
+
+
+def test_resume_drops_a_torn_metrics_row_with_a_warning(tmp_path, caplog) -> None:
+    """A row torn by a kill or a full disk is dropped with a warning naming the file and line
+    (before: JSONDecodeError naming no file), and rows past the checkpoint are cut."""
+    train(compose("experiment=smoke", "checkpoint_every=2", "rounds=2"), run_dir=str(tmp_path))
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 3, "accuracy": 0.5}\n{"round": 4, "accu')  # past the checkpoint; torn
+    with caplog.at_level("WARNING", logger="flagstaff"):
+        train(compose("experiment=smoke", "rounds=4", "resume=true"), run_dir=str(tmp_path))
+    assert _rounds(tmp_path) == [1, 2, 3, 4]
+    assert f"{tmp_path / 'metrics.jsonl'}:4" in caplog.text and "torn" in caplog.text
+
+
+def test_a_run_directory_is_locked_by_its_run_and_released_after_an_error(tmp_path) -> None:
+    """A second run in a directory that a live run holds is refused before it writes anything;
+    the lock goes with the run, even when the run fails."""
+    train(compose("experiment=smoke"), run_dir=str(tmp_path))
+    before = _snapshot(tmp_path)
+    with RunDir(tmp_path).lock():
+        busy = rf"{re.escape(str(tmp_path))} is in use by another run \(pid {os.getpid()}\)"
+        with pytest.raises(RunDirBusy, match=busy):
+            train(compose("experiment=smoke", "resume=true", "rounds=4"), run_dir=str(tmp_path))
+    assert _snapshot(tmp_path) == before
+    with pytest.raises(CheckpointError):  # fails while holding the lock ...
+        train(compose("experiment=smoke", "resume=true", "seed=3"), run_dir=str(tmp_path))
+    # ... and freed by the error
+    train(compose("experiment=smoke", "resume=true", "rounds=4"), run_dir=str(tmp_path))
+    assert _rounds(tmp_path) == [1, 2, 3, 4]
+
+
+def test_a_refused_resume_writes_nothing(tmp_path) -> None:
+    """Issue 19 item 7: every check (fingerprint, readability, parameter count, finiteness) runs
+    before anything is written into the run directory (before: partition.json was rewritten)."""
+    train(compose("experiment=smoke"), run_dir=str(tmp_path))
+    before = _snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match="different config"):
+        train(compose("experiment=smoke", "resume=true", "num_clients=8"), run_dir=str(tmp_path))
+    assert _snapshot(tmp_path) == before
+
+
+def test_checkpoints_without_fingerprint_or_with_nonfinite_params_are_refused(tmp_path) -> None:
+    train(compose("experiment=smoke"), run_dir=str(tmp_path))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["fingerprint"]  # an older checkpoint: only the parameter count can be checked
+    torch.save(state, tmp_path / "checkpoint.pt")
+    before = _snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match=r"holds 8970 parameters.*configured model has 1210"):
+        train(
+            compose("experiment=smoke", "resume=true", "model.hidden=[16]"), run_dir=str(tmp_path)
+        )
+    state["params"][3] = float("nan")
+    torch.save(state, tmp_path / "checkpoint.pt")
+    before = _snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match="1 non-finite"):
+        train(compose("experiment=smoke", "resume=true", "rounds=5"), run_dir=str(tmp_path))
+    assert _snapshot(tmp_path) == before
+
+
+def test_metrics_and_summary_are_valid_json_with_nonfinite_numbers(tmp_path) -> None:
+    """NaN and infinity are written as null and listed under "nonfinite" (before: bare NaN,
+    which is not JSON)."""
+    out = RunDir(tmp_path)
+    out.append_metrics(
+        {"round": 1, "loss": float("nan"), "accuracy": 0.5, "eps": np.float32("inf")}
+    )
+    out.write_json("summary.json", {"loss": float("-inf"), "ok": 1.0, "per": [1.0, float("nan")]})
+    out.sync()
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    row = strict((tmp_path / "metrics.jsonl").read_text())
+    assert row == {
+        "round": 1,
+        "loss": None,
+        "accuracy": 0.5,
+        "eps": None,
+        "nonfinite": ["eps", "loss"],
+    }
+    summary = strict((tmp_path / "summary.json").read_text())
+    assert summary["loss"] is None and summary["nonfinite"] == ["loss", "per"]
+
+
+def test_checkpoints_and_metrics_are_fsynced_in_the_right_order(tmp_path, monkeypatch) -> None:
+    """Issue 19 item 8: the temp checkpoint is fsynced before its rename, the directory after it,
+    and every metric row is on disk before the checkpoint that covers it (the real syscalls run;
+    they are only recorded)."""
+    events: list[tuple[str, str]] = []
+
+    def path_of(fd: int) -> str:
+        return os.readlink(f"/proc/self/fd/{fd}")
+
+    real_fsync, real_write, real_replace = os.fsync, os.write, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", path_of(fd)))
+        return real_fsync(fd)
+
+    def write(fd, data):
+        events.append(("write", path_of(fd)))
+        return real_write(fd, data)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "replace", replace)
+    train(compose("experiment=smoke", "checkpoint_every=1"), run_dir=str(tmp_path))
+    metrics, ckpt = str(tmp_path / "metrics.jsonl"), str(tmp_path / "checkpoint.pt")
+    renames = [i for i, e in enumerate(events) if e == ("replace", ckpt)]
+    assert len(renames) == 3  # rounds 1, 2, 3
+    for i in renames:
+        before = [p for kind, p in events[:i] if kind == "fsync"]
+        assert ".checkpoint." in before[-1]  # the temp file, just before the rename
+        assert events[i + 1] == ("fsync", str(tmp_path))  # then the directory
+        last_row = max(j for j, e in enumerate(events[:i]) if e == ("write", metrics))
+        assert ("fsync", metrics) in events[last_row:i]  # the rows it covers are on disk
