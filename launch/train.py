@@ -54,14 +54,15 @@ def _modules_to_warm(cfg: DictConfig) -> list[str]:
 
 @hydra.main(config_path="pkg://conf", config_name="train", version_base="1.3")
 def app(cfg: DictConfig) -> float | None:
-    from system.rundir import CheckpointError
+    from system.rundir import NoSpaceError, RunDirError
 
     try:
         result = run(cfg)
-    except (ConfigError, CheckpointError) as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (ConfigError, RunDirError) as err:
+        # a bad input, a checkpoint that does not fit, a run directory in use: refused before
+        # any work (exit 2); a disk that filled up mid-run (exit 1). One line, no traceback.
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(1 if isinstance(err, NoSpaceError) else 2) from None
     except RuntimeError as err:  # a run that stopped itself (system/runner.py RunStopped): exit 1
         from system.runner import RunStopped
 

@@ -169,9 +169,30 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and scikit-learn's random_state take [0, 2**32 - 1]
+
+
+def _check_seeds(c: dict[str, Any], where: str = "") -> None:
+    """Every ``seed`` key (the root one first, then those inside groups) is null or in
+    [0, SEED_MAX]: numpy and scikit-learn reject others deep inside data loading."""
+    for key in sorted(c, key=lambda k: k != "seed"):
+        value, name = c[key], f"{where}{key}"
+        if key == "seed" and value is not None:
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX
+            _check(
+                ok,
+                f"{name}={value} is out of range: a seed is an integer in [0, {SEED_MAX}] "
+                f"(what numpy and scikit-learn accept), e.g. {name}="
+                f"{abs(value) % (SEED_MAX + 1) if isinstance(value, int) else 0}",
+            )
+        elif isinstance(value, dict):
+            _check_seeds(value, f"{name}.")
+
+
 def validate(cfg: DictConfig | dict) -> dict[str, Any]:
     """Check values and build every component once; return the plain config. Raises ConfigError."""
     c = to_plain(cfg)
+    _check_seeds(c)
     _check(c["rounds"] >= 1, f"rounds={c['rounds']} must be >= 1")
     _check(c["num_clients"] >= 1, f"num_clients={c['num_clients']} must be >= 1")
     _check(

@@ -23,12 +23,13 @@ from clients.dp import privacy_kinds, private_partition
 from clients.partition import summarize
 from system.adversary import Adversary
 from system.config import validate
-from system.host import ClientHost, HostShard, build_from
+from system.host import ClientHost, HostShard
 from system.loggers import make_logger
 from system.memory import tree_memory_mb
 from system.pool import LocalPool, RayPool
+from system.preflight import check_model, check_resume, load_inputs
 from system.ray_start import check_auth_token, init_ray
-from system.rundir import RunDir, versions
+from system.rundir import RunDir, hydra_files, versions
 from system.server import ParameterServer
 
 __all__ = ["train", "fingerprint", "check_auth_token", "RunStopped"]
@@ -89,33 +90,33 @@ def train(
     t_start = time.perf_counter() if started_at is None else started_at
     _RUN_INFO.clear()  # no stale host info from an earlier run in this process
     c = validate(cfg)
-    out = RunDir(run_dir or _hydra_dir() or "outputs/run")
+    path = run_dir or _hydra_dir() or "outputs/run"
+    out = RunDir(path, pending=hydra_files(cfg, path))  # .hydra/ is written at out.begin()
     if c["strategy"].get("mode") == "p2p":  # decentralized training, no server (system/p2p.py)
         from system.p2p import run_p2p
 
-        return run_p2p(c, out, t_start)
+        with out.lock():
+            return run_p2p(c, out, t_start)
     with ExitStack() as stack:
         torch.manual_seed(c["seed"])
-        ds = build_from(c["data"])
+        # every input is checked before anything is written into the run directory (issue 19)
+        ds, parts = load_inputs(c)
+        num_params = check_model(c, ds)
+        stack.enter_context(out.lock())  # one live run per directory
+        fp = fingerprint(c)
+        state = check_resume(c, out, fp, num_params)
+        start_round = int(state["round"]) if state is not None else 0
+        out.begin(start_round)  # .hydra/, metrics.jsonl cut back to the checkpoint's round
         labels = ds.y_train.numpy()
-        parts = build_from(c["partition"], labels=labels, num_clients=c["num_clients"])
         # under DP without label histograms (and client sizes under client-level DP)
         kinds = privacy_kinds(c["client"], c["strategy"])
         part = private_partition(summarize(parts, labels, ds.num_classes), kinds)
         out.write_json("partition.json", part)
         adversary = Adversary(c["attack"], c["num_clients"])
         server, pool_close = _start(c, ds, parts, adversary, stack)
-        fp = fingerprint(c)
-        start_round = 0
-        if c["resume"]:
-            state = out.load_checkpoint(fp)
-            if state is not None:
-                _call(server, "load_state_dict", state)
-                start_round = int(state["round"])
-                out.truncate_metrics(start_round)
-                log.info("resumed from %s at round %d", out.checkpoint_path, start_round)
-        elif out.metrics_path.exists():
-            out.metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
+        if state is not None:
+            _call(server, "load_state_dict", state)
+            log.info("resumed from %s at round %d", out.checkpoint_path, start_round)
         logger = make_logger(c["logger"], out.path, c)
         stack.callback(logger.close)
         startup_s = time.perf_counter() - t_start
