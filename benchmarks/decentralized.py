@@ -35,7 +35,15 @@ more than one seed), the target check (MoNNA within 5 points of D-SGD under ever
 node within 2 points of the mean), and the median time per step (``round_time_s``, one exchange,
 evaluation excluded) for n in ``--sizes`` with f = n // 5 under sign flip on ``--timing-backend``.
 Results are cached in ``--json`` (default benchmarks/results/decentralized.json) keyed by run, so an
-interrupted benchmark resumes where it stopped.
+interrupted benchmark resumes where it stopped. Every run added since the model-space FOE
+(issue 18, item 4) records ``provenance`` (commit, dirty files, torch threads and CPU capability,
+torch version); the file's ``_provenance`` entry is the full record (``_provenance.py``: command,
+environment, versions, CPU) of the last invocation that ran something, and the printed tables start
+with it as one comment line. Torch is pinned to 1 thread (the hosts run 1 thread each anyway).
+
+``QUICK_CELL``: one cell of the accuracy table at 10 steps and 1 seed, rerun by
+tests/test_p2p.py against its committed value (``--only accuracy --steps 10 --seeds 1 --alphas 1
+--methods MoNNA --attacks foe_adaptive`` computes it).
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _provenance import markdown, pin_threads, provenance  # noqa: E402  (sibling module)
 
 ATTACKS = ["alie_adaptive", "foe_adaptive", "sign_flip", "label_flip", "mimic"]
 # extra columns (pass them in --attacks): the reference code's adversary, one vector for all nodes
@@ -70,6 +80,14 @@ METHODS: dict[str, tuple[str, ...]] = {
     ),
 }
 REFERENCE = ("strategy=dsgd", "attack=none", "attack.f=0")
+#: the cell tests/test_p2p.py reruns (10 steps, seed 0) and compares with the committed value
+QUICK_CELL: dict[str, Any] = {
+    "method": "MoNNA",
+    "attack": "foe_adaptive",
+    "alpha": 1.0,
+    "seed": 0,
+    "steps": 10,
+}
 
 
 def compose(*overrides: str):
@@ -89,6 +107,7 @@ def run_one(overrides: tuple[str, ...], run_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = train(compose(*overrides), run_dir=str(run_dir))
     tail = [r["train_loss"] for r in res["metrics"][-25:] if "train_loss" in r]
+    prov = provenance()
     return {
         "accuracy": res["accuracy"],
         "accuracy_worst": res["accuracy_worst"],
@@ -96,6 +115,13 @@ def run_one(overrides: tuple[str, ...], run_dir: Path) -> dict[str, Any]:
         "train_loss_last25": statistics.fmean(tail) if tail else None,
         "step_time_s": res["round_time_median_s"],
         "wall_s": time.perf_counter() - t0,
+        "provenance": {
+            "commit": prov["git"]["commit"],
+            "dirty_files": prov["git"]["dirty_files"],
+            "torch_threads": prov["torch"]["num_threads"],
+            "cpu_capability": prov["torch"].get("cpu_capability"),
+            "torch": prov["versions"].get("torch"),
+        },
     }
 
 
@@ -127,6 +153,31 @@ def _sched(args) -> tuple[str, ...]:
     return (f"strategy.lr={args.lr}", f"strategy.t_half={args.t_half}")
 
 
+def cell(
+    method: str,
+    attack: str,
+    alpha: float,
+    seed: int,
+    steps: int,
+    lr: float,
+    t_half: float,
+    backend: str = "local",
+) -> tuple[str, tuple[str, ...]]:
+    """(cache key, overrides) of one cell of the accuracy table for one seed."""
+    key = f"{method}|{attack}|alpha={alpha}|seed={seed}|steps={steps}|lr={lr:g}|th={t_half:g}"
+    sched = (f"strategy.lr={lr}", f"strategy.t_half={t_half}")
+    att = EXTRA_ATTACKS.get(attack, (f"attack={attack}",))
+    over = (
+        *_run_base(backend, steps),
+        *sched,
+        f"partition.alpha={alpha}",
+        *METHODS[method],
+        *att,
+        f"seed={seed}",
+    )
+    return key, over
+
+
 class Cache:
     def __init__(self, path: Path, run: bool = True) -> None:
         self.path = path
@@ -138,6 +189,7 @@ class Cache:
             if not self.run:
                 return None
             self.data[key] = fn()
+            self.data["_provenance"] = provenance()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.data, indent=1))
             r = self.data[key]
@@ -183,12 +235,9 @@ def accuracy_tables(args, cache: Cache, out_dir: Path) -> list[str]:
         for method in args.methods:
             for attack in args.attacks:
                 for seed in range(args.seeds):
-                    key = (
-                        f"{method}|{attack}|alpha={alpha}|seed={seed}|steps={args.steps}|"
-                        f"{_hp(args)}"
+                    key, over = cell(
+                        method, attack, alpha, seed, args.steps, args.lr, args.t_half, args.backend
                     )
-                    att = EXTRA_ATTACKS.get(attack, (f"attack={attack}",))
-                    over = (*common, *METHODS[method], *att, f"seed={seed}")
                     r = cache.get_or_run(
                         key,
                         lambda o=over, k=key: run_one(
@@ -361,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    pin_threads(1)
     cache = Cache(args.json, run=not args.cached_only)
     lr, t_half, _ = schedule_defaults()
     args.lr = lr if args.lr is None else args.lr
@@ -372,7 +422,8 @@ def main(argv: list[str] | None = None) -> None:
         lines += accuracy_tables(args, cache, args.out_dir)
     if args.only in (None, "timing"):
         lines += timing_table(args, cache, args.out_dir)
-    print("\n".join(lines))
+    prov = cache.data.get("_provenance") if args.cached_only else provenance()
+    print("\n".join(([markdown(prov)] if prov else []) + lines))
 
 
 if __name__ == "__main__":
