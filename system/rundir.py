@@ -400,33 +400,10 @@ class RunDir:
 
     # -- plots -----------------------------------------------------------------------------------
     def plot_curves(self, rows: list[dict[str, Any]] | None = None) -> Path | None:
-        """curves.png: test accuracy and loss per round."""
-        rows = rows if rows is not None else self.read_metrics()
-        rows = [r for r in rows if "loss" in r]
-        if not rows:
-            return None
-        import matplotlib
+        """curves.png: what the run is about (system/report.py plot_run)."""
+        from system.report import plot_run
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        def values(key: str) -> list[float]:  # null (a non-finite number) plots as a gap
-            return [math.nan if r.get(key) is None else r[key] for r in rows]
-
-        rounds = [r["round"] for r in rows]
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        if "accuracy" in rows[0]:
-            axes[0].plot(rounds, values("accuracy"), marker=".")
-        axes[0].set(xlabel="round", ylabel="test accuracy", title="accuracy")
-        axes[1].plot(rounds, values("loss"), marker=".", color="tab:red")
-        axes[1].set(xlabel="round", ylabel="test loss", title="loss")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        out = self.path / "curves.png"
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        return out
+        return plot_run(self.path, rows)
 
 
 def finite_json(obj: Any) -> tuple[Any, list[str]]:
