@@ -310,8 +310,9 @@ def group_table(frame: pd.DataFrame) -> pd.DataFrame:
     of each value, the rounds (or steps) completed, the epsilon kind."""
     import pandas as pd
 
-    def joined(values: pd.Series) -> str:
-        return ",".join(dict.fromkeys(str(v) for v in values if pd.notna(v)))
+    def joined(values: pd.Series, unique: bool = True) -> str:
+        kept = [str(v) for v in values if pd.notna(v)]
+        return ",".join(dict.fromkeys(kept) if unique else kept)
 
     def rounds(g: pd.DataFrame) -> str:
         done = joined(g["rounds"].astype("Int64"))
@@ -325,7 +326,7 @@ def group_table(frame: pd.DataFrame) -> pd.DataFrame:
             "setting": g["setting"].iloc[0],
             "mode": joined(g["mode"]),
             "n": len(g),
-            "seeds": joined(g["seed"].astype("Int64")),
+            "seeds": joined(g["seed"].astype("Int64"), unique=False),
             "rounds": rounds(g),
             "epsilon_kind": joined(g["epsilon_kind"]) or None,
         }
