@@ -144,6 +144,7 @@ class RayPool:
         self._incarnation: dict[int, int] = {}
         self._kinds: list[str] | None = None
         self._round = -1  # the round being trained (or last trained), for log lines
+        self._why_lost = ""  # why the last host counted as lost (set by _wait_alive)
 
     # -- where clients train ---------------------------------------------------------------------
     def live(self) -> list[int]:
@@ -279,7 +280,7 @@ class RayPool:
 
     def _wait_alive(self, h: int) -> bool:
         """Wait up to ``restart_timeout_s`` for host ``h`` to answer; False at once when Ray says
-        the actor is dead for good (no restarts left)."""
+        the actor is dead for good (no restarts left). ``_why_lost`` says which."""
         import ray
 
         t_end = time.monotonic() + self.restart_timeout_s
@@ -289,6 +290,7 @@ class RayPool:
                 ray.get(self.actors[h].ping.remote(), timeout=max(0.1, min(5.0, left)))
                 return True
             except ray.exceptions.ActorDiedError:
+                self._why_lost = "Ray will not restart it, cluster.max_restarts is used up"
                 return False
             except (
                 ray.exceptions.RayActorError,
@@ -296,6 +298,10 @@ class RayPool:
                 ray.exceptions.GetTimeoutError,
             ):
                 if time.monotonic() >= t_end:
+                    self._why_lost = (
+                        f"not restarted within cluster.restart_timeout_s={self.restart_timeout_s:g}"
+                        " s, no node can hold it"
+                    )
                     return False
                 time.sleep(0.2)
 
@@ -327,11 +333,10 @@ class RayPool:
                 self.holder[b] = target
         where = sorted({self.holder[b] for b in blocks} - {None})
         log.warning(
-            "round %d: host %d is lost (no restart within cluster.restart_timeout_s=%g s); "
-            "its clients %s %s",
+            "round %d: host %d is lost: %s; its clients %s %s",
             round_idx + 1,
             h,
-            self.restart_timeout_s,
+            self._why_lost,
             _ids(c for b in blocks for c in self.blocks[b]),
             f"move to host(s) {where}" if where else "are out of the run",
         )

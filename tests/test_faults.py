@@ -346,3 +346,66 @@ rm -f {mnt}/fill; cp -r {mnt}/run {out}; exit $rc
     assert "intact" in stderr
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["round"] >= 2 and ck["round"] % 2 == 0
+
+
+# -- a node that never comes back (last in this module: it replaces the module's Ray) -------------
+
+
+@pytest.fixture
+def two_worker_nodes():
+    """A real 3-node Ray on this machine: a head without a worker slot and two worker nodes with
+    one slot each, so a host whose node is removed has nowhere to restart."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1, resources={"worker_slot": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, configure_logging=False)
+    yield ray, cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_node_that_never_comes_back_run_completes(two_worker_nodes, tmp_path) -> None:
+    """Host 1's node is removed and no other node can hold it: Ray cannot restart it, so after
+    cluster.restart_timeout_s its clients move to host 0 and the round goes on: nothing is lost."""
+    ray, cluster, workers = two_worker_nodes
+    over = (
+        *RAY2,
+        "rounds=6",
+        "+cluster.resources={worker_slot: 1}",
+        "cluster.restart_timeout_s=3",
+        "cluster.slow_hosts=[0.5,0.5]",
+    )
+    run, removed = tmp_path / "run", {}
+
+    def remove_host_1_node() -> None:
+        t_end = time.time() + 180
+        while time.time() < t_end and len(_rows(run)) < 2:
+            time.sleep(0.02)
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith("flagstaff-host-1-"):
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                node = ray.get(handle.node_id.remote())
+                victim = next(w for w in workers if w.node_id == node)
+                cluster.remove_node(victim, allow_graceful=False)
+                removed["at"] = len(_rows(run))
+                return
+
+    th = threading.Thread(target=remove_host_1_node)
+    th.start()
+    res = train(compose(*over), run_dir=str(run))
+    th.join()
+    assert "at" in removed, "the test did not find host 1's node"
+    rows = res["metrics"]
+    assert [r["round"] for r in rows] == list(range(1, 7))
+    assert [r.get("lost_hosts") for r in rows].count([1]) == 1
+    assert all(r["dropped_failed"] == 0 and r["clients"] == 10 for r in rows)
+    undisturbed = ("experiment=smoke", "cluster.hosts=2", "clients_per_round=10", "rounds=6")
+    clean = train(compose(*undisturbed, "backend=local"), run_dir=str(tmp_path / "clean"))
+    assert torch.equal(res["params"], clean["params"])
