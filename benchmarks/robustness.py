@@ -104,6 +104,16 @@ F_ATTACKED = 3
 TARGET_ATTACKS = ["alie", "foe", "sign_flip", "label_flip"]  # the issue's target check
 FLAG_TOLERANCE = 3.0  # points: Flag under attack vs its own no-attack accuracy
 MEAN_FAILS = 10.0  # points: the mean "visibly fails" when it loses at least this much
+#: (rule, attack) cells whose seed-0 result changed when rerun with ATen/MKL dispatched to other
+#: instruction sets (docs/robustness.md, "Reproducibility"): mostly attacks that get through the
+#: rule and throw the model far, so training amplifies last-bit differences. ``--chaotic-seeds N``
+#: reports them over seeds 0..N-1.
+CHAOTIC = {
+    ("mean", "uniform"),
+    ("mean", "reversed"),
+    ("cclip", "uniform"),
+    ("flag", "label_flip"),
+}
 
 
 @dataclass(frozen=True)
@@ -163,11 +173,13 @@ def plan(
     rounds: int | None,
     extra: Sequence[str] = (),
     flag_nnm: bool = False,
+    chaotic_seeds: int = 0,
 ) -> list[Run]:
     """Every (setting, rule, column, seed): ``f=0`` with no attack, then each attack with f = 3.
 
     ``flag_nnm`` adds a row for the Flag Aggregator with nearest-neighbour mixing
-    (``aggregator.pre=[nnm]``)."""
+    (``aggregator.pre=[nnm]``); cells in ``CHAOTIC`` (rule without pre-aggregation) run seeds
+    ``0 .. chaotic_seeds - 1`` when that is more than ``seeds``."""
     variants = [(agg, tuple(extra)) for agg in aggregators]
     if flag_nnm:
         variants.append(("flag", (*extra, "aggregator.pre=[nnm]")))
@@ -177,7 +189,11 @@ def plan(
         for agg, ex in variants:
             cols = [("none", 0)] + [(a, F_ATTACKED) for a in attacks]
             for attack, f in cols:
-                for seed in seeds:
+                cell_seeds = list(seeds)
+                plain = not any(e.startswith("aggregator.pre") for e in ex)
+                if plain and (agg, attack) in CHAOTIC and chaotic_seeds > len(seeds):
+                    cell_seeds = list(range(chaotic_seeds))
+                for seed in cell_seeds:
                     runs.append(Run(s, agg, attack, f, seed, r, ex))
     return runs
 
@@ -317,6 +333,8 @@ def _cell(s: dict[str, Any] | None) -> str:
     if s["mean"] is None:
         return "div"
     text = f"{s['mean']:.1f} ± {s['std']:.1f}"
+    if s["seeds"] > 3:
+        text += f" ({s['seeds']} seeds)"
     return text + (f" ({s['div']} div)" if s["div"] else "")
 
 
@@ -392,6 +410,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--flag-nnm", action="store_true", help="add a row: Flag with aggregator.pre=[nnm]"
     )
+    p.add_argument(
+        "--chaotic-seeds",
+        type=int,
+        default=0,
+        help="run the CHAOTIC cells over seeds 0..N-1 (docs/robustness.md, Reproducibility)",
+    )
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="merge these cells into benchmarks/results/robustness.{json,md} (replacing the "
+        "same cells), with this run's provenance",
+    )
     p.add_argument("--jobs", type=int, default=1, help="worker processes (1 or 2)")
     p.add_argument(
         "--native-kernels",
@@ -411,7 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.native_kernels:
         pin_kernels()
     os.chdir(ROOT)  # the runner and Hydra resolve relative paths against the repository
-    runs = plan(args.settings, aggs, attacks, seeds, args.rounds, extra, args.flag_nnm)
+    runs = plan(
+        args.settings, aggs, attacks, seeds, args.rounds, extra, args.flag_nnm, args.chaotic_seeds
+    )
     rows = run_all(runs, args.out, args.jobs)
     summary = summarize(rows)
     md = []
@@ -442,9 +474,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
     }
     (args.out / "robustness.json").write_text(json.dumps(blob, indent=1))
+    if args.publish:
+        publish(rows, prov, args.settings, ROOT / "benchmarks" / "results")
     total = sum(r.get("wall_s", 0.0) for r in rows)
     print(f"\nwrote {args.out / 'robustness.md'} and robustness.json; {total / 60:.1f} run-minutes")
     return 0
+
+
+def publish(
+    rows: Sequence[dict[str, Any]], prov: dict[str, Any], settings: Sequence[str], results: Path
+) -> None:
+    """Merge this invocation's cells into ``results/robustness.json`` and rewrite
+    ``robustness.md``: a cell (setting, row, column) measured now replaces all its earlier seeds;
+    every row names the invocation (command and provenance) that produced it."""
+    path = results / "robustness.json"
+    blob = json.loads(path.read_text()) if path.exists() else {}
+    for s in settings:
+        part = blob.setdefault(s, {"invocations": [], "rows": []})
+        if "invocations" not in part:  # first format: one command for every row, no provenance
+            part["invocations"] = [{"command": part.pop("command", "?"), "provenance": None}]
+            for r in part["rows"]:
+                r["invocation"] = 0
+        for key in ("settings", "extra", "summary"):
+            part.pop(key, None)
+        new = [r for r in rows if r["setting"] == s]
+        cells = {(r["label"], r["column"]) for r in new}
+        kept = [r for r in part["rows"] if (r["label"], r["column"]) not in cells]
+        part["invocations"].append({"command": prov["command"], "provenance": prov})
+        idx = len(part["invocations"]) - 1
+        part["rows"] = kept + [{**r, "invocation": idx} for r in new]
+        used = sorted({r["invocation"] for r in part["rows"]})
+        renum = {old: i for i, old in enumerate(used)}
+        part["invocations"] = [part["invocations"][i] for i in used]
+        for r in part["rows"]:
+            r["invocation"] = renum[r["invocation"]]
+    path.write_text(json.dumps(blob, indent=1))
+    md = []
+    for s, part in blob.items():
+        summary = summarize(part["rows"])
+        seeds = sorted({r["seed"] for r in part["rows"]})
+        md += [
+            f"### {s}: final test accuracy (%), n = 15, f = 3 unless f=0, "
+            f"{rounds_of(part['rows'], s)} rounds, mean ± std over seeds "
+            f"{seeds[:3]} (more where a cell says so)",
+            "",
+            *[
+                f"<!-- rows {sorted({r['label'] for r in part['rows'] if r['invocation'] == i})}"
+                f" from: {markdown(inv['provenance'])[5:-4] if inv['provenance'] else inv['command']}"
+                " -->"
+                for i, inv in enumerate(part["invocations"])
+            ],
+            "",
+            table(summary, s),
+            "",
+            *target_check(summary, s),
+            "",
+        ]
+    (results / "robustness.md").write_text("\n".join(md))
+    print(f"published {sorted(settings)} into {path} and robustness.md")
 
 
 def rounds_of(rows: Sequence[dict[str, Any]], setting: str) -> str:

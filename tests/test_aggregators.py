@@ -434,13 +434,19 @@ def test_flag_output_in_span_and_reference_scaling():
     assert torch.allclose(fit.output, Y @ (Y.T @ unit.sum(0)) / 2, atol=1e-10)
     coef = torch.linalg.lstsq(U.T, fit.output[:, None]).solution
     assert torch.allclose(U.T @ coef, fit.output[:, None], atol=1e-9)  # in the span of inputs
-    # the aggregate equals the fit output and has the median input norm by default
+    # median_norm: the median input norm; median_proj (default): the median input component
+    # along the output; both routes agree
     for n in (6, 7):
         V = torch.randn(n, 50, dtype=torch.float64) * torch.arange(1.0, n + 1)[:, None]
-        out = FlagAggregator()(V)
-        norms = V.norm(dim=1).sort().values
-        median = 0.5 * (norms[(n - 1) // 2] + norms[n // 2])
-        assert out.norm().item() == pytest.approx(median.item(), rel=1e-10)
+        for method in ("gram", "svd"):
+            out = FlagAggregator(rescale="median_norm", method=method)(V)
+            norms = V.norm(dim=1).sort().values
+            median = 0.5 * (norms[(n - 1) // 2] + norms[n // 2])
+            assert out.norm().item() == pytest.approx(median.item(), rel=1e-10)
+            out = FlagAggregator(method=method)(V)
+            comp = (V @ out / out.norm()).sort().values
+            median = 0.5 * (comp[(n - 1) // 2] + comp[n // 2])
+            assert out.norm().item() == pytest.approx(abs(median.item()), rel=1e-10)
 
 
 def test_flag_m1_recovers_dominant_direction_ignoring_outliers():
@@ -680,3 +686,18 @@ def test_flag_irls_is_majorize_minimize(lam, method):
         )
         best = fit.objectives[fit.best_iteration]
         assert _flag_objective(U, fit.basis, lam, 1e-7) == pytest.approx(best, rel=1e-9)
+
+
+def test_flag_defaults_keep_the_honest_mean_scale_and_direction():
+    # 15 honest updates (noise twice the signal, as local SGD updates are): the default Flag
+    # Aggregator, from the class and from conf/aggregator/flag.yaml, returns the mean's direction
+    # at the mean's scale (the old defaults, median-norm rescale, returned about 2x its norm)
+    g = torch.Generator().manual_seed(0)
+    mu = 0.01 * torch.randn(2000, generator=g, dtype=torch.float64)
+    U = mu + 0.02 * torch.randn(15, 2000, generator=g, dtype=torch.float64)
+    mean = U.mean(0)
+    yaml_agg = hydra.utils.instantiate(OmegaConf.load(CONF / "flag.yaml"), f=3, n=15)
+    for agg in (FlagAggregator(), yaml_agg):
+        out = agg(U)
+        assert float(out @ mean / (out.norm() * mean.norm())) > 0.99
+        assert 0.8 < float(out.norm() / mean.norm()) < 1.25
