@@ -34,9 +34,31 @@ _ports() {
        --min-worker-port="$FLAGSTAFF_MIN_WORKER_PORT" --max-worker-port="$FLAGSTAFF_MAX_WORKER_PORT"
 }
 
+# Every process a `ray start` below starts (GCS, raylet, dashboard, Ray Client server, agents,
+# workers) lives in one new session (setsid); the session's ID and the PIDs in it right after the
+# start are recorded in $FLAGSTAFF_RAY_TMP/pids.<host>, and stop_ray ends exactly the processes of
+# those sessions (the recorded ones and the workers the raylet started since), by PID.
+_pidfile() { echo "$FLAGSTAFF_RAY_TMP/pids.$(hostname)"; }
+
+# _session_pids SID...: PIDs of the live processes in these sessions
+_session_pids() {
+  local sid
+  for sid in "$@"; do ps -o pid= -s "$sid" 2>/dev/null || true; done | tr -s ' \n' ' '
+}
+
+# _recorded CMD...: run CMD in a new session, record the session and its processes
+_recorded() {
+  local file rc=0 sid
+  file=$(_pidfile)
+  setsid -w bash -c 'echo "session $$" >> "$0"; exec "$@"' "$file" "$@" || rc=$?
+  sid=$(awk '$1 == "session" {s = $2} END {print s}' "$file")
+  echo "pids $sid $(_session_pids "$sid")" >> "$file"
+  return "$rc"
+}
+
 # start_head IP CPUS GPUS: the head node, dashboard on localhost only
 start_head() {
-  "$RAY_PYTHON_BIN/ray" start --head --node-ip-address="$1" --port="$FLAGSTAFF_RAY_PORT" \
+  _recorded "$RAY_PYTHON_BIN/ray" start --head --node-ip-address="$1" --port="$FLAGSTAFF_RAY_PORT" \
     --ray-client-server-port="$FLAGSTAFF_CLIENT_PORT" --dashboard-host=127.0.0.1 \
     --dashboard-port="$FLAGSTAFF_DASHBOARD_PORT" --temp-dir="$FLAGSTAFF_RAY_TMP" \
     --num-cpus="$2" --num-gpus="$3" $(_ports) --disable-usage-stats
@@ -44,13 +66,28 @@ start_head() {
 
 # start_worker HEAD_IP CPUS GPUS [--block]: a worker joining the head
 start_worker() {
-  "$RAY_PYTHON_BIN/ray" start --address="$1:$FLAGSTAFF_RAY_PORT" --num-cpus="$2" --num-gpus="$3" \
-    $(_ports) --disable-usage-stats "${@:4}"
+  _recorded "$RAY_PYTHON_BIN/ray" start --address="$1:$FLAGSTAFF_RAY_PORT" --num-cpus="$2" \
+    --num-gpus="$3" $(_ports) --disable-usage-stats "${@:4}"
 }
 
-# stop_ray: stop this job's Ray processes only (other jobs on the node keep theirs)
+# stop_ray: stop the Ray processes this job started on this node, and nothing else: SIGTERM, then
+# SIGKILL what is left after 5 s (Ray's agents can wait a minute on a GCS that is gone)
 stop_ray() {
-  pkill -TERM -f -- "$FLAGSTAFF_RAY_TMP/session" >/dev/null 2>&1 || true
-  sleep 2
-  pkill -KILL -f -- "$FLAGSTAFF_RAY_TMP/session" >/dev/null 2>&1 || true
+  local file sids pids i
+  file=$(_pidfile)
+  [ -f "$file" ] || return 0
+  sids=$(awk '$1 == "session" {print $2}' "$file")
+  pids=$(_session_pids $sids)
+  [ -n "${pids// }" ] && kill -TERM $pids 2>/dev/null || true
+  for i in $(seq 25); do
+    pids=$(_session_pids $sids)
+    [ -z "${pids// }" ] && break
+    sleep 0.2
+  done
+  [ -n "${pids// }" ] && kill -KILL $pids 2>/dev/null || true
+  for i in $(seq 25); do
+    [ -z "$(_session_pids $sids | tr -d ' ')" ] && break
+    sleep 0.2
+  done
+  rm -f "$file"
 }

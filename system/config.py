@@ -64,7 +64,9 @@ class ClusterSchema:
     # a new local Ray without dashboard skips Ray's idle dashboard head and polls for its node
     # (system/ray_start.py lean_local_start); false: Ray's own start-up
     lean_start: bool = True
-    require_auth: bool = False
+    # joining cluster.address needs Ray token authentication unless this is false (warned);
+    # a local Ray always has its own token (system/ray_start.py)
+    require_auth: bool | None = None
     namespace: str | None = None
     placement: str = "default"  # default | spread (one host per node where possible)
     server: str = "auto"  # auto | driver | actor: where the parameter server runs (backend=ray)

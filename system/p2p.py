@@ -522,12 +522,12 @@ def _num_hosts(c: dict[str, Any], stack: ExitStack, n_train: int) -> int:
     cl = c["cluster"]
     if c["backend"] != "ray":
         return min(cl["hosts"] or 1, n_train)
-    import ray
-
-    from system.ray_start import init_ray
+    from system.ray_start import init_ray, shutdown_ray
 
     if init_ray(cl):  # as the federated runner: a new local Ray unless cluster.address is set
-        stack.callback(ray.shutdown)
+        stack.callback(shutdown_ray)
+    import ray  # after init_ray: Ray reads its private-start settings when it is imported
+
     cpus = ray.cluster_resources().get("CPU", 1.0)
     per = cl["cpus_per_host"]
     hosts = cl["hosts"] or max(1, int(cpus // per) if per > 0 else int(cpus))

@@ -2,13 +2,27 @@
 
 ``flagstaff-train`` with ``backend=ray`` starts Ray while another thread imports torch and the
 model code (both take seconds), and the workers of a Ray it starts preload those modules, so the
-host actors begin with them already imported. Only ``os`` and (lazily) ``ray`` are imported here.
+host actors begin with them already imported. Only the standard library and (lazily) ``ray`` are
+imported here.
+
+A Ray started here is private to its run (docs/cluster.md, Security): Ray's single-machine mode puts
+every one of its servers on 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, Ray's setting for
+Windows and macOS, which also refuses worker nodes), token authentication is on with a fresh token
+per run (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``; Ray's token authentication,
+docs.ray.io/en/latest/ray-security/token-auth.html), and a watchdog (system/ray_watchdog.py) ends
+every process of that Ray when the driver ends, however it ends. Ray reads both settings once per
+process, when it is imported, so they are set before the first ``import ray``. Joining a cluster
+(``cluster.address``) requires a token unless ``cluster.require_auth=false``.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -16,34 +30,192 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from system.ray_watchdog import TAG_VAR
+
 __all__ = [
     "PRELOAD_MODULES",
+    "PRIVATE_PROCESS_ENV",
     "check_auth_token",
+    "check_cluster_auth",
     "importing_in_background",
     "init_ray",
     "lean_local_start",
+    "make_ray_private",
+    "shutdown_ray",
+    "start_local_ray",
 ]
+
+log = logging.getLogger("flagstaff")
 
 #: modules every worker of a Ray that Flagstaff starts imports as soon as it starts: the host and
 #: server actors then begin with torch and the model code already loaded
 PRELOAD_MODULES = ("torch", "system.host", "system.server")
 
+#: what Ray reads once per process, at ``import ray``: every server of a Ray started here listens on
+#: 127.0.0.1 only (Ray's single-machine mode), and every connection must carry the token
+PRIVATE_PROCESS_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
 
-def check_auth_token() -> None:
-    """cluster.require_auth=true: refuse to join unless Ray token authentication is configured."""
-    mode = os.environ.get("RAY_AUTH_MODE", "disabled")
-    has_token = (
-        bool(os.environ.get("RAY_AUTH_TOKEN"))
-        or Path(
-            os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token")
-        ).is_file()
+# the local Ray this process started last: its watchdog and the environment to restore after it
+_current: dict[str, Any] = {}
+
+
+def _token_configured() -> bool:
+    """Whether Ray token authentication is set up in this environment (mode and a token)."""
+    if os.environ.get("RAY_AUTH_MODE", "disabled").lower() != "token":
+        return False
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
+
+
+def check_auth_token(address: str | None = None) -> None:
+    """Refuse to join a Ray cluster unless Ray token authentication is configured: one line that
+    says what to set (or how to opt out)."""
+    if _token_configured():
+        return
+    from system.config import ConfigError
+
+    where = f"cluster.address={address}" if address else "cluster.require_auth=true"
+    raise ConfigError(
+        f"{where}: Ray token authentication is not set up; set RAY_AUTH_MODE=token and the "
+        "cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; `ray "
+        "get-auth-token` on the head prints it), or pass cluster.require_auth=false to join a "
+        "cluster without authentication"
     )
-    if mode != "token" or not has_token:
-        raise RuntimeError(
-            "cluster.require_auth=true: set RAY_AUTH_MODE=token and the cluster's token "
-            "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; `ray get-auth-token` on "
-            "the head prints it) before joining"
+
+
+def check_cluster_auth(cl: Mapping[str, Any]) -> None:
+    """Joining ``cl["address"]`` needs token authentication unless ``cl["require_auth"]`` is
+    explicitly false (then a warning: anyone who reaches the cluster's ports can run code on it).
+    A local Ray (no address) always has its own token."""
+    address = cl.get("address")
+    if not address or address == "local":
+        return
+    if cl.get("require_auth") is False:
+        log.warning(
+            "cluster.require_auth=false: joining %s without token authentication; anyone who "
+            "can reach its ports can run code on it (docs/cluster.md, Security)",
+            address,
         )
+        return
+    check_auth_token(address)
+
+
+def make_ray_private() -> None:
+    """Put PRIVATE_PROCESS_ENV into this process's environment, so that a Ray started later is
+    private (loopback only, token required). Ray reads it when it is imported: call this before
+    the first ``import ray`` (``init_ray`` does it for a local run; the test suite's conftest at
+    start-up)."""
+    os.environ.update(PRIVATE_PROCESS_ENV)
+
+
+def _why_not_private() -> str | None:
+    """None when a Ray started now in this process is private; else which setting Ray read
+    before ``make_ray_private`` set it."""
+    try:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+    except ImportError:  # a Ray without token authentication
+        return "RAY_AUTH_MODE=token (this Ray version has no token authentication)"
+    import ray._private.ray_constants as ray_constants
+
+    if getattr(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        return "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
+    if get_authentication_mode() != AuthenticationMode.TOKEN:
+        return "RAY_AUTH_MODE=token"
+    return None
+
+
+def _start_watchdog(tag: str) -> subprocess.Popen | None:
+    """system/ray_watchdog.py in its own session, reading a pipe from this process: when the
+    pipe closes (this process ends, or ``_release``) it ends every process of the Ray tagged
+    ``tag``."""
+    if not os.path.isdir("/proc"):  # it finds the Ray processes through /proc (Linux)
+        return None
+    env = {k: v for k, v in os.environ.items() if k not in (TAG_VAR, "RAY_AUTH_TOKEN")}
+    script = str(Path(__file__).with_name("ray_watchdog.py"))
+    return subprocess.Popen(
+        [sys.executable, "-I", script, tag],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,  # a signal to the driver's process group does not reach it
+    )
+
+
+def _release() -> None:
+    """End what is left of the local Ray started last (close its watchdog's pipe and wait for
+    it) and restore the environment from before it."""
+    watchdog = _current.pop("watchdog", None)
+    saved = _current.pop("saved", None)
+    if watchdog is not None:
+        watchdog.stdin.close()
+        try:
+            watchdog.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            log.warning("the Ray watchdog (pid %d) is still ending processes", watchdog.pid)
+    if saved is not None:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()  # the token comes from env again
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """``ray.init`` a new local Ray private to this run: its servers listen on 127.0.0.1 only,
+    every connection needs a fresh random token (kept in this process's environment until
+    ``shutdown_ray``, never written to a file or a log), and a watchdog ends all of its processes
+    when this process ends or ``shutdown_ray`` is called. ``init_kwargs`` go to ``ray.init``."""
+    make_ray_private()
+    import ray
+    from ray._raylet import AuthenticationTokenLoader
+
+    why = _why_not_private()
+    if why is not None:
+        raise RuntimeError(
+            f"Ray was imported before Flagstaff could set {why}, so a local Ray started now would "
+            "not be private; call system.ray_start.make_ray_private() before importing ray, or "
+            "start Ray yourself (ray.init) and Flagstaff uses it"
+        )
+    _release()  # the previous local Ray's leftovers, if its caller used a plain ray.shutdown()
+    tag = secrets.token_hex(8)
+    _current["saved"] = {"RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN")}
+    _current["watchdog"] = _start_watchdog(tag)
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    AuthenticationTokenLoader.instance().reset_cache()
+    os.environ[TAG_VAR] = tag  # inherited by what ray.init starts (and their workers) only
+    try:
+        context = ray.init(address="local", dashboard_host="127.0.0.1", **init_kwargs)
+    except BaseException:
+        _release()
+        raise
+    finally:
+        os.environ.pop(TAG_VAR, None)
+    watchdog = _current["watchdog"]
+    if watchdog is not None:  # its agents are found through their files in the session directory
+        try:
+            watchdog.stdin.write(f"session {context.address_info['session_dir']}\n".encode())
+            watchdog.stdin.flush()
+        except (BrokenPipeError, KeyError):
+            log.warning("the Ray watchdog is not running: Ray's agents may outlive this run")
+    node_ip = str(context.address_info.get("node_ip_address", ""))
+    if not (node_ip.startswith("127.") or node_ip == "::1"):  # checked, whatever the Ray version
+        shutdown_ray()
+        raise RuntimeError(
+            f"the local Ray started on {node_ip}, not on loopback; set "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray"
+        )
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()``, then end whatever is left of a local Ray this process started and
+    restore the environment from before it."""
+    import ray
+
+    ray.shutdown()
+    _release()
 
 
 def local_ray_options(cl: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,29 +281,33 @@ def lean_local_start(enabled: bool = True) -> Iterator[bool]:
 
 
 def init_ray(cl: Mapping[str, Any]) -> bool:
-    """Start a local Ray, or join ``cl["address"]``, unless Ray is already up in this process.
-    Returns True when this call initialized Ray (the caller then shuts it down)."""
-    import ray
-
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    if ray.is_initialized():
+    """Start a private local Ray (``start_local_ray``), or join ``cl["address"]`` (with token
+    authentication unless ``cl["require_auth"]`` is false), unless Ray is already up in this
+    process. Returns True when this call initialized Ray (the caller then calls
+    ``shutdown_ray``)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         return False
-    if cl.get("require_auth"):
-        check_auth_token()
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     address = cl.get("address") or "local"  # no address: always a new local Ray (never silently
     # join another job's cluster)
     dashboard = bool(cl.get("include_dashboard", False))
-    lean = address == "local" and not dashboard and cl.get("lean_start", True)
+    options = dict(
+        include_dashboard=dashboard,
+        namespace=cl.get("namespace"),
+        log_to_driver=True,
+        configure_logging=False,
+    )
+    if address != "local":
+        check_cluster_auth(cl)
+        import ray
+
+        ray.init(address=address, dashboard_host="127.0.0.1", **options)
+        return True
+    lean = not dashboard and cl.get("lean_start", True)
+    make_ray_private()  # before ray is imported (below, and by lean_local_start)
     with lean_local_start(lean):
-        ray.init(
-            address=address,
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            namespace=cl.get("namespace"),
-            log_to_driver=True,
-            configure_logging=False,
-            **local_ray_options(cl),
-        )
+        start_local_ray(**options, **local_ray_options(cl))
     return True
 
 

@@ -28,7 +28,7 @@ from system.loggers import make_logger
 from system.memory import tree_memory_mb
 from system.pool import LocalPool, RayPool
 from system.preflight import check_model, check_resume, load_inputs
-from system.ray_start import check_auth_token, init_ray
+from system.ray_start import check_auth_token, init_ray, shutdown_ray
 from system.rundir import RunDir, hydra_files, versions
 from system.server import ParameterServer
 
@@ -298,11 +298,10 @@ def _start(c, ds, parts, adversary, stack: ExitStack):
 
 
 def _start_ray(c, ds, parts, adversary, host_args, stack: ExitStack):
-    import ray
-
     cl = c["cluster"]
-    if init_ray(cl):
-        stack.callback(ray.shutdown)
+    if init_ray(cl):  # a private local Ray (loopback, token, watchdog) or the cluster
+        stack.callback(shutdown_ray)
+    import ray  # after init_ray: Ray reads its private-start settings when it is imported
     cpus = ray.cluster_resources().get("CPU", 1.0)
     per = cl["cpus_per_host"]
     hosts = cl["hosts"] or max(1, int(cpus // per) if per > 0 else int(cpus))

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
+from system.ray_start import make_ray_private, shutdown_ray, start_local_ray
+
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# every Ray the tests start is private like flagstaff-train's: loopback only, token required. Ray
+# reads these settings when it is imported, so here, before any test module imports it; tests that
+# call ray.init themselves use this process's token (system/ray_start.py)
+make_ray_private()
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 def compose(*overrides: str, config_name: str = "train"):
@@ -28,7 +36,7 @@ def ray_session():
     """A real local Ray instance shared by the tests of one module (start-up costs seconds)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    if not ray.is_initialized():  # private: loopback, its own token, a watchdog
+        start_local_ray(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
-    ray.shutdown()
+    shutdown_ray()

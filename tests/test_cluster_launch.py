@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests._procs import command, descendants, wait_gone
 from tests.conftest import ROOT
 
 BIN = str(Path(sys.executable).parent)
@@ -36,19 +37,55 @@ def test_slurm_script_parses() -> None:
         subprocess.run(["bash", "-n", str(ROOT / "launch" / name)], check=True)
 
 
-def test_require_auth_refuses_without_token(monkeypatch, tmp_path) -> None:
-    from system.runner import check_auth_token
+def test_joining_a_cluster_needs_a_token_unless_require_auth_is_false(
+    monkeypatch, tmp_path, caplog
+) -> None:
+    from system.config import ConfigError
+    from system.ray_start import check_cluster_auth
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(RuntimeError, match="RAY_AUTH_MODE=token"):
-        check_auth_token()
+    check_cluster_auth({"address": None})  # a local Ray has its own token
+    for cl in ({"address": "auto"}, {"address": "head:6379", "require_auth": True}):
+        with pytest.raises(ConfigError, match="cluster.require_auth=false"):
+            check_cluster_auth(cl)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    with pytest.raises(RuntimeError, match="token"):
-        check_auth_token()
+    with pytest.raises(ConfigError, match="RAY_AUTH_TOKEN"):
+        check_cluster_auth({"address": "auto"})
     monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
-    check_auth_token()
+    check_cluster_auth({"address": "auto"})
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    with caplog.at_level("WARNING", logger="flagstaff"):
+        check_cluster_auth({"address": "auto", "require_auth": False})
+    assert "without token authentication" in caplog.text
+
+
+def test_cluster_address_without_token_exits_with_one_line(tmp_path) -> None:
+    """flagstaff-train cluster.address=... with no token set up: exit 2 with one line that says
+    what to set, before any work (no traceback, nothing trained)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "experiment=smoke",
+            "backend=ray",
+            "cluster.address=127.0.0.1:9",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        env={**env, "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert lines[-1].startswith("error: cluster.address=127.0.0.1:9: Ray token authentication")
+    assert "cluster.require_auth=false" in lines[-1]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def _sh(script: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -128,6 +165,41 @@ def test_slurm_ray_commands_start_an_authenticated_cluster(tmp_path) -> None:
         assert len(set(summary["host_nodes"])) == 2  # one host on each node
     finally:
         _sh(src + "stop_ray", env)
+
+
+def test_ray_env_stop_ends_every_process_the_start_started(tmp_path) -> None:
+    """launch/ray_env.sh: start_head then stop_ray leaves no process behind: the GCS, raylet,
+    dashboard and its modules, monitors, the Ray Client server and the agents all end."""
+    job = str(51000 + os.getpid() % 8000)
+    tmp = f"/tmp/ray-fs-stop-{job}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        SLURM_JOB_ID=job,
+        WORKDIR=str(tmp_path),
+        RAY_PYTHON_BIN=BIN,
+        FLAGSTAFF_RAY_TMP=tmp,
+        FLAGSTAFF_TOKEN_DIR=str(tmp_path / "tokens"),
+        PATH=f"{BIN}:{env['PATH']}",
+    )
+    src = f"set -e; source {ROOT}/launch/ray_env.sh; "
+    gcs = f":{int(job) % 500 * 20 + 20000}"
+    started: dict[int, int] = {}
+    try:
+        head = _sh(src + "start_head 127.0.0.1 1 0", env)
+        assert head.returncode == 0, head.stderr[-2000:]
+        # what this start started: the processes that name its temp dir or its GCS address
+        # (the Ray Client server), and everything below them (agents, dashboard modules)
+        for name in os.listdir("/proc"):
+            if name.isdigit() and (tmp in command(int(name)) or gcs in command(int(name))):
+                started.update(descendants(int(name)))
+        names = " ".join(command(p) for p in started)
+        assert "raylet" in names and "ray.util.client.server" in names, names
+    finally:
+        stop = _sh(src + "stop_ray", env)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    left = wait_gone(started, timeout_s=5)
+    assert not left, [command(p)[:120] for p in left]
+    subprocess.run(["rm", "-rf", tmp], check=False)
 
 
 def test_hydra_submitit_launcher_composes() -> None:

@@ -1,16 +1,36 @@
 """Starting a local Ray for a run (system/ray_start.py): the lean start skips Ray's idle dashboard
-head and restores Ray's functions; the plain start is Ray's own."""
+head and restores Ray's functions; the plain start is Ray's own. A local run's Ray listens on
+loopback only, requires the run's token, keeps the token out of files and logs, and ends with its
+driver even when the driver is killed."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from system.ray_start import lean_local_start
+from system.ray_watchdog import TAG_VAR
+from tests._procs import (
+    alive,
+    command,
+    descendants,
+    environ,
+    external_ip,
+    is_loopback,
+    listening,
+    wait_gone,
+)
+from tests.conftest import ROOT
+
+PRIVATE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 _START = """
 import json, sys
@@ -50,3 +70,194 @@ def test_lean_start_falls_back_to_rays_own_when_its_functions_are_missing(monkey
     with lean_local_start(True) as lean:
         assert lean is False
     assert not hasattr(services, "get_node")  # nothing replaced, nothing added
+
+
+# --- a local run's Ray is private (issue 19 item 1) and ends with its driver (item 3) -----------
+
+_PROBE = (
+    "import ray, sys; ray.init(address=sys.argv[1]); print('nodes', len(ray.nodes()), flush=True)"
+)
+
+
+def _user_env(home: Path) -> dict[str, str]:
+    """The environment of a user who set nothing up for Ray (no token anywhere, fresh HOME)."""
+    unset = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", PRIVATE, TAG_VAR)
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    home.mkdir(parents=True, exist_ok=True)
+    return {**env, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _flagstaff_train(out: Path, *overrides: str) -> subprocess.Popen:
+    """``flagstaff-train experiment=smoke backend=ray ...`` as a user runs it; stdout and stderr
+    go to out/stdout, out/stderr, the run directory is out/run."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "launch.train", "experiment=smoke", "backend=ray"]
+    cmd += ["cluster.hosts=1", "progress=false", f"hydra.run.dir={out / 'run'}", *overrides]
+    with open(out / "stdout", "wb") as so, open(out / "stderr", "wb") as se:
+        return subprocess.Popen(cmd, cwd=ROOT, env=_user_env(out / "home"), stdout=so, stderr=se)
+
+
+def _ray_of(proc: subprocess.Popen, out: Path, until_round: int, timeout_s: float = 300) -> dict:
+    """Wait until the run has written ``until_round`` rounds (0: until its GCS is up); return its
+    process tree and its GCS's port and token (read from the GCS's environment)."""
+    deadline = time.monotonic() + timeout_s
+    metrics = out / "run" / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (out / "stderr").read_text()[-3000:]
+        tree = descendants(proc.pid)
+        gcs = [p for p in tree if "gcs_server" in command(p)]
+        rows = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        ports = listening(gcs)  # the GCS port (Ray picks a free one)
+        if ports and rows >= until_round:
+            token = environ(gcs[0]).get("RAY_AUTH_TOKEN")
+            return {"tree": tree, "port": ports[0][1], "token": token}
+        time.sleep(0.1)
+    raise AssertionError(f"no round {until_round} in {timeout_s} s")
+
+
+def _connect(address: str, env: dict[str, str], timeout_s: float = 120) -> str:
+    """Try ray.init(address) from another process: 'connected', 'refused' (Ray's authentication
+    error) or the tail of its output."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", _PROBE, address],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        for line in p.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if line.startswith("nodes"):
+                return "connected"
+            if "InvalidAuthToken" in line or "AuthenticationError" in line:
+                return "refused"
+            if time.monotonic() > deadline:
+                break
+        return "".join(lines[-20:])
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory):
+    """A default local run (flagstaff-train, backend=ray) with slow rounds, after its first round."""
+    out = tmp_path_factory.mktemp("live")
+    proc = _flagstaff_train(out, "rounds=60", "cluster.slow_hosts=[1]")
+    try:
+        yield {"proc": proc, "out": out, **_ray_of(proc, out, until_round=1)}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_local_run_listens_on_loopback_only(live_run) -> None:
+    """No process of the run's Ray listens on a non-loopback address: from another machine (or
+    this one's external address) there is nothing to connect to."""
+    socks = listening(alive(descendants(live_run["proc"].pid)))
+    assert live_run["port"] in {port for _, port in socks}
+    assert all(is_loopback(addr) for addr, _ in socks), socks
+    ext = external_ip()
+    for _, port in socks if ext else []:
+        with pytest.raises(OSError):  # refused: nothing listens there
+            socket.create_connection((ext, port), timeout=5).close()
+
+
+def test_local_run_refuses_connections_without_its_token(live_run, tmp_path) -> None:
+    """Over loopback, a process without the run's token (none, or a wrong one) is refused by the
+    GCS; with the token it connects (the token is what guards the run)."""
+    assert live_run["token"], "the run's Ray has no token: token authentication is off"
+    address = f"127.0.0.1:{live_run['port']}"
+    # without this setting ray.init would rewrite 127.0.0.1 to the external address (and find
+    # nothing there); a local attacker sets it too
+    plain = {**_user_env(tmp_path / "home"), PRIVATE: "0"}
+    assert _connect(address, plain) == "refused"
+    wrong = {**plain, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
+    assert _connect(address, wrong) == "refused"
+    right = {**plain, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": live_run["token"]}
+    assert _connect(address, right) == "connected"
+
+
+def test_killed_driver_leaves_no_process_of_its_ray(live_run) -> None:
+    """SIGKILL the driver mid-run: every process of its Ray (GCS, raylet, dashboard and
+    runtime-env agents, workers, the host actor) ends within 30 s (Ray alone leaves its agents up
+    for a minute or more)."""
+    proc = live_run["proc"]
+    tree = descendants(proc.pid)
+    assert any("raylet" in command(p) for p in tree) and len(tree) >= 5, tree
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = wait_gone(tree, timeout_s=30)
+    assert not left, [command(p)[:120] for p in left]
+
+
+def test_run_keeps_its_token_out_of_its_files_and_output(tmp_path) -> None:
+    """A complete local run works and its token appears in no file of the run directory
+    (.hydra/, summary.json, metrics.jsonl, ...) nor in what it printed; no token file is written
+    into HOME."""
+    proc = _flagstaff_train(tmp_path, "rounds=3", "cluster.slow_hosts=[1]")
+    try:
+        token = _ray_of(proc, tmp_path, until_round=0)["token"]
+        assert proc.wait(timeout=300) == 0, (tmp_path / "stderr").read_text()[-3000:]
+    finally:
+        proc.kill()
+    assert token and len(token) >= 32
+    run = tmp_path / "run"
+    files = [f for f in run.rglob("*") if f.is_file()]
+    assert {"summary.json", "metrics.jsonl", "config.yaml"} <= {f.name for f in files}
+    for f in [*files, tmp_path / "stdout", tmp_path / "stderr"]:
+        assert token.encode() not in f.read_bytes(), f
+    assert not (tmp_path / "home" / ".ray").exists()
+
+
+def test_watchdog_ends_the_tagged_and_the_ray_processes_of_a_session_only(tmp_path) -> None:
+    """system/ray_watchdog.py: a process with the run's tag, or named ray... with a file open in
+    the session directory, is ended; one with another tag, or a non-Ray process reading the
+    session's logs (a user's tail), is not."""
+    from system.ray_watchdog import end_members, members
+
+    session = tmp_path / "session_x"
+    (session / "logs").mkdir(parents=True)
+    log = session / "logs" / "agent.log"
+    log.touch()
+    base = {k: v for k, v in os.environ.items() if k != TAG_VAR}
+
+    def spawn(argv0: str, env: dict[str, str], hold: bool = False) -> subprocess.Popen:
+        redirect = f' 3<"{log}"' if hold else ""
+        return subprocess.Popen(["bash", "-c", f'exec -a "{argv0}" sleep 60{redirect}'], env=env)
+
+    ours = [
+        spawn("sleep", {**base, TAG_VAR: "run-a"}),
+        spawn("ray::DashboardAgent", base, hold=True),
+    ]
+    theirs = [spawn("sleep", {**base, TAG_VAR: "run-b"}), spawn("tail", base, hold=True)]
+    try:
+        time.sleep(0.5)  # bash has exec'd sleep
+        found = members("run-a", [str(session)])
+        assert {p.pid for p in ours} <= set(found) and not {p.pid for p in theirs} & set(found)
+        assert end_members("run-a", [str(session)], grace_s=0.5) >= 2
+        assert all(p.wait(timeout=10) is not None for p in ours)
+        assert all(p.poll() is None for p in theirs)
+    finally:
+        for p in ours + theirs:
+            p.kill()
+            p.wait()
+
+
+def test_a_ray_imported_before_flagstaff_could_make_it_private_is_refused(tmp_path) -> None:
+    """Code that imports ray first and then asks init_ray for a local Ray gets one clear error
+    (the settings are read at import), not a Ray open to the network."""
+    script = "import ray\nfrom system.ray_start import init_ray\ninit_ray({})\n"
+    p = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=_user_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode != 0
+    assert "call system.ray_start.make_ray_private() before importing ray" in p.stderr
