@@ -161,6 +161,7 @@ class Run:
             f"eval_every={self.rounds}",
             "checkpoint_every=0",
             "progress=false",
+            "cluster.max_skipped_rounds=0",  # a round with no usable update is skipped, never stops
             *self.extra,
         ]
 
@@ -490,13 +491,16 @@ def publish(
     path = results / "robustness.json"
     blob = json.loads(path.read_text()) if path.exists() else {}
     for s in settings:
-        part = blob.setdefault(s, {"invocations": [], "rows": []})
+        blob.setdefault(s, {"invocations": [], "rows": []})
+    for part in blob.values():
         if "invocations" not in part:  # first format: one command for every row, no provenance
             part["invocations"] = [{"command": part.pop("command", "?"), "provenance": None}]
             for r in part["rows"]:
                 r["invocation"] = 0
         for key in ("settings", "extra", "summary"):
             part.pop(key, None)
+    for s in settings:
+        part = blob[s]
         new = [r for r in rows if r["setting"] == s]
         cells = {(r["label"], r["column"]) for r in new}
         kept = [r for r in part["rows"] if (r["label"], r["column"]) not in cells]
@@ -519,7 +523,7 @@ def publish(
             f"{seeds[:3]} (more where a cell says so)",
             "",
             *[
-                f"<!-- rows {sorted({r['label'] for r in part['rows'] if r['invocation'] == i})}"
+                f"<!-- cells of rows {sorted({r['label'] for r in part['rows'] if r['invocation'] == i})}"
                 f" from: {markdown(inv['provenance'])[5:-4] if inv['provenance'] else inv['command']}"
                 " -->"
                 for i, inv in enumerate(part["invocations"])
