@@ -187,7 +187,7 @@ class ClientHost:
         the local rule's (e.g. SCAFFOLD's ``c_i``), the codec's (``comm.*``) and the DP-SGD
         accountants (:data:`PRIVACY_STATE`)."""
         kinds = [*self.client_state, *(f"comm.{n}" for n in self.comm_state)]
-        if hasattr(self.trainer, "state_dict"):
+        if getattr(self.trainer, "epsilon_kind", None) is not None:  # DP: per-client accountants
             kinds.append(PRIVACY_STATE)
         return kinds
 
@@ -328,10 +328,13 @@ class ClientHost:
     # -- privacy (sample-level DP trainers keep one accountant per client on this host) ------------
     def epsilon_after(self, client_ids: list[int]) -> dict[int, float]:
         """Each client's epsilon after one more round, or {} for a non-private trainer."""
-        fn = getattr(self.trainer, "epsilon_after", None)
-        if fn is None:
+        if self.trainer.epsilon_kind is None:  # not private (clients.trainer.Trainer)
             return {}
-        return {int(c): fn(int(c), int(self.shard.sizes[self.position[c]])) for c in client_ids}
+        fn = self.trainer.epsilon_after  # with the local rule: its private gradients per step
+        return {
+            int(c): fn(int(c), int(self.shard.sizes[self.position[c]]), self.rule)
+            for c in client_ids
+        }
 
     def privacy_state(self) -> dict[str, Any]:
         """The trainer's accountant state ({} for a non-private trainer)."""

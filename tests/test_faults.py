@@ -277,6 +277,39 @@ def test_host_lost_with_privacy_accountants_drops_its_clients_for_good(ray_custo
         assert server.round(3)["dropped_failed"] == 5
 
 
+def _local_hosts(*over: str):
+    """The two in-process client hosts (and server) of a validated backend=local config."""
+    from system.config import validate
+
+    c = validate(compose("experiment=smoke", "cluster.hosts=2", "clients_per_round=10", *over))
+    with ExitStack() as stack:
+        server = _server(c, stack)
+        return server, server.pool.hosts
+
+
+def test_a_host_takes_over_a_lost_hosts_clients_and_trains_them_the_same() -> None:
+    """ClientHost.adopt: the clients of another host's shard train on this host exactly as they
+    did there; their per-client state starts from zero; a second adopt is a no-op."""
+    server, (h0, h1) = _local_hosts("strategy=scaffold")
+    assert h0.state_kinds() == ["c_i"]
+    params, bcast = server.params, server.strategy.broadcast(server.params, server.state)
+    there = h1.train(params, [5, 7, 9], 0, bcast)
+    assert h0.adopt(h1.shard) == [5, 6, 7, 8, 9] and h0.adopt(h1.shard) == []
+    assert not h0.state_dict()["c_i"][5:].any()
+    here = h0.train(params, [5, 7, 9], 0, bcast)
+    assert torch.equal(here.updates, there.updates)
+    assert h0.train(params, [1, 8], 0, bcast).client_ids.tolist() == [1, 8]
+
+
+def test_private_clients_do_not_move_and_plain_ones_keep_no_state() -> None:
+    _, (h0, h1) = _local_hosts()
+    assert h0.state_kinds() == []  # FedAvg with SGD: nothing per client is lost with a host
+    _, (d0, d1) = _local_hosts("client=dpsgd_batched")
+    assert d0.state_kinds() == ["privacy accountant"]
+    with pytest.raises(ValueError, match="accountants cannot move"):
+        d0.adopt(d1.shard)
+
+
 # -- a killed driver, a full disk (issue 19 item 10) ----------------------------------------------
 
 
