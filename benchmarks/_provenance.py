@@ -92,10 +92,13 @@ def _git(*args: str) -> str | None:
 
 
 def git_state() -> dict[str, Any]:
-    """Commit of HEAD, and whether tracked files differ from it (with their names, at most 50)."""
+    """Commit of HEAD, and whether tracked files differ from it (with their names, at most 50).
+
+    Files under benchmarks/results/ do not count: they are what benchmarks write, not inputs."""
     commit = _git("rev-parse", "HEAD")
     changed = _git("status", "--porcelain", "--untracked-files=no")
     files = [line[3:] for line in (changed or "").splitlines() if line.strip()]
+    files = [f for f in files if not f.startswith("benchmarks/results/")]
     return {"commit": commit, "dirty": bool(files), "dirty_files": files[:50]}
 
 
