@@ -13,8 +13,13 @@ all of a host's sampled clients in lockstep instead of one ``PrivacyEngine`` at 
 3. Gaussian noise N(0, (sigma C)^2 I) per client on those coordinates (its own generator, seeded by
    seed/round/client), and division by the expected batch size q * n (Opacus'
    ``loss_reduction="mean"``).
-4. The SGD step (momentum, weight decay) of ``torch.optim.SGD``, gated by the plan like LocalSGD; a
-   model's regularizer (``model.penalty``, e.g. SORSA's) adds its gradient after step 3 (it does not
+4. The strategy's local rule (``clients.rules``) turns the private gradient into the step's
+   direction: steps 2-3 are the gradient function the rule calls (a rule that asks for a second
+   gradient, FedSAM's or FedSpeed's at the ascent point, gets a second release on the same batch,
+   with fresh noise), and the rule's own terms (SCAFFOLD's c - c_i, FedProx's and FedDyn's, FedSpeed's
+   correction) are added to it, as on the Opacus path (``clients.dp``).
+5. The SGD step (momentum, weight decay) of ``torch.optim.SGD``, gated by the plan like LocalSGD; a
+   model's regularizer (``model.penalty``, e.g. SORSA's) adds its gradient after step 4 (it does not
    touch data, so it is neither clipped nor noised).
 
 Coordinates clients keep fixed (a frozen LoRA factor, ``clients.lora.trainable_mask``: A under
@@ -23,7 +28,9 @@ FedSVD / FFA-LoRA) are left out as Opacus leaves them out of its optimizer: no p
 
 Accounting is Opacus': each client's history of (sigma, q, steps) is exactly what its own
 ``RDPAccountant``/``PRVAccountant`` would hold after those steps, and epsilon is computed by that
-accountant class (``clients.dp.epsilon_of_history``); histories are checkpointed and restored.
+accountant class (``clients.dp.epsilon_of_history``); histories are checkpointed and restored. A
+step with k releases is one sampled-Gaussian step with multiplier sigma / sqrt(k)
+(``clients.dp.effective_noise_multiplier``).
 Tested against an Opacus-wrapped model stepping on the same batches.
 """
 
@@ -36,13 +43,21 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from clients.dp import DPSGDTrainer, check_dp_call
+from clients.dp import (
+    DPSGDTrainer,
+    check_dp_call,
+    check_releases,
+    effective_noise_multiplier,
+    releases_per_step,
+)
 from clients.lora import client_frozen_names, trainable_mask
 from clients.plan import BatchPlan, mix64
-from clients.rules import LocalRule
+from clients.rules import Context, LocalRule
 from clients.trainer import ParamSpec, TrainResult, loss_fn_for
 
 __all__ = ["BatchedDPSGDTrainer", "poisson_plan"]
+
+_PLAIN = LocalRule()
 
 
 def poisson_plan(
@@ -97,10 +112,12 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
     def history(self, client_id: int) -> list[tuple[float, float, int]]:
         return list(self._histories.get(int(client_id), self._restored.get(int(client_id), [])))
 
-    def epsilon_after(self, client_id: int, size: int) -> float:
+    def epsilon_after(self, client_id: int, size: int, rule: LocalRule | None = None) -> float:
         from clients.dp import epsilon_of_history
 
-        planned = (self.sigma_for(size), self.sample_rate(size), self.steps_per_round(size))
+        k = releases_per_step(rule)
+        z = effective_noise_multiplier(self.sigma_for(size, k), k)
+        planned = (z, self.sample_rate(size), self.steps_per_round(size))
         return epsilon_of_history(self.history(client_id) + [planned], self.delta, self.accountant)
 
     def state_dict(self) -> dict[str, Any]:
@@ -141,13 +158,17 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
         broadcast: dict[str, torch.Tensor] | None = None,
         round_idx: int = 0,
     ) -> TrainResult:
-        """One round of DP-SGD for all ``client_ids`` at once (``plan`` is replaced by Poisson
-        batches); returns updates (K, d) and each client's epsilon so far."""
-        check_dp_call(rule, client_ids, offsets)
+        """One round of DP-SGD with ``rule`` (plain DP-SGD if None) for all ``client_ids`` at once
+        (``plan`` is replaced by Poisson batches); ``state``/``broadcast`` as in ``LocalSGD.train``.
+        Returns messages (K, d), the rule's new state and extras, and each client's epsilon so far."""
+        check_dp_call(rule, state, client_ids, offsets)
+        rule = rule or _PLAIN
+        state = state or {}
+        releases = releases_per_step(rule)
         n = np.asarray(sizes, dtype=np.int64)
         q = np.array([self.sample_rate(int(s)) for s in n])
         steps = np.array([self.steps_per_round(int(s)) for s in n], dtype=np.int64)
-        sigma = [self.sigma_for(int(s)) for s in n]
+        sigma = [self.sigma_for(int(s), releases) for s in n]
         pplan = poisson_plan(
             np.asarray(offsets), n, np.asarray(client_ids), q, steps, self.seed, round_idx
         )
@@ -158,6 +179,8 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
         frozen = client_frozen_names(model) & set(spec.names)
         trained = [name for name in spec.names if name not in frozen]
         keep = None if mask is None else torch.nonzero(mask).flatten()
+        if mask is not None:
+            mask = mask.to(global_flat)
 
         def sample_loss(p, fixed, xs, ys):
             out = functional_call(model, {**fixed, **p}, (xs.unsqueeze(0),))
@@ -187,25 +210,40 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
         C = self.max_grad_norm
         loss_sum = torch.zeros(K, dtype=X.dtype)
         d_train = X.shape[1] if keep is None else len(keep)
+        bcast = {name: v.to(global_flat) for name, v in (broadcast or {}).items()}
+        ctx = Context(global_flat, {name: state[name] for name in rule.client_state}, bcast)
+        plain = type(rule) is LocalRule
         for t in range(pplan.num_steps):
             idx, mb = pplan.idx[t], pplan.mask[t]
-            params = spec.unflatten(X)
-            p_train = {name: params[name] for name in trained}
-            p_fixed = {name: params[name] for name in frozen}
-            gs, lval = per_sample(p_train, p_fixed, x[idx], y[idx])
-            g = torch.cat([gs[name].flatten(2) for name in trained], dim=2)  # (K, B, d_train)
-            norms = g.norm(dim=2)
-            factor = (C / (norms + 1e-6)).clamp(max=1.0) * mb
-            summed = torch.einsum("kb,kbd->kd", factor, g)
-            noise = torch.stack([torch.randn(d_train, generator=gen) for gen in gens])
-            grad_t = (summed + noise_std[:, None] * noise.to(X.dtype)) / expected[:, None]
-            if keep is not None:  # back to all d coordinates, zero on the frozen ones
-                grad_t = torch.zeros_like(X).index_copy_(1, keep, grad_t)
+            taken = 0
+
+            def private_grad(P, idx=idx, mb=mb):
+                """The private gradient at P (K, d) on this step's batches, fresh noise per call."""
+                nonlocal taken
+                taken += 1
+                params = spec.unflatten(P)
+                p_train = {name: params[name] for name in trained}
+                p_fixed = {name: params[name] for name in frozen}
+                gs, lval = per_sample(p_train, p_fixed, x[idx], y[idx])
+                g = torch.cat([gs[name].flatten(2) for name in trained], dim=2)  # (K, B, d_train)
+                norms = g.norm(dim=2)
+                factor = (C / (norms + 1e-6)).clamp(max=1.0) * mb
+                summed = torch.einsum("kb,kbd->kd", factor, g)
+                noise = torch.stack([torch.randn(d_train, generator=gen) for gen in gens])
+                grad_t = (summed + noise_std[:, None] * noise.to(P.dtype)) / expected[:, None]
+                if keep is not None:  # back to all d coordinates, zero on the frozen ones
+                    grad_t = torch.zeros_like(P).index_copy_(1, keep, grad_t)
+                return grad_t, (lval * mb).sum(1) / mb.sum(1).clamp(min=1)
+
+            grad_t, lmean = rule.direction(private_grad, X, ctx)
+            check_releases(rule, taken)
+            if mask is not None and not plain:  # the rule's terms never move a frozen coordinate
+                grad_t = grad_t * mask
             if penalty is not None:
                 pg = penalty_grad(X)
                 grad_t = grad_t + (pg if mask is None else pg * mask)
             act = pplan.active[t]
-            loss_sum += torch.where(act, (lval * mb).sum(1) / mb.sum(1).clamp(min=1), 0.0)
+            loss_sum += torch.where(act, lmean, 0.0)
             if self.weight_decay:
                 grad_t = grad_t + self.weight_decay * (X if mask is None else X * mask)
             gate = act[:, None]
@@ -216,11 +254,16 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
         for cid, s, qq, st in zip(
             client_ids.tolist(), sigma, q.tolist(), steps.tolist(), strict=True
         ):
-            self._account(int(cid), float(s), float(qq), int(st))
+            self._account(
+                int(cid), effective_noise_multiplier(float(s), releases), float(qq), int(st)
+            )
         eps = torch.tensor([self.epsilon(int(c)) for c in client_ids], dtype=torch.float64)
+        fin = rule.finish(X, ctx, pplan.steps.to(X.device), lr)
         return TrainResult(
-            X - global_flat.unsqueeze(0),
+            fin.message,
             sizes.to(global_flat.dtype),
             loss_sum / pplan.steps.clamp(min=1).to(X.dtype),
+            fin.state,
+            fin.extras,
             metrics={"epsilon": eps},
         )

@@ -1,8 +1,10 @@
 """Local rules: what a client does at each local step and what it sends back, batched over clients.
 
 A rule sees the K clients of one lockstep chunk as stacked flat parameters ``X`` of shape (K, d).
-The trainer (``clients.trainer.LocalSGD``) owns the optimizer step (clipping, weight decay,
-momentum, learning rate, gating by ``plan.active``); a rule only supplies
+The trainer (``clients.trainer.LocalSGD``, or a DP-SGD trainer: ``clients.dp``, ``clients.dp_batched``)
+owns the optimizer step (clipping, weight decay, momentum, learning rate, gating by ``plan.active``)
+and the gradient function: the mini-batch gradient, or under DP-SGD the private one (per-sample
+clipping and noise), so the same rule composes with both; a rule only supplies
 
 * ``direction(grad_fn, X, ctx)``: the local descent direction at ``X`` (K, d), e.g. the plain
   mini-batch gradient, a SAM gradient at a perturbed point, or a corrected gradient;
@@ -76,7 +78,8 @@ class LocalRule:
 
     name = "sgd"
     client_state: tuple[str, ...] = ()
-    #: gradient evaluations per local step (for cost accounting; SAM-style rules use 2)
+    #: gradient evaluations per local step, i.e. ``grad_fn`` calls per ``direction`` (SAM-style
+    #: rules use 2); under DP-SGD each is a private release, accounted before the step runs
     grads_per_step = 1
 
     def direction(self, grad_fn: GradFn, X: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:

@@ -15,6 +15,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from clients.lora import trainable_mask
 from clients.plan import BatchPlan
 from clients.rules import Context, Finish, LocalRule
 
-__all__ = ["LocalSGD", "ParamSpec", "TrainResult", "loss_fn_for"]
+__all__ = ["LocalSGD", "ParamSpec", "TrainResult", "Trainer", "loss_fn_for"]
 
 Params = dict[str, torch.Tensor]
 
@@ -84,12 +85,86 @@ class TrainResult:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (K,), e.g. epsilon
 
 
+class Trainer:
+    """What a client host may ask of a local trainer: ``train`` and the hooks below, each declared
+    here with its default, so that a host calls them instead of probing for them.
+
+    A trainer's numbers must not depend on which host trains a client or on the other clients of
+    the round (STYLE.md point 10); ``LocalSGD``, ``clients.dp.DPSGDTrainer`` and
+    ``clients.dp_batched.BatchedDPSGDTrainer`` implement it. The hooks (Opacus' accountant
+    interface is the model: optional behaviour as methods with defaults, DESIGN.md):
+
+    * ``batch_size``, ``epochs``, ``steps``: what the host's batch plan (``clients.plan.make_plan``)
+      is made of; ``steps`` (if not None) overrides ``epochs``.
+    * ``per_client`` (default False): the trainer keeps objects per client (DP-SGD: a
+      ``PrivacyEngine`` or an accountant history), so ``train`` needs the keyword arguments
+      ``client_ids`` and ``offsets`` (each client's rows in ``x``), which the host then passes.
+    * ``epsilon_kind`` (default None): the kind of differential privacy the trainer gives
+      ("sample-level"), None for a non-private trainer. A private trainer reports each trained
+      client's epsilon so far in ``TrainResult.metrics["epsilon"]`` and keeps per-client
+      accountants, which cannot move to another host.
+    * ``epsilon_after(client_id, size, rule)`` (default None): the epsilon the client would have
+      after one more round with the local rule ``rule``, for the budget stop; None: not private.
+    * ``state_dict()`` / ``load_state_dict(state)`` (default ``{}`` / nothing to restore): the
+      trainer's own checkpointed state (DP: the accountant histories); plain JSON-like values
+      (loadable with ``torch.load(weights_only=True)``).
+    * ``lr_at(round_idx)``: the learning rate of a round.
+
+    Everything a trainer returns per client (updates, losses, the rule's state and extras, metrics
+    such as epsilon) is in its :class:`TrainResult`.
+    """
+
+    batch_size: int
+    epochs: int
+    steps: int | None
+    per_client: ClassVar[bool] = False
+    epsilon_kind: ClassVar[str | None] = None
+
+    def train(
+        self,
+        model: nn.Module,
+        spec: ParamSpec,
+        global_flat: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        plan: BatchPlan,
+        num_classes: int,
+        sizes: torch.Tensor,
+        *,
+        rule: LocalRule | None = None,
+        state: dict[str, torch.Tensor] | None = None,
+        broadcast: dict[str, torch.Tensor] | None = None,
+        round_idx: int = 0,
+    ) -> TrainResult:
+        """Train the plan's clients for one round from ``global_flat`` (see ``LocalSGD.train``)."""
+        raise NotImplementedError
+
+    def lr_at(self, round_idx: int) -> float:
+        """Learning rate of round ``round_idx`` (0-based)."""
+        raise NotImplementedError
+
+    def epsilon_after(
+        self, client_id: int, size: int, rule: LocalRule | None = None
+    ) -> float | None:
+        """The client's epsilon after one more round with ``rule``; None for a non-private trainer."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's checkpointed state ({}: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (a trainer without state has nothing to restore)."""
+        return None
+
+
 _PLAIN = LocalRule()
 
 
 @dataclass
-class LocalSGD:
-    """Mini-batch SGD on each client (``torch.optim.SGD`` semantics), batched across clients.
+class LocalSGD(Trainer):
+    """Mini-batch SGD on each client (``torch.optim.SGD`` semantics), batched across clients; a
+    :class:`Trainer` with the default (non-private, stateless) hooks.
 
     Hyperparameters: ``lr``, ``lr_decay`` (round r uses lr * lr_decay**r, the reference's exponential
     schedule), ``momentum`` (heavy ball, no dampening), ``weight_decay`` (L2 added to the gradient),

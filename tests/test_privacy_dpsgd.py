@@ -236,3 +236,126 @@ def test_resumed_server_restores_every_clients_accountant() -> None:
     assert ma["epsilon"] == mb["epsilon"] and ma["epsilon_mean"] == mb["epsilon_mean"]
     torch.testing.assert_close(a.params, b.params, rtol=0, atol=0)
     torch.testing.assert_close(a.client_epsilon, b.client_epsilon, rtol=0, atol=0)
+
+
+# -- local rules under DP-SGD: accounting of a second private gradient (issue 20 item 7) ---------
+def _both(**kw):
+    from clients.dp_batched import BatchedDPSGDTrainer
+
+    return [DPSGDTrainer(**kw), BatchedDPSGDTrainer(**kw)]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["opacus", "batched"])
+def test_a_sam_step_is_one_gaussian_step_with_sigma_over_sqrt2(which) -> None:
+    """FedSAM takes two private gradients per local step on the same Poisson batch: a Gaussian
+    mechanism with sensitivity sqrt(2) C on one subsample, i.e. one sampled-Gaussian step with
+    multiplier sigma / sqrt(2) per local step. The reported epsilon is Opacus' RDP accountant
+    stepped that way; counting two independent (sigma, q) steps would report less; the budget
+    stop's prospective epsilon (with the rule) is the next round's."""
+    from opacus.accountants import RDPAccountant
+
+    from clients.rules import SAM, FedSpeedRule
+
+    torch.manual_seed(0)
+    model, spec = _model_and_spec()
+    x, y = torch.randn(48, 64), torch.randint(0, 10, (48,))
+    tr = _both(batch_size=8, noise_multiplier=1.0, max_grad_norm=1.0)[which]
+    rule = SAM(0.05)
+
+    def run(r):
+        offs = np.array([0, 20])
+        return tr.train(
+            model, spec, spec.flatten(dict(model.named_parameters())), x, y, None, 10,
+            torch.as_tensor([20, 28]), client_ids=np.array([3, 7]), offsets=offs,
+            rule=rule, round_idx=r,
+        )  # fmt: skip
+
+    run(0)
+    after = tr.epsilon_after(3, 20, rule)
+    assert tr.epsilon_after(3, 20) < after  # without the rule: one release per step, too low
+    eps = float(run(1).metrics["epsilon"][0])
+    q, steps = 1 / 3, 3  # client 3: 20 samples, batch 8
+    acc = RDPAccountant()
+    for _ in range(2 * steps):
+        acc.step(noise_multiplier=1.0 / np.sqrt(2), sample_rate=q)
+    assert tr.history(3) == acc.history
+    assert eps == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
+    assert eps == pytest.approx(after, rel=1e-12)
+    assert eps > epsilon_of_history([(1.0, q, 4 * steps)], 1e-5, "rdp")  # 2 independent steps
+    # FedSpeed with alpha = 0 takes one gradient per step: plain accounting
+    other = _both(batch_size=8, noise_multiplier=1.0, max_grad_norm=1.0)[which]
+    rule = FedSpeedRule(0.05, 0.0, 0.1)
+    other.train(
+        model, spec, spec.flatten(dict(model.named_parameters())), x[:20], y[:20], None, 10,
+        torch.as_tensor([20]), client_ids=np.array([3]), offsets=np.array([0]), rule=rule,
+        state={"ghat_i": torch.zeros(1, spec.numel)},
+    )  # fmt: skip
+    assert other.history(3) == [(1.0, q, steps)]
+
+
+def test_calibrated_noise_of_a_two_gradient_rule_reaches_the_target() -> None:
+    tr = DPSGDTrainer(
+        batch_size=10, noise_multiplier=None, target_epsilon=3.0, rounds=10, num_clients=4,
+        clients_per_round=2,
+    )  # fmt: skip
+    one, two = tr.sigma_for(100), tr.sigma_for(100, 2)
+    assert two == pytest.approx(np.sqrt(2) * one, rel=1e-12)
+    eps = epsilon_of_history([(two / np.sqrt(2), 0.1, 50)], 1e-5, "rdp")
+    assert 2.9 < eps <= 3.0
+
+
+def test_any_strategy_aggregator_attack_dp_and_compression_in_one_config(tmp_path) -> None:
+    """SCAFFOLD x median x sign flip x batched DP-SGD x PowerSGD through the real runner: it runs,
+    reports each round's epsilon (Opacus' accountant for every client's steps), and the clients'
+    SCAFFOLD state lives on the hosts."""
+    from system.runner import train
+
+    res = train(
+        compose(
+            "experiment=smoke", "rounds=2", "clients_per_round=10", "strategy=scaffold",
+            "aggregator=median", "attack=sign_flip", "attack.f=1", "client=dpsgd_batched",
+            "comm=powersgd",
+        ),
+        run_dir=str(tmp_path),
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["epsilon_kind"] == "sample-level" for r in rows)
+    sizes = [c["samples"] for c in json.loads((tmp_path / "partition.json").read_text())["clients"]]
+    want = [epsilon_of_history([(1.0, 1 / -(-n // 8), 2 * -(-n // 8))], 1e-5, "rdp") for n in sizes]
+    assert rows[1]["epsilon"] == pytest.approx(max(want), rel=1e-9)
+    assert np.isfinite(res["metrics"][-1]["accuracy"])
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["clients"]["c_i"].abs().sum() > 0 and "comm.q" in ck["clients"]
+
+
+def test_hosts_ask_the_budget_stop_with_the_rule(tmp_path) -> None:
+    """The hosts' prospective epsilon (budget stop) counts FedSAM's two private gradients per
+    step: before round 1 it equals every client's epsilon after round 1 (Opacus path)."""
+    from contextlib import ExitStack
+
+    from system.adversary import Adversary
+    from system.config import validate
+    from system.host import build_from
+    from system.runner import _start
+
+    c = validate(
+        compose(
+            "experiment=smoke", "strategy=fedsam", "client=dpsgd", "clients_per_round=10",
+            "num_clients=10", "client.batch_size=32",
+        )
+    )  # fmt: skip
+    ds = build_from(c["data"])
+    parts = build_from(c["partition"], labels=ds.y_train.numpy(), num_clients=10)
+    with ExitStack() as stack:
+        server, _ = _start(c, ds, parts, Adversary(c["attack"], 10), stack)
+        asked = {}
+        for part in server.pool.call("epsilon_after", {0: (list(range(10)),)}).values():
+            asked.update(part)
+        server.round(0, False)
+        got = server.client_epsilon.tolist()
+    assert sorted(asked) == list(range(10))
+    assert got == pytest.approx([asked[i] for i in range(10)], rel=1e-12)
+    sizes = [len(p) for p in parts]
+    z = 1.0 / np.sqrt(2)
+    want = [epsilon_of_history([(z, 1 / -(-n // 32), -(-n // 32))], 1e-5, "rdp") for n in sizes]
+    assert got == pytest.approx(want, rel=1e-12)

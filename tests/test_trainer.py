@@ -167,3 +167,51 @@ def test_frozen_coordinates_never_move(name: str, batched: str) -> None:
     for v in list(res.state.values()) + list(res.extras.values()):
         if name != "scaffold":  # SCAFFOLD's c_i+ = c_i - c + ...: the server's c enters as sent
             assert torch.count_nonzero(v[:, ~mask]) == 0
+
+
+def test_trainer_hooks_are_declared_with_defaults() -> None:
+    """Issue 20 item 4: what a host asks of a trainer is declared on clients.trainer.Trainer, with
+    defaults that keep a non-private trainer's behaviour (no epsilon, no state, no per-client
+    arguments); the DP trainers override them."""
+    from clients.dp import DPSGDTrainer
+    from clients.dp_batched import BatchedDPSGDTrainer
+    from clients.trainer import Trainer
+
+    plain = LocalSGD(batch_size=4, epochs=2, steps=3)
+    assert isinstance(plain, Trainer)
+    assert (plain.batch_size, plain.epochs, plain.steps) == (4, 2, 3)
+    assert plain.per_client is False and plain.epsilon_kind is None
+    assert plain.epsilon_after(0, 10, Scaffold()) is None
+    assert plain.state_dict() == {} and plain.load_state_dict({}) is None
+    assert plain.lr_at(2) == pytest.approx(0.05)
+    with pytest.raises(NotImplementedError):
+        Trainer().train(None, None, None, None, None, None, 0, None)
+    for cls in (DPSGDTrainer, BatchedDPSGDTrainer):
+        tr = cls(batch_size=5, noise_multiplier=1.0)
+        assert isinstance(tr, Trainer) and tr.per_client and tr.epsilon_kind == "sample-level"
+        assert tr.epsilon_after(0, 10) > 0
+        assert tr.state_dict() == {"accountant": "rdp", "histories": {}}
+
+
+def test_host_asks_declared_hooks_and_keeps_non_private_behaviour() -> None:
+    """A host with a non-private trainer reports no privacy state and no prospective epsilon; with a
+    DP trainer it lists the accountants and asks epsilon_after with its local rule."""
+    from system.host import PRIVACY_STATE, ClientHost, HostShard
+
+    model_cfg = {"_target_": "clients.models.build_model", "kind": "mlp", "hidden": [5]}
+    x, y = torch.randn(20, D_IN), torch.randint(0, NUM_CLASSES, (20,))
+    shard = HostShard(np.array([0, 1]), np.array([0, 10]), np.array([10, 10]), x, y)
+
+    def host(client_cfg, strategy_cfg=None):
+        return ClientHost(0, shard, model_cfg, client_cfg, (D_IN,), NUM_CLASSES, 0,
+                          strategy_cfg=strategy_cfg)  # fmt: skip
+
+    plain = host({"_target_": "clients.trainer.LocalSGD"})
+    assert PRIVACY_STATE not in plain.state_kinds()
+    assert plain.epsilon_after([0, 1]) == {} and plain.privacy_state() == {}
+    dp = {"_target_": "clients.dp_batched.BatchedDPSGDTrainer", "noise_multiplier": 1.0}
+    sam = host(dp, {"_target_": "strategies.fedsam.FedSAM", "rho": 0.1})
+    assert PRIVACY_STATE in sam.state_kinds()
+    eps = sam.epsilon_after([0, 1])
+    assert eps == {0: sam.trainer.epsilon_after(0, 10, sam.rule), 1: eps[0]}
+    assert eps[0] > host(dp).epsilon_after([0])[0]  # two private gradients per SAM step
