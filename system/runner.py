@@ -123,6 +123,9 @@ def train(
         rows, stop = _loop(c, server, out, fp, start_round, logger)
         params = _call(server, "get_params")
         faults = _call(server, "faults") if hasattr(server, "faults") else {}
+        # epsilon and the released mechanism (DP runs); asked before pool_close, which also ends
+        # a server actor (cluster.server=actor)
+        privacy = _call(server, "privacy_summary") if hasattr(server, "privacy_summary") else None
         pool_close()
         summary = finish_summary(c, rows, start_round, startup_s, out.path)
         summary.update(
@@ -136,10 +139,8 @@ def train(
             host_nodes=_RUN_INFO.get("host_nodes"),
             **faults,  # lost hosts and the clients whose per-client state they took (system/pool.py)
         )
-        if hasattr(server, "privacy_summary"):  # epsilon and the released mechanism (DP runs)
-            privacy = _call(server, "privacy_summary")
-            if privacy:
-                summary["privacy"] = privacy
+        if privacy:
+            summary["privacy"] = privacy
         out.write_json("summary.json", summary)
         out.plot_curves()
         if stop.get("stopped") == NO_UPDATE:  # checkpoint and summary are written: now fail

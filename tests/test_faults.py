@@ -151,7 +151,11 @@ def test_straggler_past_the_deadline_is_dropped_and_counted(ray_custom, tmp_path
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("reduce", [True, False], ids=["host_reduce", "per_client"])
+@pytest.mark.parametrize(
+    "reduce",
+    [True, pytest.param(False, marks=pytest.mark.slow)],  # same stop; per-client replies path
+    ids=["host_reduce", "per_client"],
+)
 def test_every_client_late_stops_the_run_with_a_checkpoint(ray_custom, tmp_path, reduce) -> None:
     """No host replies before the deadline: each round is skipped (a line and a metrics field),
     and 3 such rounds in a row stop the run with an error naming the late clients and the fix."""
@@ -253,6 +257,7 @@ def test_host_lost_before_a_checkpoint_names_the_lost_client_state(ray_custom) -
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_host_lost_with_privacy_accountants_drops_its_clients_for_good(ray_custom, caplog) -> None:
     """DP-SGD clients whose accountants died with their host cannot train again without
     under-counting epsilon: they are dropped, with a line per round, and stay out after resume."""
@@ -315,7 +320,9 @@ def test_private_clients_do_not_move_and_plain_ones_keep_no_state() -> None:
 
 @pytest.mark.faults
 @pytest.mark.parametrize(
-    "every", [1, 50], ids=["after_first_checkpoint", "before_first_checkpoint"]
+    "every",
+    [1, pytest.param(50, marks=pytest.mark.slow)],  # the default suite keeps one driver kill
+    ids=["after_first_checkpoint", "before_first_checkpoint"],
 )
 def test_killed_driver_resumes_to_identical_parameters(tmp_path, every) -> None:
     """SIGKILL the driver of a 2-host Ray run mid-run; rerun with resume=true: the same final
