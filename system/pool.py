@@ -272,9 +272,14 @@ class RayPool:
     def _recover(self, h: int, round_idx: int) -> bool:
         """True when host ``h`` is up again (Ray restarted it; the blocks it had taken over are
         given back to it); False when it is lost (its blocks moved or out of the run)."""
+        import ray
+
         if self._wait_alive(h):
-            self._give_back(h)
-            return True
+            try:
+                self._give_back(h)
+                return True
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self._why_lost = "it died again while taking back the clients it held"
         self._lose(h, round_idx)
         return False
 
