@@ -82,13 +82,14 @@ ISA_FLAGS = (
 
 
 def _git(*args: str) -> str | None:
+    """git's output with trailing whitespace removed (leading spaces are data: ``status``)."""
     try:
         out = subprocess.run(
             ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip()
+    return out.stdout.rstrip()
 
 
 def git_state() -> dict[str, Any]:
