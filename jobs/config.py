@@ -280,6 +280,9 @@ JOB_SCHEMAS: dict[str, type[JobConfig]] = {
 @dataclass
 class ClusterConfig:
     address: str | None = None  # None: start a local Ray in this process
+    # joining `address` needs Ray token authentication (RAY_AUTH_MODE=token and the cluster's
+    # token) unless this is explicitly false (then with a warning); a local Ray is always private
+    require_auth: bool | None = None
 
 
 @dataclass

@@ -103,14 +103,13 @@ def run(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
     backend = app.backend.value
     started_ray = False
     if app.backend == Backend.ray:
-        import ray
+        from system.ray_start import init_ray
 
-        if not ray.is_initialized():
-            if app.cluster.address:
-                ray.init(address=app.cluster.address)
-            else:
-                ray.init(address="local", include_dashboard=False)  # never a stray cluster
-            started_ray = True
+        # a local Ray private to this job (loopback, a fresh token, ends with this process), or
+        # the cluster at cluster.address with token authentication: as flagstaff-train does
+        started_ray = init_ray(
+            {"address": app.cluster.address, "require_auth": app.cluster.require_auth}
+        )
     os.makedirs(out_dir, exist_ok=True)
     if app.blas_threads > 0:
         from threadpoolctl import threadpool_limits
@@ -133,9 +132,9 @@ def run(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
             n, d = mat.n, mat.d
             mat.close()
         if started_ray:
-            import ray
+            from system.ray_start import shutdown_ray
 
-            ray.shutdown()
+            shutdown_ray()
     sizes = {"n": n, "d": d} if mat is not None else {}  # a standalone job reports its own
     results = {
         "job": job.name,

@@ -7,6 +7,8 @@ flagstaff-job job=lstsq cluster.address=auto
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -20,9 +22,14 @@ register_configs()
 def main(cfg: DictConfig) -> float:
     """Setup (Ray, blocks), run the job, write results.json and the plot, clean up."""
     from jobs.runner import run
+    from system.config import ConfigError
 
     out_dir = HydraConfig.get().runtime.output_dir
-    results = run(cfg, out_dir)
+    try:
+        results = run(cfg, out_dir)
+    except ConfigError as err:  # e.g. cluster.address without a Ray token: one line, no work
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     return float(results.get("objective", results["time_s"]))
 
 

@@ -159,3 +159,55 @@ def test_cli_entry_point(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["residual_ratio"] - 1 < 1e-10
     assert (tmp_path / ".hydra" / "config.yaml").exists()
+
+
+def test_flagstaff_job_ray_is_private_and_joining_needs_a_token(tmp_path) -> None:
+    """flagstaff-job starts Ray as flagstaff-train does (issue 19 item 1): every socket of the job's
+    Ray listens on loopback only while the job runs, and cluster.address without a token is one
+    line and exit code 2, before any work."""
+    import subprocess
+    import sys
+    import time
+
+    from tests._procs import alive, descendants, is_loopback, listening
+    from tests.conftest import ROOT
+
+    # a user who set nothing up for Ray (the test suite's own private-Ray settings removed)
+    unset = (
+        "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env["HOME"] = str(tmp_path / "home")
+    job = [sys.executable, "-m", "launch.job", "progress=false", "hosts=1", "blas_threads=1"]
+    p = subprocess.run(
+        [*job, "job=lstsq", "cluster.address=192.0.2.1:6379", f"hydra.run.dir={tmp_path / 'a'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "RAY_AUTH_MODE=token" in lines[0], p.stderr
+    assert not (tmp_path / "a" / "results.json").exists()
+    big = ["job=lstsq", "job.data.n=100000", "job.data.d=100"]
+    proc = subprocess.Popen(
+        [*job, "backend=ray", *big, f"hydra.run.dir={tmp_path / 'b'}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen: list[tuple[str, int]] = []
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        seen += listening(alive(descendants(proc.pid)))
+        time.sleep(0.5)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert seen, "the job's Ray was never seen listening"
+    assert all(is_loopback(addr) for addr, _ in seen), sorted(set(seen))
