@@ -180,11 +180,18 @@ def main(quick: bool = False) -> str:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="60 rounds, 1 seed, print only")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="60 rounds, 1 seed, written to compress_comm_quick.md (what tests/test_tables.py reruns)",
+    )
     args = ap.parse_args()
     md = main(quick=args.quick)
     print(md)
-    if not args.quick:
-        out = ROOT / "benchmarks" / "results" / "compress_comm.md"
-        out.write_text("# Compressed communication (benchmarks/_compress_comm.py)\n\n" + md + "\n")
-        print(f"\nwrote {out}")
+    from _provenance import markdown, provenance
+
+    name = "compress_comm_quick.md" if args.quick else "compress_comm.md"
+    out = ROOT / "benchmarks" / "results" / name
+    head = "# Compressed communication (benchmarks/_compress_comm.py)\n\n"
+    out.write_text(head + markdown(provenance()) + "\n\n" + md + "\n")
+    print(f"\nwrote {out}")
