@@ -48,8 +48,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from clients.lora import client_frozen_names
-from clients.plan import BatchPlan, mix64
+from clients.plan import BatchPlan
 from clients.rules import Context, Finish, LocalRule
+from clients.seeds import stream
 from clients.trainer import ParamSpec, Trainer, TrainResult, loss_fn_for
 
 __all__ = [
@@ -483,7 +484,7 @@ class DPSGDTrainer(Trainer):
                 named[name].copy_(value)
         live = [(n, named[n]) for n in spec.names if named[n].requires_grad]
         # per (seed, round, client) randomness: independent of hosts and of the other clients
-        key = int(mix64(self.seed, round_idx, cid, 0xD95) % np.uint64(2**62))
+        key = stream(self.seed, round_idx, cid, 0xD95, kind="int", scheme="mix64")
         c.loader.batch_sampler.generator.manual_seed(key)
         c.optimizer.generator.manual_seed(key + 1)
         c.optimizer.original_optimizer.state.clear()  # momentum restarts every round

@@ -51,8 +51,9 @@ from clients.dp import (
     releases_per_step,
 )
 from clients.lora import client_frozen_names, trainable_mask
-from clients.plan import BatchPlan, mix64
+from clients.plan import BatchPlan
 from clients.rules import Context, LocalRule
+from clients.seeds import mix64, stream
 from clients.trainer import ParamSpec, TrainResult, loss_fn_for
 
 __all__ = ["BatchedDPSGDTrainer", "poisson_plan"]
@@ -200,10 +201,7 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
             [max(1, int(s * r)) for s, r in zip(n, q, strict=True)], dtype=X.dtype
         )
         gens = [
-            torch.Generator(device="cpu").manual_seed(
-                int(mix64(self.seed, round_idx, int(c), 0xD15E) % np.uint64(2**62))
-            )
-            for c in client_ids
+            stream(self.seed, round_idx, int(c), 0xD15E, scheme="mix64") for c in client_ids
         ]
         noise_std = torch.tensor(sigma, dtype=X.dtype) * self.max_grad_norm
         lr = self.lr_at(round_idx)

@@ -44,6 +44,7 @@ from torch.func import functional_call
 
 from clients.plan import make_plan
 from clients.rules import LocalRule
+from clients.seeds import stream
 from clients.trainer import ParamSpec, loss_fn_for
 
 __all__ = [
@@ -129,7 +130,8 @@ def poison_if_byzantine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply a data-poisoning attack to client ``client_id``'s data if it is Byzantine (id < f).
 
-    Uses the same generator seed as the Ray/local runtimes (``seed * 1_000_003 + 7919 * client``),
+    Uses the same generator as the Ray/local runtimes (``clients.seeds.stream(seed, client,
+    scheme="poison")``),
     so a label-flip client trains on the same data under every backend. Model attacks: unchanged.
     """
     f = int(getattr(attack, "f", 0) or 0)
@@ -138,7 +140,7 @@ def poison_if_byzantine(
     if getattr(attack, "name", "none") == "none":
         return x, y
     seed = int(getattr(attack, "seed", 0) if seed is None else seed)
-    gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + 7919 * int(client_id))
+    gen = stream(seed, int(client_id), scheme="poison")
     return attack.poison(x, y, num_classes, gen)
 
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clients.seeds import stream
+
 __all__ = [
     "LoRALinear",
     "apply_lora",
@@ -152,7 +154,7 @@ def apply_lora(
             raise ValueError(f"model.mode_ranks={list(mode_ranks)}: give ranks >= 1 per mode")
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = stream(int(seed), scheme="root")
     kinds = FLORA_TYPES if adapter == "flora" else (nn.Linear,)
     matched = [
         (n, m)

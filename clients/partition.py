@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from clients.seeds import stream
+
 __all__ = [
     "partition",
     "iid",
@@ -33,7 +35,7 @@ def _check(n_samples: int, num_clients: int) -> None:
 def iid(labels: np.ndarray, num_clients: int, seed: int = 0) -> list[np.ndarray]:
     """Uniformly random, equal-size split (sizes differ by at most one)."""
     _check(len(labels), num_clients)
-    perm = np.random.default_rng(seed).permutation(len(labels))
+    perm = stream(seed, kind="numpy").permutation(len(labels))
     return [np.sort(p) for p in np.array_split(perm, num_clients)]
 
 
@@ -52,7 +54,7 @@ def dirichlet(
     _check(len(labels), num_clients)
     if alpha <= 0:
         raise ValueError(f"partition.alpha must be > 0, got {alpha}")
-    rng = np.random.default_rng(seed)
+    rng = stream(seed, kind="numpy")
     classes = np.unique(labels)
     for _ in range(max_tries):
         buckets: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
@@ -76,7 +78,7 @@ def shards(
 ) -> list[np.ndarray]:
     """Sort by label, cut into ``num_clients * shards_per_client`` shards, deal k to each client."""
     _check(len(labels), num_clients * shards_per_client)
-    rng = np.random.default_rng(seed)
+    rng = stream(seed, kind="numpy")
     order = np.argsort(labels, kind="stable")
     pieces = np.array_split(order, num_clients * shards_per_client)
     deal = rng.permutation(len(pieces)).reshape(num_clients, shards_per_client)
@@ -89,7 +91,7 @@ def classes_per_client(
     """Each client draws ``classes`` distinct labels; each class's samples are split evenly
     among the clients that drew it (pathological non-IID, "c classes per client")."""
     _check(len(labels), num_clients)
-    rng = np.random.default_rng(seed)
+    rng = stream(seed, kind="numpy")
     all_classes = np.unique(labels)
     if not 1 <= classes <= len(all_classes):
         raise ValueError(f"partition.classes must be in 1..{len(all_classes)}, got {classes}")
@@ -122,7 +124,7 @@ def with_replacement(
         raise ValueError(f"partition.samples_per_client must be >= 1, got {samples_per_client}")
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    rng = np.random.default_rng(seed)
+    rng = stream(seed, kind="numpy")
     draws = rng.integers(0, len(labels), size=(num_clients, samples_per_client))
     return list(np.sort(draws, axis=1))
 
@@ -133,7 +135,7 @@ def unequal_sizes(
     """Subsample each client to a log-normal(0, sigma) share of its data (unequal client sizes)."""
     if sigma <= 0:
         return parts
-    rng = np.random.default_rng(seed + 7919)
+    rng = stream(seed, kind="numpy", scheme="partition_sizes")
     scale = rng.lognormal(0.0, sigma, size=len(parts))
     scale = scale / scale.max()
     return [

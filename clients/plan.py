@@ -14,25 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clients.seeds import mix64
+
 __all__ = ["BatchPlan", "make_plan", "mix64"]
-
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLD = np.uint64(0x9E3779B97F4A7C15)
-
-
-def mix64(*parts: np.ndarray | int) -> np.ndarray:
-    """SplitMix64 finalizer chained over integer arrays: a fast, well-mixed hash (Steele et al. 2014)."""
-    h = np.zeros((), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for p in parts:
-            h = h ^ np.asarray(p).astype(np.uint64)
-            h = h + _GOLD
-            h = (h ^ (h >> np.uint64(30))) * _M1
-            h = (h ^ (h >> np.uint64(27))) * _M2
-            h = h ^ (h >> np.uint64(31))
-    return h
-
 
 @dataclass(frozen=True)
 class BatchPlan:

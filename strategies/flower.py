@@ -52,6 +52,7 @@ from clients.flower_app import (
     vector_to_arrays,
     vectors_to_record,
 )
+from clients.seeds import stream
 from clients.trainer import ParamSpec
 from strategies.base import ExtrasAggregation, RoundExtras
 from strategies.fedavg import FedAvg
@@ -174,8 +175,9 @@ class FlagstaffStrategy(FlowerStrategy):
         out: dict[str, Any] = {}
         if self.client_epsilon:
             out.update(epsilon=max(self.client_epsilon.values()), epsilon_kind="sample-level")
-        if hasattr(self.strategy, "epsilon"):
-            eps = float(self.strategy.epsilon(self.state))
+        eps = self.strategy.epsilon(self.state)
+        if eps is not None:
+            eps = float(eps)
             if "epsilon" in out:
                 out["epsilon_client_level"] = eps
             else:
@@ -228,7 +230,7 @@ class FlagstaffStrategy(FlowerStrategy):
         else:
             k = max(int(len(ids) * self.fraction_train), self.min_train_nodes)
             k = min(k, len(ids))
-            rng = np.random.default_rng([self.seed, round_idx, 0xF1])
+            rng = stream(self.seed, round_idx, 0xF1, kind="numpy")
             chosen = np.sort(rng.choice(ids, size=k, replace=False))
         return [by_client[int(c)] for c in chosen]
 
@@ -361,7 +363,7 @@ class FlagstaffStrategy(FlowerStrategy):
         if not bool(byz.any()) or getattr(self.attack, "kind", "model") != "model":
             return AttackedRound(U, w, extras, torch.ones(len(U), dtype=torch.bool))
         seed = int(getattr(self.attack, "seed", 0) or 0)
-        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + round_idx)
+        gen = stream(seed, round_idx, scheme="attack")
         out = attack_round(
             self.attack, U, w, byz, self.aggregator, gen, extras, self.extras_aggregation.rule
         )
@@ -377,7 +379,7 @@ class FlagstaffStrategy(FlowerStrategy):
             return []
         nodes = self._wait_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
         k = min(len(nodes), max(int(len(nodes) * self.fraction_evaluate), self.min_evaluate_nodes))
-        chosen = random.Random(self.seed * 7919 + server_round).sample(nodes, k)
+        chosen = random.Random(stream(self.seed, server_round, kind="int", scheme="flower_eval")).sample(nodes, k)
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
         return [Message(record, n, MessageType.EVALUATE) for n in chosen]

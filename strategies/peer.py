@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clients.seeds import stream
 from strategies.aggregators import GeometricMedian, TrimmedMean
 
 __all__ = [
@@ -307,7 +308,7 @@ def make_topology(
     """
     if n < 1:
         raise ValueError(f"topology: need n >= 1 nodes, got {n}")
-    rng = np.random.default_rng([int(seed), 0x70B0])
+    rng = stream(int(seed), 0x70B0, kind="numpy")
     if kind == "complete":
         adj = np.ones((n, n), bool)
         np.fill_diagonal(adj, False)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from clients.byzantine import AttackedRound, Crash, InfAttack, NaNAttack, attack_round
+from clients.seeds import stream
 from system.host import build_from
 
 __all__ = ["Adversary"]
@@ -143,7 +144,7 @@ class Adversary:
         if not self.active or self.kind != "model" or not bool(byz.any()):
             keep = torch.ones(len(U), dtype=torch.bool)
             return AttackedRound(U, w, dict(extras or {}), keep)
-        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + round_idx)
+        gen = stream(self.seed, round_idx, scheme="attack")
         out = attack_round(self.attack, U, w, byz, aggregator, gen, extras, extras_rule)
         self.last_dropped_nonfinite = out.dropped_nonfinite
         return out
@@ -154,7 +155,7 @@ class Adversary:
         """Data-poisoning attacks transform a Byzantine client's shard once, at placement."""
         if not self.active or self.kind != "data" or client >= self.f:
             return x, y
-        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + 7919 * client)
+        gen = stream(self.seed, client, scheme="poison")
         return self.attack.poison(x, y, num_classes, gen)
 
     def state_dict(self) -> dict[str, Any]:

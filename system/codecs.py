@@ -24,9 +24,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
+from clients.seeds import stream
 from clients.trainer import ParamSpec
 
 __all__ = ["Codec", "PowerSGD", "RandKSketch", "build_codec", "Layout"]
@@ -86,14 +86,6 @@ class Layout:
             out[:, a:b] = packed[:, j : j + b - a]
             j += b - a
         return out
-
-
-def _seed_of(*parts: int) -> int:
-    """A 63-bit torch seed from integers (numpy SeedSequence: well mixed, platform independent)."""
-    return int(
-        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
-        >> 1
-    )
 
 
 class Codec:
@@ -198,7 +190,7 @@ class PowerSGD(Codec):
         """Residuals at zero; every client's first Q is the same seeded standard normal draw."""
         state = super().init_state(rows, device)
         if self.layout.packed:
-            g = torch.Generator().manual_seed(_seed_of(self.seed, 0xC0DEC))
+            g = torch.Generator().manual_seed(stream(self.seed, 0xC0DEC, kind="int", scheme="sequence63"))
             q0 = torch.randn(self.q_width, generator=g)
             state["q"] = q0.to(device).expand(rows, -1).clone()
         return state
@@ -282,7 +274,7 @@ class RandKSketch(Codec):
     def indices(self, round_idx: int) -> torch.Tensor:
         """The k compressed-part coordinates of round ``round_idx`` (sorted; same on every host)."""
         if self._cached is None or self._cached[0] != round_idx:
-            g = torch.Generator().manual_seed(_seed_of(self.seed, round_idx, 0x5EE7C4))
+            g = torch.Generator().manual_seed(stream(self.seed, round_idx, 0x5EE7C4, kind="int", scheme="sequence63"))
             idx = torch.randperm(self.n_c, generator=g)[: self.k].sort().values
             self._cached = (round_idx, idx)
         return self._cached[1]

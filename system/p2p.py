@@ -50,6 +50,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from clients.plan import make_plan
+from clients.seeds import stream
 from clients.trainer import ParamSpec, loss_fn_for
 from strategies.peer import PeerTraining, make_topology
 from system.config import ConfigError
@@ -289,7 +290,7 @@ class PeerNetwork:
     def _inboxes(self, t: int) -> list[tuple[np.ndarray, int]]:
         """Per training node (stack order): (rows of the half-step stack it receives, number of
         crafted Byzantine vectors it receives)."""
-        rng = np.random.default_rng([self.seed, int(t), 0xA51C])
+        rng = stream(self.seed, int(t), 0xA51C, kind="numpy")
         out = []
         for i in self.train_ids.tolist():
             nbrs = np.flatnonzero(self.adj[i])
@@ -330,7 +331,7 @@ class PeerNetwork:
         none: list[torch.Tensor | None] = [None] * len(self.train_ids)
         if not self.model_attack or not any(b for _, b in inbox):
             return none
-        gen = torch.Generator().manual_seed(int(getattr(self.attack, "seed", 0)) * 1_000_003 + t)
+        gen = stream(int(getattr(self.attack, "seed", 0)), t, scheme="attack")
         if self.cfg.adversary == "broadcast":  # one set of vectors for every honest node
             out = self.attack(H, aggregator=self._mean_aggregation(H), generator=gen)
             if out is None:
@@ -458,7 +459,7 @@ def _place(parts, ds, train_ids: np.ndarray, hosts: int, attack: Any) -> list[Ho
         for c in ids.tolist():
             x, y = ds.x_train[parts[c]], ds.y_train[parts[c]]
             if poison and c < attack.f:
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * c)
+                gen = stream(seed, c, scheme="poison")
                 x, y = attack.poison(x, y, ds.num_classes, gen)
             xs.append(x)
             ys.append(y)

@@ -18,6 +18,7 @@ import torch
 from torch.func import functional_call
 
 from clients.dp import privacy_kinds
+from clients.seeds import stream
 from clients.trainer import ParamSpec, loss_fn_for
 from strategies.base import ExtrasAggregation, RoundExtras
 from system.adversary import Adversary
@@ -41,7 +42,7 @@ def sample_clients(
         raise ValueError(f"sampling={kind!r}: choose fixed or bernoulli")
     if per_round >= num_clients:
         return np.arange(num_clients)
-    rng = np.random.default_rng([seed, round_idx, 0x5A3])
+    rng = stream(seed, round_idx, 0x5A3, kind="numpy")
     if kind == "bernoulli":
         return np.flatnonzero(rng.random(num_clients) < per_round / num_clients)
     return np.sort(rng.choice(num_clients, size=per_round, replace=False))
