@@ -175,9 +175,8 @@ class FlagstaffStrategy(FlowerStrategy):
         out: dict[str, Any] = {}
         if self.client_epsilon:
             out.update(epsilon=max(self.client_epsilon.values()), epsilon_kind="sample-level")
-        eps = self.strategy.epsilon(self.state)
-        if eps is not None:
-            eps = float(eps)
+        if hasattr(self.strategy, "epsilon"):
+            eps = float(self.strategy.epsilon(self.state))
             if "epsilon" in out:
                 out["epsilon_client_level"] = eps
             else:
@@ -379,7 +378,8 @@ class FlagstaffStrategy(FlowerStrategy):
             return []
         nodes = self._wait_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
         k = min(len(nodes), max(int(len(nodes) * self.fraction_evaluate), self.min_evaluate_nodes))
-        chosen = random.Random(stream(self.seed, server_round, kind="int", scheme="flower_eval")).sample(nodes, k)
+        seed = stream(self.seed, server_round, kind="int", scheme="flower_eval")
+        chosen = random.Random(seed).sample(nodes, k)
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
         return [Message(record, n, MessageType.EVALUATE) for n in chosen]
