@@ -39,6 +39,16 @@ class SketchKind(str, Enum):
     srdct = "srdct"
 
 
+class LstsqSolver(str, Enum):
+    refine = "refine"  # warm start from the sketch, CG on the normal equations, float64 refinement
+    lsqr = "lsqr"  # LSQR on A R^-1, restarted once from the residual (Blendenpik / LSRN)
+
+
+class Precision(str, Enum):
+    double = "double"
+    mixed = "mixed"  # float32 products inside the refinement steps
+
+
 @dataclass
 class DataConfig:
     source: Source = Source.generated
@@ -67,9 +77,13 @@ class JobConfig:
 class LstsqConfig(JobConfig):
     name: str = "lstsq"
     sketch: SketchKind = SketchKind.sparse_sign
+    nnz: int = 4  # nonzeros per column of the sparse_sign sketch
     oversampling: float = 4.0  # s = oversampling * d
-    tol: float = 1e-10
-    max_iter: int = 500
+    solver: LstsqSolver = LstsqSolver.refine
+    excess: float = 1e-10  # refine: stop once ||Ax - b|| <= (1 + excess) ||Ax* - b|| (a bound)
+    precision: Precision = Precision.double  # refine: float64, or float32 products ("mixed")
+    tol: float = 1e-10  # LSQR's tolerance (solver=lsqr, and the unpreconditioned comparison)
+    max_iter: int = 500  # passes over A
     plain_lsqr: bool = True  # also run unpreconditioned LSQR for comparison
     exact: bool = True  # exact optimum by TSQR of [A b]
 
@@ -335,6 +349,9 @@ def validate(job: JobConfig, hosts: int) -> None:
     if isinstance(job, LstsqConfig):
         need(job.oversampling >= 1, f"job.oversampling={job.oversampling}: need >= 1 (s >= d)")
         need(0 < job.tol < 1, f"job.tol={job.tol}: must be in (0, 1)")
+        need(0 < job.excess < 1, f"job.excess={job.excess}: must be in (0, 1), e.g. 1e-10")
+        need(job.nnz >= 1, f"job.nnz={job.nnz}: must be >= 1 (nonzeros per sketch column)")
+        need(job.max_iter >= 1, f"job.max_iter={job.max_iter}: must be >= 1")
     if isinstance(job, SensitivityConfig):
         bad = [p for p in job.ps if p < 1]
         need(not bad, f"job.ps={job.ps}: every p must be >= 1")

@@ -164,10 +164,11 @@ def fwht(X: np.ndarray) -> np.ndarray:
 
 
 def block_sketch(block: Block, sketch: Sketch, with_b: bool) -> np.ndarray:
-    M = block.A
-    if with_b:
-        M = np.column_stack([block.A, block.b])
-    return sketch.apply(M, block.offset)
+    """S_p A_p (S_p [A_p b_p] when with_b: b is sketched on its own, never copied beside A_p)."""
+    SA = sketch.apply(block.A, block.offset)
+    if not with_b:
+        return SA
+    return np.column_stack([SA, sketch.apply(block.b, block.offset)])
 
 
 def sketch_matrix(mat: RowBlockMatrix, sketch: Sketch, with_b: bool = False) -> np.ndarray:

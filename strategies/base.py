@@ -18,10 +18,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from clients.rules import LocalRule
 
 __all__ = ["ExtrasAggregation", "Strategy", "State", "RoundExtras", "add_mean_over_all"]
 
@@ -109,17 +114,42 @@ def add_mean_over_all(mean: torch.Tensor, extras: RoundExtras | None, name: str)
     return mean + extras.mean_over_all(name)
 
 
-class Strategy(Protocol):
-    """Server rule of a federated algorithm over flat parameter vectors."""
+class Strategy:
+    """Base of every server strategy: the init/update pair plus every optional hook, declared
+    with its default so that callers never probe with getattr/hasattr (issue 20, item 4; the
+    accountant interface of Opacus is the model). Subclasses override what they need.
 
-    name: str
-    client_rule: Any
+    * ``name``: short name for logs; ``client_rule``: the :class:`clients.rules.LocalRule` clients
+      run (None = plain local SGD);
+    * ``epsilon_kind``: None, or ``"client-level"`` for strategies that release a DP aggregate
+      (``epsilon``, ``epsilon_after`` and ``mechanism`` then answer; by default they return None);
+    * ``transforms_updates``: True when ``pre_aggregate`` changes individual updates (client-level
+      DP clipping), so hosts must send every update instead of their weighted sum;
+    * ``state_dict(state)`` / ``load_state(d)``: the checkpointed form of the state (a nested dict
+      of tensors and numbers, readable with ``torch.load(weights_only=True)``) and back.
+    """
+
+    name: str = "strategy"
+    client_rule: LocalRule | None = None
+    epsilon_kind: str | None = None
+    transforms_updates: bool = False
+
+    def bind(self, model: nn.Module, spec: Any) -> None:
+        """Learn the parameter layout (``spec``: names and shapes of the flat vector); no-op."""
 
     def init(self, params: torch.Tensor) -> State:
         """Initial server state for global parameters ``params`` (d,)."""
+        raise NotImplementedError
 
     def broadcast(self, params: torch.Tensor, state: State) -> dict[str, torch.Tensor]:
-        """Vectors sent to the clients with the parameters this round (may be empty)."""
+        """Vectors sent to the clients with the parameters this round (default: none)."""
+        return {}
+
+    def pre_aggregate(
+        self, U: torch.Tensor, weights: torch.Tensor, state: State, round_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """Transform the round's updates (n, d) and weights before the aggregator (identity)."""
+        return U, weights, state
 
     def update(
         self,
@@ -130,3 +160,28 @@ class Strategy(Protocol):
         extras: RoundExtras | None = None,
     ) -> tuple[torch.Tensor, State]:
         """New global parameters from the aggregated client update (mean of x_i - x)."""
+        raise NotImplementedError
+
+    def epsilon(self, state: State) -> float | None:
+        """Client-level epsilon spent so far; None for a strategy that releases nothing private."""
+        return None
+
+    def epsilon_after(self, state: State) -> float | None:
+        """Client-level epsilon after one more round (the budget stop); None if not private."""
+        return None
+
+    def mechanism(self, state: State) -> dict[str, Any] | None:
+        """What a private strategy released and how it is accounted (summary.json); None."""
+        return None
+
+    def state_dict(self, state: State) -> dict[str, Any]:
+        """``state`` as a nested dict of tensors and numbers (for checkpoints)."""
+        return state
+
+    def load_state(self, d: dict[str, Any]) -> State:
+        """The state that ``state_dict`` wrote (inverse of ``state_dict``)."""
+        return d
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from strategies.base import RoundExtras, State
+from strategies.base import RoundExtras, State, Strategy
 
 __all__ = ["ClientLevelDP", "COUNT_SENSITIVITY"]
 
@@ -51,7 +51,7 @@ def _epsilon(history: list, delta: float, kind: str) -> float:
     return epsilon_of_history(history, delta, kind)
 
 
-class ClientLevelDP:
+class ClientLevelDP(Strategy):
     """DP-FedAvg around ``inner`` (see the module docstring).
 
     ``clip`` S (initial S when ``adaptive``), ``noise_multiplier`` z (null: calibrated with
@@ -62,10 +62,11 @@ class ClientLevelDP:
     """
 
     epsilon_kind = "client-level"
+    transforms_updates = True  # pre_aggregate clips each update: hosts cannot pre-sum
 
     def __init__(
         self,
-        inner: Any,
+        inner: Strategy,
         clip: float = 1.0,
         noise_multiplier: float | None = 1.0,
         adaptive: bool = False,
@@ -140,15 +141,14 @@ class ClientLevelDP:
     # -- delegation -------------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        return f"dp({getattr(self.inner, 'name', type(self.inner).__name__)})"
+        return f"dp({self.inner.name})"
 
     @property
     def client_rule(self) -> Any:
-        return getattr(self.inner, "client_rule", None)
+        return self.inner.client_rule
 
     def bind(self, model, spec) -> None:
-        if hasattr(self.inner, "bind"):
-            self.inner.bind(model, spec)
+        self.inner.bind(model, spec)
 
     def init(self, params: torch.Tensor) -> State:
         return {"inner": self.inner.init(params), "clip": self.clip, "history": [], "round": {}}

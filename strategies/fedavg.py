@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 from clients.rules import LocalRule
-from strategies.base import RoundExtras, State
+from strategies.base import RoundExtras, State, Strategy
 
 __all__ = ["FedAvg"]
 
 
-class FedAvg:
+class FedAvg(Strategy):
     """x <- x + lr * v,  v <- momentum * v + Delta, with Delta the aggregated update.
 
     With ``server_lr=1`` and ``server_momentum=0`` this is plain FedAvg: the next model is the
@@ -36,9 +36,6 @@ class FedAvg:
     def init(self, params: torch.Tensor) -> State:
         return {"velocity": torch.zeros_like(params)} if self.server_momentum else {}
 
-    def broadcast(self, params: torch.Tensor, state: State) -> dict[str, torch.Tensor]:
-        return {}
-
     def server_step(self, params: torch.Tensor, step: torch.Tensor, state: State) -> tuple:
         """x + lr * (momentum-filtered) step; returns (params, state)."""
         if self.server_momentum:
@@ -55,7 +52,3 @@ class FedAvg:
         extras: RoundExtras | None = None,
     ) -> tuple[torch.Tensor, State]:
         return self.server_step(params, aggregate, state)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"

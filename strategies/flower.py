@@ -175,8 +175,9 @@ class FlagstaffStrategy(FlowerStrategy):
         out: dict[str, Any] = {}
         if self.client_epsilon:
             out.update(epsilon=max(self.client_epsilon.values()), epsilon_kind="sample-level")
-        if hasattr(self.strategy, "epsilon"):
-            eps = float(self.strategy.epsilon(self.state))
+        eps = self.strategy.epsilon(self.state)
+        if eps is not None:
+            eps = float(eps)
             if "epsilon" in out:
                 out["epsilon_client_level"] = eps
             else:

@@ -39,7 +39,16 @@ SMALL = {
     "compress_cospadi": [*COMPRESS_SMALL, "job.iters=2"],
 }
 FIGURES = {
-    "lstsq": ["residual_ratio", "iterations", "rank_deficient"],
+    "lstsq": [
+        "residual_ratio",
+        "iterations",
+        "rank_deficient",
+        "solve_time_s",
+        "sketch_time_s",
+        "factor_time_s",
+        "iterate_time_s",
+        "excess_bound",
+    ],
     "linf_regression": ["linf_error", "linf_error_countsketch", "gap"],
     "constrained": ["kkt_residual", "iterations"],
     "sensitivity_sampling": ["distortion", "cost_ratio"],
@@ -89,6 +98,11 @@ def test_job_runs_from_hydra_app(name, tmp_path):
             )
     if name == "lstsq":
         assert res["residual_ratio"] - 1 < 1e-10 and res["converged"]
+        # the solver's own time to solution, inside the job's total, with its breakdown
+        assert 0 < on_disk["solve_time_s"] <= on_disk["time_s"]
+        parts = ("sketch_time_s", "factor_time_s", "cast_time_s", "iterate_time_s")
+        assert sum(on_disk[k] for k in parts) <= on_disk["solve_time_s"]
+        assert on_disk["excess_bound"] <= 1e-10 and on_disk["solver"] == "refine"
     if name == "constrained":
         assert res["kkt_residual"] < 1e-6
     if name == "top_eigvec":

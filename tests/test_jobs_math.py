@@ -17,6 +17,7 @@ from jobs.lstsq import (
     preconditioned_condition_number,
     sketch_and_precondition,
     sketch_and_solve,
+    sketch_precondition_refine,
 )
 from jobs.sketches import SKETCHES, Sketch, fwht, sketch_matrix
 
@@ -105,6 +106,57 @@ def test_lstsq_sketch_and_precondition_to_1e10():
     # exact optimum by TSQR of [A b]
     x_ts, r_ts, rank = exact_lstsq(mat)
     assert rank == 50 and abs(r_ts / r_np - 1) < 1e-10
+
+
+def _np_excess(A: np.ndarray, b: np.ndarray, x: np.ndarray) -> float:
+    r_np = np.linalg.norm(A @ np.linalg.lstsq(A, b, rcond=None)[0] - b)
+    return float(np.linalg.norm(A @ x - b) / r_np - 1)
+
+
+@pytest.mark.parametrize("precision", ["double", "mixed"])
+@pytest.mark.parametrize("cond", [1e6, 1e3])
+def test_refine_reaches_excess_on_coherent_ill_conditioned(precision, cond):
+    """Warm start + CG + float64 refinement: residual within 1e-10 of the optimum (numpy's
+    gelsd as the reference), certified by the solver's own bound, in fewer passes over A than
+    the restarted LSQR; mixed precision does part of the work in float32 and gets there too."""
+    spec = DataSpec(n=20000, d=50, kind="coherent", cond=cond, seed=5, noise=1e-2)
+    mat = RowBlockMatrix.generate(spec, 6, hosts=3)
+    A, b = _dense(mat)
+    if cond > 1e5:
+        assert np.linalg.cond(A) > 1e6
+    sk = Sketch.sized("sparse_sign", 200, seed=1, nnz=4)
+    sol = sketch_precondition_refine(mat, sk, excess=1e-10, precision=precision)
+    assert sol.converged and not sol.rank_deficient and sol.precision == precision
+    assert sol.excess_bound <= 1e-10
+    assert _np_excess(A, b, sol.x) < 1e-10
+    x_np = np.linalg.lstsq(A, b, rcond=None)[0]
+    assert np.linalg.norm(sol.x - x_np) / np.linalg.norm(x_np) < 1e-5
+    if precision == "mixed":
+        assert sol.passes_low > 0  # float32 products were used
+        if cond < 1e5:  # u32 cond(A) small: float32 passes do most of the work
+            assert sol.passes_low > 2 * sol.passes_double
+    else:
+        assert sol.passes_low == 0
+        lsqr_its = sketch_and_precondition(mat, sk, tol=1e-10).iterations
+        assert sol.passes_double < lsqr_its
+
+
+def test_refine_consistent_and_rank_deficient():
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((4000, 20)) * np.geomspace(1, 1e-4, 20)
+    b = A @ rng.standard_normal(20)  # consistent: r* = 0, stop on ||r|| <= excess ||b||
+    mat = RowBlockMatrix.from_arrays(A, b, n_blocks=3, hosts=2)
+    sol = sketch_precondition_refine(mat, Sketch.sized("sparse_sign", 80, seed=2))
+    assert sol.converged and np.linalg.norm(A @ sol.x - b) <= 1e-10 * np.linalg.norm(b)
+    A[:, 7] = A[:, 2] + A[:, 3]  # rank deficient: LSRN's minimum-norm solution
+    b = rng.standard_normal(4000)
+    mat = RowBlockMatrix.from_arrays(A, b, n_blocks=3, hosts=2)
+    sol = sketch_precondition_refine(mat, Sketch.sized("sparse_sign", 80, seed=2))
+    assert sol.rank_deficient and sol.rank == 19
+    x_min = np.linalg.pinv(A) @ b
+    assert np.linalg.norm(sol.x - x_min) / np.linalg.norm(x_min) < 1e-8
+    with pytest.raises(ValueError, match="precision='half'.*double, mixed"):
+        sketch_precondition_refine(mat, Sketch.sized("sparse_sign", 80), precision="half")
 
 
 def test_sketch_and_solve_residual_ratio():
