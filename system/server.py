@@ -56,7 +56,7 @@ def can_reduce_on_hosts(aggregator: Any, strategy: Any, adversary: Adversary) ->
     return (
         getattr(aggregator, "decomposable", False)
         and not (adversary.active and adversary.kind == "model")
-        and not hasattr(strategy, "pre_aggregate")
+        and not strategy.transforms_updates
         and not getattr(rule, "client_state", ())
     )
 
@@ -294,8 +294,8 @@ class ParameterServer:
             out["epsilon"] = float(self.client_epsilon.max())
             out["epsilon_mean"] = float(self.client_epsilon.mean())
             out["epsilon_kind"] = "sample-level"
-        if hasattr(self.strategy, "epsilon"):
-            eps = self.strategy.epsilon(self.state)
+        eps = self.strategy.epsilon(self.state)
+        if eps is not None:
             if out:
                 out["epsilon_client_level"] = eps
             else:
@@ -310,8 +310,9 @@ class ParameterServer:
         out = self.privacy_metrics()
         if not out:
             return None
-        if hasattr(self.strategy, "mechanism"):
-            out["mechanism"] = self.strategy.mechanism(self.state)
+        mechanism = self.strategy.mechanism(self.state)
+        if mechanism is not None:
+            out["mechanism"] = mechanism
         return out
 
     def _budget_stop(self, assignment: dict[int, list[int]], r: int) -> str | None:
@@ -319,8 +320,8 @@ class ParameterServer:
         if self.target_epsilon is None:
             return None
         target = float(self.target_epsilon)
-        if hasattr(self.strategy, "epsilon_after"):
-            eps = self.strategy.epsilon_after(self.state)
+        eps = self.strategy.epsilon_after(self.state)
+        if eps is not None:
             if eps > target:
                 return (
                     f"privacy budget: round {r + 1} would raise the client-level epsilon to "
