@@ -6,6 +6,7 @@ Nothing is downloaded; a user's own data is read from ``root`` (``.npz`` arrays 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,13 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     name: str = "dataset"
+    #: applied by the trainer to each step's gathered training batch, ``transform(xb)`` or bound to
+    #: a round (``clients.augment``): uint8 images -> normalized (augmented) float32. None: the
+    #: samples are used as stored. ``x_test`` is stored ready for the model (already normalized).
+    transform: Callable[..., torch.Tensor] | None = None
+    #: per-training-row columns the partitions may read (``partition=natural partition.key=...``,
+    #: Flower Datasets' ``partition_by``): e.g. writer_id, and the label under its dataset name
+    columns: Mapping[str, np.ndarray] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -35,6 +43,16 @@ class Dataset:
             raise ValueError(f"dataset {self.name!r} has no training samples")
         if len(self.x_train) != len(self.y_train) or len(self.x_test) != len(self.y_test):
             raise ValueError(f"dataset {self.name!r}: features and labels differ in length")
+        for key, col in (self.columns or {}).items():
+            if len(col) != len(self.y_train):
+                raise ValueError(
+                    f"dataset {self.name!r}: column {key!r} has {len(col)} rows, the training "
+                    f"split {len(self.y_train)}"
+                )
+
+    def partition_columns(self) -> dict[str, np.ndarray]:
+        """The columns a partition may split by: ``columns`` plus ``label`` (the training labels)."""
+        return {"label": self.y_train.numpy(), **(self.columns or {})}
 
 
 def _split_standardize(

