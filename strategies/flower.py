@@ -8,7 +8,7 @@ follows Flagstaff's reference semantics (``system.server.ParameterServer.round``
 sample clients -> send the global arrays (+ the strategy's broadcast vectors) -> replies' arrays to
 flat vectors, stacked (n, d) and sorted by client id -> drop clients whose update or extras are not
 finite -> model-poisoning attack on the Byzantine client ids (updates and per-client extras, e.g.
-SCAFFOLD's delta c_i; ``clients.byzantine.attack_round``) -> aggregator (with its pre-aggregation, e.g. NNM) -> strategy
+SCAFFOLD's delta c_i; ``strategies.attacks.round.attack_round``) -> aggregator (with its pre-aggregation, e.g. NNM) -> strategy
 update (FedAvg/FedAvgM, FedProx, SCAFFOLD, FedSpeed, FedAdam, FedSVD, ... any
 ``init/broadcast/update``; ``bind(model, spec)`` and ``pre_aggregate`` hooks are honoured, so the
 client-level DP wrapper ``strategies.dp.ClientLevelDP`` clips before and noises after aggregation).
@@ -42,7 +42,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
-from clients.byzantine import AttackedRound, attack_round
 from clients.flower_app import (
     BROADCAST_KEY,
     EXTRAS_KEY,
@@ -54,6 +53,7 @@ from clients.flower_app import (
 )
 from clients.seeds import stream
 from clients.trainer import ParamSpec
+from strategies.attacks.round import AttackedRound, attack_round
 from strategies.base import ExtrasAggregation, RoundExtras
 from strategies.fedavg import FedAvg
 
@@ -71,7 +71,7 @@ class FlagstaffStrategy(FlowerStrategy):
 
     ``aggregator``: any ``agg(U (n, d), weights) -> (d,)`` (e.g. ``strategies.aggregators.build(
     rule="flag", f=3, pre=["nnm"])``); ``strategy``: a Flagstaff server strategy (default FedAvg);
-    ``attack``: a ``clients.byzantine`` attack (model attacks are applied here; data attacks are
+    ``attack``: a ``strategies.attacks`` attack (model attacks are applied here; data attacks are
     the ClientApp's); ``byzantine``: Byzantine client ids (default ``range(attack.f)``).
     ``fraction_train``/``min_train_nodes``/``min_available_nodes``: Flower-style sampling, or
     ``sampler`` for an exact rule; ``fraction_evaluate=0`` disables federated evaluation (use
@@ -357,7 +357,7 @@ class FlagstaffStrategy(FlowerStrategy):
         extras: dict[str, torch.Tensor] | None = None,
     ) -> AttackedRound:
         """Replace the Byzantine rows of the updates and extras with the model attack's vectors
-        (crash: remove them), as ``system.adversary.Adversary.attack_round`` does."""
+        (crash: remove them), as ``strategies.attacks.Adversary.attack_round`` does."""
         self.last_dropped_nonfinite = 0
         extras = dict(extras or {})
         if not bool(byz.any()) or getattr(self.attack, "kind", "model") != "model":

@@ -253,10 +253,10 @@ def validate(cfg: DictConfig | dict) -> dict[str, Any]:
             build_from(c[group])
         except Exception as err:  # noqa: BLE001 - re-raised with the group named
             raise ConfigError(f"{group}: {_reason(err)}") from err
-    from system.adversary import Adversary
+    from strategies.attacks import Adversary
 
     try:  # the threat model: f < num_clients, and the attack can run with this many inputs
-        adversary = Adversary(c["attack"], c["num_clients"])
+        adversary = Adversary(build_from(c["attack"]), c["num_clients"])
         adversary.check(c["clients_per_round"])
     except Exception as err:  # noqa: BLE001
         raise ConfigError(f"attack: {_reason(err)}") from err

@@ -38,8 +38,8 @@ from torch.func import functional_call
 
 from clients.flower_app import ClientSetup, make_client_app, model_to_arrays
 from clients.trainer import ParamSpec, loss_fn_for
+from strategies.attacks import Adversary
 from strategies.flower import FlagstaffStrategy
-from system.adversary import Adversary
 from system.host import build_from
 from system.server import sample_clients
 
@@ -81,7 +81,7 @@ class ShardLoader:
             "model": model,
             "trainer": build_from(c["client"]),
             "rule": getattr(strategy, "client_rule", None),
-            "adversary": Adversary(c["attack"], c["num_clients"]),
+            "adversary": Adversary(build_from(c["attack"]), c["num_clients"]),
             "clients": {},
         }
 

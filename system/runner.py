@@ -21,9 +21,9 @@ from omegaconf import DictConfig
 
 from clients.dp import privacy_kinds, private_partition
 from clients.partition import summarize
-from system.adversary import Adversary
+from strategies.attacks import Adversary
 from system.config import validate
-from system.host import ClientHost, HostShard
+from system.host import ClientHost, HostShard, build_from
 from system.loggers import make_logger
 from system.memory import tree_memory_mb
 from system.pool import LocalPool, RayPool
@@ -112,7 +112,7 @@ def train(
         kinds = privacy_kinds(c["client"], c["strategy"])
         part = private_partition(summarize(parts, labels, ds.num_classes), kinds)
         out.write_json("partition.json", part)
-        adversary = Adversary(c["attack"], c["num_clients"])
+        adversary = Adversary(build_from(c["attack"]), c["num_clients"])
         server, pool_close = _start(c, ds, parts, adversary, stack)
         if state is not None:
             _call(server, "load_state_dict", state)

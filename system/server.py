@@ -20,8 +20,8 @@ from torch.func import functional_call
 from clients.dp import privacy_kinds
 from clients.seeds import stream
 from clients.trainer import ParamSpec, loss_fn_for
+from strategies.attacks import Adversary
 from strategies.base import ExtrasAggregation, RoundExtras
-from system.adversary import Adversary
 from system.codecs import build_codec
 from system.host import build_from
 
@@ -100,7 +100,7 @@ class ParameterServer:
         self.client_epsilon = torch.zeros(self.num_clients, dtype=torch.float64)
         # under DP, metrics hold only what epsilon covers: no un-noised train loss (docs/privacy.md)
         self.private = bool(privacy_kinds(cfg["client"], cfg["strategy"]))
-        self.adversary = Adversary(cfg["attack"], self.num_clients)
+        self.adversary = Adversary(build_from(cfg["attack"]), self.num_clients)
         n_agg = self.adversary.inputs_per_round(self.per_round)
         self.aggregator = build_from(cfg["aggregator"], f=self.adversary.f, n=n_agg)
         # the per-client extras (SCAFFOLD's delta c_i, ...) go through the same rule (own state)
@@ -221,7 +221,7 @@ class ParameterServer:
             metrics["train_loss"] = float(honest_loss.mean())
         U, w, cids = U[finite], w[finite], cids[finite]
         extra = {n: v[finite] for n, v in extra.items()}
-        # Byzantine clients corrupt everything they send: updates and extras (system/adversary.py)
+        # Byzantine clients corrupt everything they send: updates and extras (strategies/attacks/)
         att = self.adversary.attack_round(
             U, w, cids, self.aggregator, r, extra, self.extras_aggregation.rule
         )

@@ -1,4 +1,4 @@
-"""Byzantine attacks (clients/byzantine.py): definitions, adaptivity, peer targets, configs."""
+"""Byzantine attacks (strategies/attacks/, clients/byzantine.py): definitions, adaptivity, peer targets, configs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from clients import byzantine as bz
-from clients.byzantine import (
+from strategies.attacks import (
     ALIE,
     ATTACKS,
     FOE,

@@ -16,9 +16,9 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from clients.byzantine import SignFlip
 from clients.flower_app import REPLY_KEY, arrays_to_vector, vector_to_arrays
 from strategies.aggregators import build
+from strategies.attacks import SignFlip
 from strategies.fedavg import FedAvg
 from strategies.flower import FlagstaffStrategy
 from system.runner import train

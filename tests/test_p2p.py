@@ -106,7 +106,7 @@ def test_centre_free_rules_craft_the_adaptive_attack_once(tmp_path, monkeypatch,
     """Trimmed mean and geometric median ignore the node's own vector (up to rounding), so on a
     complete graph the adaptive search is the same for every node: it runs once per step, and
     its vectors equal the per-node search's (the rule centred on each node) to float error."""
-    from clients.byzantine import ALIEAdaptive
+    from strategies.attacks import ALIEAdaptive
     from strategies.peer import build_peer_rule
 
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -135,7 +135,7 @@ def test_broadcast_adversary_sends_one_vector_against_the_mean_aggregate(
     """``strategy.adversary=broadcast`` (the reference code's adversary): every honest node gets
     the same Byzantine vectors, and the line search maximises the displacement of the mean of
     the honest nodes' NNA aggregates."""
-    from clients.byzantine import ALIEAdaptive
+    from strategies.attacks import ALIEAdaptive
     from strategies.peer import NNA
 
     seen: dict[int, list] = {}

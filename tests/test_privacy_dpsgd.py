@@ -206,7 +206,7 @@ def test_resumed_server_restores_every_clients_accountant() -> None:
     epsilons and the same parameters as the uninterrupted run."""
     from contextlib import ExitStack
 
-    from system.adversary import Adversary
+    from strategies.attacks import Adversary
     from system.config import validate
     from system.host import build_from
     from system.runner import _start
@@ -225,8 +225,8 @@ def test_resumed_server_restores_every_clients_accountant() -> None:
     ds = build_from(c["data"])
     parts = build_from(c["partition"], labels=ds.y_train.numpy(), num_clients=4)
     with ExitStack() as stack:
-        a, _ = _start(c, ds, parts, Adversary(c["attack"], 4), stack)
-        b, _ = _start(c, ds, parts, Adversary(c["attack"], 4), stack)
+        a, _ = _start(c, ds, parts, Adversary(build_from(c["attack"]), 4), stack)
+        b, _ = _start(c, ds, parts, Adversary(build_from(c["attack"]), 4), stack)
         a.round(0, False)
         a.round(1, False)
         state = a.state_dict()
@@ -254,7 +254,8 @@ def test_a_sam_step_is_one_gaussian_step_with_sigma_over_sqrt2(which) -> None:
     stop's prospective epsilon (with the rule) is the next round's."""
     from opacus.accountants import RDPAccountant
 
-    from clients.rules import SAM, FedSpeedRule
+    from strategies.fedsam import SAM
+    from strategies.fedspeed import FedSpeedRule
 
     torch.manual_seed(0)
     model, spec = _model_and_spec()
@@ -333,7 +334,7 @@ def test_hosts_ask_the_budget_stop_with_the_rule(tmp_path) -> None:
     step: before round 1 it equals every client's epsilon after round 1 (Opacus path)."""
     from contextlib import ExitStack
 
-    from system.adversary import Adversary
+    from strategies.attacks import Adversary
     from system.config import validate
     from system.host import build_from
     from system.runner import _start
@@ -347,7 +348,7 @@ def test_hosts_ask_the_budget_stop_with_the_rule(tmp_path) -> None:
     ds = build_from(c["data"])
     parts = build_from(c["partition"], labels=ds.y_train.numpy(), num_clients=10)
     with ExitStack() as stack:
-        server, _ = _start(c, ds, parts, Adversary(c["attack"], 10), stack)
+        server, _ = _start(c, ds, parts, Adversary(build_from(c["attack"]), 10), stack)
         asked = {}
         for part in server.pool.call("epsilon_after", {0: (list(range(10)),)}).values():
             asked.update(part)

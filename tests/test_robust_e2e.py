@@ -1,6 +1,6 @@
 """Robust training end to end (issue 4): aggregators x attacks through the runner and the CLI.
 
-Covers the integration in system/adversary.py: Byzantine ids 0..f-1, model attacks replacing the
+Covers the integration in strategies/attacks/adversary.py: Byzantine ids 0..f-1, model attacks replacing the
 Byzantine rows before aggregation, adaptive attacks probing a deep copy of the rule (a stateful rule
 is not advanced by the probes), non-finite vectors dropped and counted, crash reducing n, and
 precondition errors raised by ``validate`` before any work. Fast: about a minute on 2 busy cores.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,16 +19,17 @@ import torch
 from omegaconf import OmegaConf
 
 from strategies.aggregators import build
-from system.adversary import Adversary
+from strategies.attacks import Adversary
 from system.config import ConfigError
+from system.host import build_from
 from system.runner import train
 from tests.conftest import ROOT, compose
 
 
-def _attack_cfg(name: str, f: int) -> dict:
-    """The plain ``attack`` group of ``attack=<name> attack.f=<f>`` (read from conf/attack/)."""
+def _attack_cfg(name: str, f: int) -> Any:
+    """The attack of ``attack=<name> attack.f=<f>`` (read from conf/attack/, built)."""
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "attack" / f"{name}.yaml"))
-    return {**cfg, "f": f}
+    return build_from({**cfg, "f": f})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def test_sampling_is_seeded_and_bounded() -> None:
 
 def test_host_reduction_equals_per_client_aggregation(tmp_path) -> None:
     """With a weighted mean, hosts send sum_i w_i u_i (float64) instead of every update."""
-    from system.adversary import Adversary
+    from strategies.attacks import Adversary
     from system.config import to_plain
     from system.host import build_from
     from system.server import can_reduce_on_hosts
@@ -141,8 +141,8 @@ def test_host_reduction_equals_per_client_aggregation(tmp_path) -> None:
         build_from(c["strategy"]),
         build_from(to_plain(compose("experiment=smoke", "strategy=scaffold"))["strategy"]),
     )
-    honest = Adversary(c["attack"], 10)
-    alie = Adversary(to_plain(compose("attack=alie", "attack.f=2"))["attack"], 10)
+    honest = Adversary(build_from(c["attack"]), 10)
+    alie = Adversary(build_from(to_plain(compose("attack=alie", "attack.f=2"))["attack"]), 10)
     assert can_reduce_on_hosts(mean, fedavg, honest)
     assert not can_reduce_on_hosts(median, fedavg, honest)  # robust rules need every update
     assert not can_reduce_on_hosts(mean, scaffold, honest)  # per-client control variates

@@ -12,13 +12,13 @@ adapter.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from clients.byzantine import ALIE, ALIEAdaptive, alie_z
 from clients.flower_app import (
     EXTRAS_KEY,
     REPLY_KEY,
@@ -28,10 +28,10 @@ from clients.flower_app import (
 )
 from strategies.aggregators import build
 from strategies.aggregators.base import coordinate_median
+from strategies.attacks import ALIE, Adversary, ALIEAdaptive, alie_z, build_attack
 from strategies.base import ExtrasAggregation, RoundExtras
 from strategies.flower import FlagstaffStrategy
 from strategies.scaffold import SCAFFOLD
-from system.adversary import Adversary
 from system.config import validate
 from system.host import HostReply
 from system.pool import LocalPool, RoundReplies
@@ -40,18 +40,9 @@ from system.server import ParameterServer, sample_clients
 from tests.conftest import compose
 
 
-def _attack_cfg(name: str, f: int, **kw) -> dict:
-    target = {
-        "sign_flip": "clients.byzantine.SignFlip",
-        "alie": "clients.byzantine.ALIE",
-        "alie_adaptive": "clients.byzantine.ALIEAdaptive",
-        "uniform": "clients.byzantine.Uniform",
-        "mimic": "clients.byzantine.Mimic",
-        "crash": "clients.byzantine.Crash",
-        "nan_vector": "clients.byzantine.NaNAttack",
-        "label_flip": "clients.byzantine.LabelFlip",
-    }[name]
-    return {"_target_": target, "f": f, "seed": 0, **kw}
+def _attack_cfg(name: str, f: int, **kw) -> Any:
+    """The attack ``name`` with f Byzantine clients (built as ``attack=<name>`` builds it)."""
+    return build_attack(name, f=f, seed=0, **kw)
 
 
 def _round(n: int = 8, d: int = 6, seed: int = 0):

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from flwr.app import Context
 
-from clients.byzantine import build_attack
 from clients.data import Dataset, load_digits
 from clients.flower_app import ClientSetup, poison_if_byzantine
 from clients.models import build_model
 from clients.partition import iid
 from clients.trainer import LocalSGD
+from strategies.attacks import build_attack
 
 
 @lru_cache(maxsize=4)

@@ -1,4 +1,4 @@
-"""Adversary: applies the configured Byzantine behaviour where the round's updates meet.
+"""Adversary: the run's threat model, applied where the round's updates meet (the server step).
 
 Threat model (DESIGN.md "Adversary", ../shared/specs/robust.md):
 
@@ -36,39 +36,46 @@ Threat model (DESIGN.md "Adversary", ../shared/specs/robust.md):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
-from clients.byzantine import AttackedRound, Crash, InfAttack, NaNAttack, attack_round
+from clients.byzantine import Attack
 from clients.seeds import stream
-from system.host import build_from
+from strategies.attacks.model import Crash, InfAttack, NaNAttack
+from strategies.attacks.round import AttackedRound, attack_round
 
 __all__ = ["Adversary"]
 
 
 class Adversary:
-    """Wraps one attack from ``cfg.attack`` with the Byzantine client set {0, ..., f-1}.
+    """Wraps one attack with the Byzantine client set {0, ..., f-1} (or ``byzantine``).
 
-    ``attack_cfg`` is the plain ``attack`` config group (``_target_`` plus the attack's settings);
-    ``num_clients`` is the total number of clients (f must be smaller).
+    ``attack``: the run's attack object (``conf/attack``, built once by ``system.build``);
+    ``num_clients``: the total number of clients (f must be smaller); ``byzantine``: the Byzantine
+    client ids when they are not the f lowest (e.g. a Flower app's choice), default ``range(f)``.
     """
 
     #: attacks whose Byzantine vectors never reach the aggregator (sent nothing, or dropped)
     REMOVED: tuple[type, ...] = (Crash, InfAttack, NaNAttack)
 
-    def __init__(self, attack_cfg: dict[str, Any], num_clients: int) -> None:
-        self.attack = build_from(attack_cfg)
-        self.f = int(getattr(self.attack, "f", 0))
+    def __init__(
+        self, attack: Attack, num_clients: int, byzantine: Iterable[int] | None = None
+    ) -> None:
+        self.attack = attack
+        self.f = int(attack.f)
         if self.f < 0 or self.f >= num_clients:
             raise ValueError(
                 f"attack.f={self.f} must be in [0, num_clients={num_clients}); it counts the "
                 "Byzantine clients"
             )
-        self.name = str(getattr(self.attack, "name", "none"))
-        self.kind = getattr(self.attack, "kind", "model")
-        self.seed = int(attack_cfg.get("seed", 0) or 0)
+        self.name = str(attack.name)
+        self.kind = attack.kind
+        self.seed = int(attack.seed)
+        ids = np.arange(self.f) if byzantine is None else np.asarray(list(byzantine), np.int64)
+        self._byzantine = np.unique(ids.astype(np.int64))
         #: non-finite Byzantine rows dropped by the last ``apply`` call
         self.last_dropped_nonfinite = 0
 
@@ -78,9 +85,9 @@ class Adversary:
         return self.f > 0 and self.name != "none"
 
     def is_byzantine(self, client_ids: np.ndarray) -> np.ndarray:
-        """Boolean mask: which of ``client_ids`` are Byzantine (ids below f, when active)."""
+        """Boolean mask: which of ``client_ids`` are Byzantine (ids below f by default, when active)."""
         ids = np.asarray(client_ids)
-        return ids < self.f if self.active else np.zeros(len(ids), bool)
+        return np.isin(ids, self._byzantine) if self.active else np.zeros(len(ids), bool)
 
     def inputs_per_round(self, per_round: int) -> int:
         """How many vectors reach the aggregator when every sampled client answers.
@@ -95,10 +102,10 @@ class Adversary:
     def check(self, per_round: int) -> None:
         """Raise ``ValueError`` if the attack cannot run with ``per_round`` sampled clients.
 
-        E.g. ALIE's z formula needs f < n/2. Called by ``system.config.validate`` so such a
-        configuration fails before any work starts.
+        E.g. ALIE's z formula needs f < n/2. Called by ``system.build`` so such a configuration
+        fails before any work starts.
         """
-        if self.active and self.kind == "model" and hasattr(self.attack, "check"):
+        if self.active and self.kind == "model":
             self.attack.check(per_round)
 
     def apply(
@@ -135,7 +142,7 @@ class Adversary:
         grad_i, FedSpeed's delta ghat_i. A model attack replaces the Byzantine rows of each with
         the same rule as the update's, computed from that extra's honest rows; crash removes the
         Byzantine rows everywhere; non-finite rows leave update and extras together
-        (``clients.byzantine.attack_round``). ``extras_rule(name)`` is the rule the strategy
+        (``strategies.attacks.round.attack_round``). ``extras_rule(name)`` is the rule the strategy
         aggregates that extra with (what adaptive attacks probe). Data attacks and rounds without
         a sampled Byzantine client return the inputs unchanged.
         """
@@ -153,16 +160,16 @@ class Adversary:
         self, x: torch.Tensor, y: torch.Tensor, num_classes: int, client: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Data-poisoning attacks transform a Byzantine client's shard once, at placement."""
-        if not self.active or self.kind != "data" or client >= self.f:
+        if not self.active or self.kind != "data" or not self.is_byzantine([client])[0]:
             return x, y
         gen = stream(self.seed, client, scheme="poison")
         return self.attack.poison(x, y, num_classes, gen)
 
     def state_dict(self) -> dict[str, Any]:
         """The attack's checkpointable state (e.g. mimic's direction estimate)."""
-        return getattr(self.attack, "state_dict", lambda: {})()
+        return self.attack.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
-        if hasattr(self.attack, "load_state_dict") and state:
+        if state:
             self.attack.load_state_dict(state)
