@@ -1,10 +1,17 @@
-"""Partitioners: split a labelled training set over clients (IID, Dirichlet over labels, shards).
+"""Partitioners: split a labelled training set over clients (IID, Dirichlet over labels, shards,
+natural: one client per writer or speaking role, or any Flower Datasets partitioner).
 
 Each returns a list of index arrays, one per client, fully determined by the seed.
-References: Dirichlet label skew (Hsu, Qi, Brown 2019); k shards per client (McMahan et al. 2017).
+References: Dirichlet label skew (Hsu, Qi, Brown 2019); k shards per client (McMahan et al. 2017);
+natural splits by writer and speaking role (LEAF, Caldas et al. 2018); Flower Datasets' partitioners
+(Beutel et al. 2020, ``flwr_datasets.partitioner``). Which to use when: docs/data.md.
 """
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +25,8 @@ __all__ = [
     "classes_per_client",
     "with_replacement",
     "unequal_sizes",
+    "natural",
+    "flower",
     "summarize",
 ]
 
@@ -144,6 +153,73 @@ def unequal_sizes(
     ]
 
 
+def natural(
+    values: np.ndarray, num_clients: int, seed: int = 0, key: str = "key"
+) -> list[np.ndarray]:
+    """One client per distinct value of a per-sample column (a writer, a speaking role): the
+    ``num_clients`` first values of a seeded permutation of the distinct values (all of them when
+    ``num_clients`` equals their number; more is an error naming that number)."""
+    values = np.asarray(values)
+    groups, inverse = np.unique(values, return_inverse=True)
+    if num_clients < 1 or num_clients > len(groups):
+        raise ValueError(
+            f"partition=natural: the data has {len(groups)} distinct {key} values, so "
+            f"num_clients={num_clients} cannot give each client one; set num_clients="
+            f"{len(groups)} (every {key}) or fewer (the first of a seeded order)"
+        )
+    order = np.argsort(inverse, kind="stable")  # rows grouped by value, in row order within
+    members = np.split(order, np.cumsum(np.bincount(inverse, minlength=len(groups)))[:-1])
+    chosen = np.random.default_rng(seed).permutation(len(groups))[:num_clients]
+    return [members[g] for g in chosen]
+
+
+def flower(
+    columns: Mapping[str, np.ndarray], num_clients: int, partitioner: Callable[..., Any]
+) -> list[np.ndarray]:
+    """Any Flower Datasets partitioner (``flwr_datasets.partitioner``) applied to the training
+    split: ``partitioner`` is its class or a partial of it (Hydra ``_partial_: true``), called with
+    ``num_partitions=num_clients`` where it takes that argument (NaturalIdPartitioner counts its
+    partitions itself, which must then equal ``num_clients``); it sees the per-sample ``columns``
+    (the label under its dataset name and ``label``, writer ids, ...) as a ``datasets.Dataset``."""
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "partition=flwr needs flwr-datasets: pip install flwr-datasets -c constraints.txt"
+        ) from err
+    row = "_flagstaff_row"
+    n = len(next(iter(columns.values())))
+    table = datasets.Dataset.from_dict(
+        {**{k: np.asarray(v) for k, v in columns.items()}, row: np.arange(n)}
+    )
+    params = inspect.signature(partitioner).parameters
+    p = partitioner(num_partitions=num_clients) if "num_partitions" in params else partitioner()
+    name = type(p).__name__
+    by = getattr(p, "_partition_by", None)
+    if by is not None and by not in columns:
+        raise ValueError(
+            f"partition=flwr: {name} partitions by {by!r}, the data has columns "
+            f"{sorted(columns)}; set partition.partitioner.partition_by to one of them (data.columns "
+            "keeps more)"
+        )
+    p.dataset = table
+    if p.num_partitions != num_clients:
+        raise ValueError(
+            f"partition=flwr: {name} made {p.num_partitions} partitions; set "
+            f"num_clients={p.num_partitions}"
+        )
+    parts = [
+        np.sort(np.asarray(p.load_partition(i)[row], dtype=np.int64)) for i in range(num_clients)
+    ]
+    empty = [k for k, q in enumerate(parts) if len(q) == 0]
+    if empty:
+        raise ValueError(
+            f"partition=flwr: {name} left clients {empty[:10]} without samples; lower num_clients "
+            "or change the partitioner's settings"
+        )
+    return parts
+
+
 def partition(
     labels: np.ndarray,
     num_clients: int,
@@ -154,11 +230,33 @@ def partition(
     classes: int = 2,
     size_sigma: float = 0.0,
     samples_per_client: int = 40,
+    key: str | None = None,
+    partitioner: Callable[..., Any] | None = None,
+    columns: Mapping[str, np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """Dispatch by ``kind``: iid | dirichlet | shards | classes | with_replacement; optional
-    unequal sizes."""
+    """Dispatch by ``kind``: iid | dirichlet | shards | classes | with_replacement | natural (one
+    client per value of the column ``key``) | flwr (a Flower Datasets ``partitioner``); optional
+    unequal sizes. ``columns``: the dataset's per-sample columns (``Dataset.partition_columns``)."""
     labels = np.asarray(labels)
-    if kind == "iid":
+    columns = dict(columns) if columns is not None else {"label": labels}
+    if kind in ("natural", "flwr") and len(next(iter(columns.values()))) != len(labels):
+        raise ValueError("partition: the columns and the labels differ in length")
+    if kind == "natural":
+        if key not in columns:
+            raise ValueError(
+                f"partition=natural partition.key={key}: the data has no such per-sample column "
+                f"(it has {sorted(columns)}); name one, and keep it with data.columns=[...] "
+                "(e.g. data=femnist: writer_id, data=shakespeare: character_id)"
+            )
+        parts = natural(columns[key], num_clients, seed, key)
+    elif kind == "flwr":
+        if partitioner is None:
+            raise ValueError(
+                "partition=flwr needs partition.partitioner._target_=flwr_datasets.partitioner.<Name> "
+                "(with _partial_: true, as conf/partition/flwr.yaml)"
+            )
+        parts = flower(columns, num_clients, partitioner)
+    elif kind == "iid":
         parts = iid(labels, num_clients, seed)
     elif kind == "dirichlet":
         parts = dirichlet(labels, num_clients, alpha, seed)
@@ -170,7 +268,8 @@ def partition(
         parts = with_replacement(labels, num_clients, samples_per_client, seed)
     else:
         raise ValueError(
-            f"unknown partition {kind!r}; choose iid, dirichlet, shards, classes or with_replacement"
+            f"unknown partition {kind!r}; choose iid, dirichlet, shards, classes, "
+            "with_replacement, natural or flwr"
         )
     return unequal_sizes(parts, size_sigma, seed)
 

@@ -70,7 +70,12 @@ class ShardLoader:
         c = self.cfg
         torch.set_num_threads(max(1, self.threads))
         ds = build_from(c["data"])
-        parts = build_from(c["partition"], labels=ds.y_train.numpy(), num_clients=c["num_clients"])
+        parts = build_from(
+            c["partition"],
+            labels=ds.y_train.numpy(),
+            num_clients=c["num_clients"],
+            columns=ds.partition_columns(),
+        )
         model = build_from(
             c["model"], input_shape=ds.input_shape, num_classes=ds.num_classes, seed=c["seed"]
         )

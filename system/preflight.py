@@ -37,7 +37,12 @@ def load_inputs(c: dict[str, Any]) -> tuple[Dataset, list[np.ndarray]]:
         _raise_input_error("data", err)
         raise
     try:
-        parts = build_from(c["partition"], labels=ds.y_train.numpy(), num_clients=c["num_clients"])
+        parts = build_from(
+            c["partition"],
+            labels=ds.y_train.numpy(),
+            num_clients=c["num_clients"],
+            columns=ds.partition_columns(),  # per-sample columns: natural and Flower partitions
+        )
     except Exception as err:  # noqa: BLE001
         _raise_input_error("partition", err)
         raise
