@@ -13,12 +13,39 @@ fixed-point argument assumes both are means: with a robust aggregator FedDyn is 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from clients.rules import FedDynRule
+from clients.rules import Context, Finish, GradFn, LocalRule
 from strategies.base import RoundExtras, State, add_mean_over_all
 from strategies.fedavg import FedAvg
 
-__all__ = ["FedDyn"]
+__all__ = ["FedDyn", "FedDynRule"]
+
+
+class FedDynRule(LocalRule):
+    """FedDyn (Acar et al. 2021), client side.
+
+    Local objective f_i(x) - <grad_i, x> + (alpha/2)||x - x_t||^2, so direction
+    g - grad_i + alpha (x - x_t); afterwards grad_i <- grad_i - alpha (x_K - x_t).
+    The client sends x_K - x_t and delta grad_i (the server keeps h, see ``strategies.feddyn``).
+    """
+
+    name = "feddyn"
+    client_state = ("grad_i",)
+
+    def __init__(self, alpha: float) -> None:
+        if alpha <= 0:
+            raise ValueError(f"strategy.alpha must be > 0, got {alpha}")
+        self.alpha = float(alpha)
+
+    def direction(self, grad_fn: GradFn, X: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
+        g, loss = grad_fn(X)
+        return g - ctx.state["grad_i"] + self.alpha * (X - ctx.x0), loss
+
+    def finish(self, X: Tensor, ctx: Context, steps: Tensor, lr: float) -> Finish:
+        delta = X - ctx.x0
+        step = -self.alpha * delta
+        return Finish(delta, {"grad_i": ctx.state["grad_i"] + step}, {"delta_grad": step})
 
 
 class FedDyn(FedAvg):

@@ -6,10 +6,29 @@ averages like FedAvg. ``mu = 0`` is FedAvg exactly.
 
 from __future__ import annotations
 
-from clients.rules import Prox
+from torch import Tensor
+
+from clients.rules import Context, GradFn, LocalRule
 from strategies.fedavg import FedAvg
 
-__all__ = ["FedProx"]
+__all__ = ["FedProx", "Prox"]
+
+
+class Prox(LocalRule):
+    """FedProx (Li et al. 2020): minimize f_i(x) + (mu/2)||x - x_t||^2, i.e. add mu (x - x_t)."""
+
+    name = "fedprox"
+
+    def __init__(self, mu: float) -> None:
+        if mu < 0:
+            raise ValueError(f"strategy.mu must be >= 0, got {mu}")
+        self.mu = float(mu)
+
+    def direction(self, grad_fn: GradFn, X: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
+        g, loss = grad_fn(X)
+        if self.mu:
+            g = g + self.mu * (X - ctx.x0)
+        return g, loss
 
 
 class FedProx(FedAvg):

@@ -13,12 +13,34 @@ price of not letting f clients steer the drift correction.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from clients.rules import Scaffold
+from clients.rules import Context, Finish, GradFn, LocalRule
 from strategies.base import RoundExtras, State, add_mean_over_all
 from strategies.fedavg import FedAvg
 
-__all__ = ["SCAFFOLD"]
+__all__ = ["SCAFFOLD", "Scaffold"]
+
+
+class Scaffold(LocalRule):
+    """SCAFFOLD (Karimireddy et al. 2020), option II control variates.
+
+    Direction g - c_i + c; after K_i steps with step size eta:
+    c_i+ = c_i - c + (x_t - y_i) / (K_i eta); the client sends y_i - x_t and delta c_i = c_i+ - c_i.
+    """
+
+    name = "scaffold"
+    client_state = ("c_i",)
+
+    def direction(self, grad_fn: GradFn, X: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
+        g, loss = grad_fn(X)
+        return g - ctx.state["c_i"] + ctx.broadcast["c"], loss
+
+    def finish(self, X: Tensor, ctx: Context, steps: Tensor, lr: float) -> Finish:
+        c_i, c = ctx.state["c_i"], ctx.broadcast["c"]
+        k_eta = (steps.to(X.dtype) * lr).clamp_min(1e-30)[:, None]
+        new = c_i - c + (ctx.x0 - X) / k_eta
+        return Finish(X - ctx.x0, {"c_i": new}, {"delta_c": new - c_i})
 
 
 class SCAFFOLD(FedAvg):

@@ -242,7 +242,12 @@ D_RULE = 64 * 16 + 16 + 16 * 10 + 10  # the MLP 64-16-10 of _setup
 
 
 def _rules():
-    from clients.rules import SAM, FedDynRule, FedSpeedRule, LocalRule, Prox, Scaffold
+    from clients.rules import LocalRule
+    from strategies.feddyn import FedDynRule
+    from strategies.fedprox import Prox
+    from strategies.fedsam import SAM
+    from strategies.fedspeed import FedSpeedRule
+    from strategies.scaffold import Scaffold
 
     return {
         "sgd": LocalRule(),
@@ -394,7 +399,7 @@ def test_a_rule_that_takes_undeclared_private_gradients_is_refused() -> None:
     """Calibration and the budget stop count ``grads_per_step`` releases before the step runs: a
     rule that takes more is refused with a message, on both trainers."""
     from clients.dp import DPSGDTrainer
-    from clients.rules import SAM
+    from strategies.fedsam import SAM
 
     class Liar(SAM):
         grads_per_step = 1

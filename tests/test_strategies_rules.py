@@ -10,14 +10,16 @@ from torch import nn
 
 from clients.models import build_model
 from clients.plan import make_plan
-from clients.rules import SAM, Context, FedSpeedRule, Prox, Scaffold, sam_perturbation
+from clients.rules import Context
 from clients.trainer import LocalSGD, ParamSpec
 from strategies.base import RoundExtras
 from strategies.fedadam import FedAdam
 from strategies.fedavg import FedAvg
 from strategies.feddyn import FedDyn
-from strategies.fedspeed import FedSpeed
-from strategies.scaffold import SCAFFOLD
+from strategies.fedprox import Prox
+from strategies.fedsam import SAM, sam_perturbation
+from strategies.fedspeed import FedSpeed, FedSpeedRule
+from strategies.scaffold import SCAFFOLD, Scaffold
 from system.server import sample_clients
 
 D_IN, C = 5, 3

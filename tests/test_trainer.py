@@ -10,8 +10,13 @@ from torch import nn
 
 from clients.models import build_model
 from clients.plan import make_plan
-from clients.rules import SAM, FedDynRule, FedSpeedRule, LocalRule, Prox, Scaffold
+from clients.rules import LocalRule
 from clients.trainer import LocalSGD, ParamSpec
+from strategies.feddyn import FedDynRule
+from strategies.fedprox import Prox
+from strategies.fedsam import SAM
+from strategies.fedspeed import FedSpeedRule
+from strategies.scaffold import Scaffold
 
 D_IN, NUM_CLASSES = 6, 3
 
