@@ -649,7 +649,7 @@ def test_flag_equals_reference_irls_at_lam0(n_its, method):
     agg = FlagAggregator(
         m=8, max_iter=n_its, tol=1e-10, init="ambient", seed=1, rescale="none", method=method
     )
-    assert float((agg(U) - ref).abs().max()) < 1e-14 * max(1.0, float(ref.abs().max())) * 10
+    assert float((agg(U) - ref).abs().max()) < 1e-14  # entries about 0.2: found 6e-16
 
 
 def _flag_objective(U: torch.Tensor, Y: torch.Tensor, lam: float, eps: float) -> float:
