@@ -109,6 +109,9 @@ class Trainer:
       trainer's own checkpointed state (DP: the accountant histories); plain JSON-like values
       (loadable with ``torch.load(weights_only=True)``).
     * ``lr_at(round_idx)``: the learning rate of a round.
+    * ``accepts_transform`` (default False): ``train`` takes ``transform``, the data's per-batch
+      transform bound to the round (``clients.augment.RoundTransform``: uint8 images -> normalized,
+      augmented floats), and applies it to each step's gathered batch, ``transform(x[idx], idx, t)``.
 
     Everything a trainer returns per client (updates, losses, the rule's state and extras, metrics
     such as epsilon) is in its :class:`TrainResult`.
@@ -119,6 +122,7 @@ class Trainer:
     steps: int | None
     per_client: ClassVar[bool] = False
     epsilon_kind: ClassVar[str | None] = None
+    accepts_transform: ClassVar[bool] = False
 
     def train(
         self,
@@ -135,6 +139,7 @@ class Trainer:
         state: dict[str, torch.Tensor] | None = None,
         broadcast: dict[str, torch.Tensor] | None = None,
         round_idx: int = 0,
+        transform: Callable[..., torch.Tensor] | None = None,
     ) -> TrainResult:
         """Train the plan's clients for one round from ``global_flat`` (see ``LocalSGD.train``)."""
         raise NotImplementedError
@@ -194,6 +199,7 @@ class LocalSGD(Trainer):
     memory_budget_mb: float = 1024.0
     _warned: bool = field(default=False, repr=False)
     _batchable: bool | None = field(default=None, repr=False)
+    accepts_transform: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -263,6 +269,7 @@ class LocalSGD(Trainer):
         state: dict[str, torch.Tensor] | None = None,
         broadcast: dict[str, torch.Tensor] | None = None,
         round_idx: int = 0,
+        transform: Callable[..., torch.Tensor] | None = None,
     ) -> TrainResult:
         """Train the plan's K clients from ``global_flat`` with ``rule`` (plain SGD if None).
 
@@ -276,7 +283,7 @@ class LocalSGD(Trainer):
         if missing:
             raise ValueError(f"local rule {rule.name} needs per-client state {missing}")
         K = plan.idx.shape[1]
-        chunk = self.chunk_size(model, x[:1], K)
+        chunk = self.chunk_size(model, x[:1] if transform is None else transform(x[:1]), K)
         if chunk < K and str(self.batched).lower() == "auto" and not self._warned:
             warnings.warn(
                 f"client.batched=auto: training {chunk} of {K} clients at a time to stay within "
@@ -296,7 +303,9 @@ class LocalSGD(Trainer):
             ctx = Context(
                 global_flat, {n: state[n][start : ks.stop] for n in rule.client_state}, bcast
             )
-            parts.append(self._train_chunk(model, spec, x, y, sub, loss, rule, ctx, lr, mask))
+            parts.append(
+                self._train_chunk(model, spec, x, y, sub, loss, rule, ctx, lr, mask, transform)
+            )
         fin = [f for _, _, f in parts]
         return TrainResult(
             torch.cat([f.message for f in fin]),
@@ -318,6 +327,7 @@ class LocalSGD(Trainer):
         ctx: Context,
         lr: float,
         mask: torch.Tensor | None = None,
+        transform: Callable[..., torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Finish]:
         K = plan.idx.shape[1]
         X = ctx.x0.unsqueeze(0).expand(K, -1).clone()
@@ -342,7 +352,7 @@ class LocalSGD(Trainer):
         loss_sum = torch.zeros(K, dtype=X.dtype, device=X.device)
         for t in range(plan.num_steps):
             idx, mb = plan.idx[t], plan.mask[t]
-            xb, yb = x[idx], y[idx]
+            xb, yb = x[idx] if transform is None else transform(x[idx], idx, t), y[idx]
 
             def batch_grad(
                 P: torch.Tensor, xb=xb, yb=yb, mb=mb

@@ -56,18 +56,23 @@ class HostShard:
     sizes: np.ndarray  # (C,)
     x: torch.Tensor
     y: torch.Tensor
+    #: the data's per-batch transform (``Dataset.transform``, e.g. uint8 images -> normalized and
+    #: augmented floats), applied by the trainer per step; None: samples are used as stored
+    transform: Any = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle the samples as numpy arrays; the receiving host views them in Ray's object store
         without a copy (system/wire.py; hosts only read their samples)."""
         wire = (self.client_ids, self.offsets, self.sizes, to_wire(self.x), to_wire(self.y))
-        return (_shard_from_wire, wire)
+        return (_shard_from_wire, (*wire, self.transform))
 
 
 def _shard_from_wire(
-    client_ids: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, x: Any, y: Any
+    client_ids: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, x: Any, y: Any, transform=None
 ) -> HostShard:
-    return HostShard(client_ids, offsets, sizes, shared_from_wire(x), shared_from_wire(y))
+    return HostShard(
+        client_ids, offsets, sizes, shared_from_wire(x), shared_from_wire(y), transform
+    )
 
 
 @dataclass
@@ -151,6 +156,12 @@ class ClientHost:
                 False
             )  # parameters are passed functionally; grads come from torch.func
         self.trainer = build_from(client_cfg)
+        if shard.transform is not None and not self.trainer.accepts_transform:
+            raise ValueError(
+                f"client: {type(self.trainer).__name__} does not apply the data's per-batch "
+                "transform (uint8 images normalized and augmented per step); use client=sgd or "
+                "client=momentum"
+            )
         # the strategy's local rule and its per-client state (only for rules that keep state)
         self.rule = getattr(build_from(strategy_cfg), "client_rule", None) if strategy_cfg else None
         d, C = self.spec.numel, len(shard.client_ids)
@@ -170,8 +181,9 @@ class ClientHost:
         with torch.enable_grad():
             flat = self.spec.flatten(dict(self.model.named_parameters())).detach()
             P = flat.unsqueeze(0).requires_grad_(True)
+            x0 = self.x[:1] if self.shard.transform is None else self.shard.transform(self.x[:1])
             out = vmap(lambda q, xb: functional_call(self.model, q, (xb,)))(
-                self.spec.unflatten(P), self.x[:1].unsqueeze(0)
+                self.spec.unflatten(P), x0.unsqueeze(0)
             )
             torch.autograd.grad(out.sum(), P)
 
@@ -215,6 +227,7 @@ class ClientHost:
             np.concatenate([old.sizes, shard.sizes]),
             self.x,
             self.y,
+            old.transform,
         )
         self.position.update({int(c): len(old.client_ids) + i for i, c in enumerate(ids)})
         d, C = self.spec.numel, len(ids)
@@ -280,6 +293,10 @@ class ClientHost:
                 if getattr(tr, "per_client", False)
                 else {}
             )
+            if self.shard.transform is not None:  # bound to the round: clients.augment
+                per_client["transform"] = self.shard.transform.bind(
+                    self.seed, round_idx, client_ids, self.shard.offsets[pos]
+                )
             res = tr.train(
                 self.model,
                 self.spec,

@@ -36,6 +36,8 @@ def load_inputs(c: dict[str, Any]) -> tuple[Dataset, list[np.ndarray]]:
     except Exception as err:  # noqa: BLE001 - re-raised unless it is about the input
         _raise_input_error("data", err)
         raise
+    if ds.transform is not None:
+        _check_transform(c, ds)
     try:
         parts = build_from(
             c["partition"],
@@ -47,6 +49,21 @@ def load_inputs(c: dict[str, Any]) -> tuple[Dataset, list[np.ndarray]]:
         _raise_input_error("partition", err)
         raise
     return ds, parts
+
+
+def _check_transform(c: dict[str, Any], ds: Dataset) -> None:
+    """Data with a per-batch transform (uint8 images, normalized and augmented per step) trains on
+    the client hosts of backend=local|ray, with a trainer that applies it."""
+    what = f"data: {ds.name} keeps its training samples as {ds.x_train.dtype} for a per-batch transform"
+    if c["strategy"].get("mode") == "p2p" or c["backend"] == "flower":
+        mode = "peer-to-peer runs" if c["strategy"].get("mode") == "p2p" else "backend=flower"
+        raise ConfigError(f"{what}, which {mode} do not apply; use backend=local or backend=ray")
+    trainer = build_from(c["client"])
+    if not trainer.accepts_transform:
+        raise ConfigError(
+            f"{what}, which {type(trainer).__name__} does not apply; use client=sgd or "
+            "client=momentum"
+        )
 
 
 def check_model(c: dict[str, Any], ds: Dataset) -> int:

@@ -77,7 +77,7 @@ def _shards(parts, ds, hosts: int, adversary: Adversary) -> tuple[np.ndarray, li
                 xs[-1], ys[-1] = adversary.poison_data(x, y, ds.num_classes, int(c))
         sizes = np.array([len(parts[c]) for c in ids], dtype=np.int64)
         offsets = np.cumsum(sizes) - sizes
-        shards.append(HostShard(ids, offsets, sizes, torch.cat(xs), torch.cat(ys)))
+        shards.append(HostShard(ids, offsets, sizes, torch.cat(xs), torch.cat(ys), ds.transform))
     return owner, shards
 
 

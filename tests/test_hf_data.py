@@ -13,6 +13,7 @@ import torch
 
 from clients.augment import TAG, ImageTransform, channel_stats
 from clients.seeds import mix64
+from tests.test_cli import cli  # noqa: F401 - the fixture running flagstaff-train in-process
 
 
 # -- the image transform ------------------------------------------------------------------------
@@ -311,3 +312,137 @@ def test_missing_data_names_where_it_looked_and_the_fetch_command(tmp_path) -> N
     msg = str(err.value)
     assert "datasets' cache" in msg and "save_to_disk('data/not-a-dataset')" in msg
     assert "data.path=data/not-a-dataset" in msg and "\n" not in msg
+
+
+# -- every new data config, end to end through the runner (backend=local) --------------------------
+def _run(tmp_path, name: str, *overrides: str) -> dict:
+    import json
+
+    from system.runner import train
+    from tests.conftest import compose
+
+    over = ("experiment=smoke", "rounds=2", "client.batch_size=8", "eval_every=1", *overrides)
+    res = train(compose(*over), run_dir=str(tmp_path / name))
+    res["partition"] = json.loads((tmp_path / name / "partition.json").read_text())
+    return res
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    return make_cifar(tmp_path_factory.mktemp("hf") / "cifar10", n_train=80, n_test=20)
+
+
+def test_cifar10_flower_dirichlet_runs_and_host_layout_does_not_change_it(tmp_path, cifar_root):
+    """data=cifar10 (uint8 images, crop + flip per step) with partition=flwr: the same parameters on
+    one host and on two (each client's augmentation depends on (seed, round, client) only)."""
+    over = (
+        "data=cifar10",
+        f"data.path={cifar_root}",
+        "model=mlp",
+        "num_clients=4",
+        "clients_per_round=4",
+        "partition=flwr",
+        "+partition.partitioner.min_partition_size=2",
+    )
+    one = _run(tmp_path, "one", *over)
+    two = _run(tmp_path, "two", *over, "cluster.hosts=2")
+    assert torch.equal(one["params"], two["params"]) and np.isfinite(one["loss"])
+    assert one["partition"]["num_clients"] == 4
+    assert sum(c["samples"] for c in one["partition"]["clients"]) == 80
+
+
+@pytest.mark.slow
+def test_cifar_augmentation_changes_training_and_cifar100_layout_runs(tmp_path, cifar_root) -> None:
+    base = ("data=cifar10", f"data.path={cifar_root}", "model=mlp", "num_clients=4")
+    aug = _run(tmp_path, "aug", *base, "clients_per_round=4")
+    plain = _run(
+        tmp_path, "plain", *base, "clients_per_round=4", "data.crop_padding=0", "data.flip=false"
+    )
+    assert not torch.equal(aug["params"], plain["params"])
+    root = make_cifar(tmp_path / "cifar100", n_train=60, n_test=20, label="fine_label", classes=100)
+    res = _run(
+        tmp_path, "c100", "data=cifar100", f"data.path={root}", "model=mlp", "num_clients=3",
+        "clients_per_round=3", "partition=shards",
+    )  # fmt: skip
+    assert res["params"].numel() > 0 and np.isfinite(res["loss"])
+
+
+def test_femnist_natural_partition_one_client_per_writer(tmp_path) -> None:
+    root = make_femnist(tmp_path / "femnist", writers=6, per_writer=12)
+    over = ("data=femnist", f"data.path={root}", "model=mlp", "partition=natural")
+    res = _run(tmp_path, "run", *over, "num_clients=6", "clients_per_round=3")
+    part = res["partition"]
+    assert part["num_clients"] == 6 and np.isfinite(res["loss"])
+    from clients.hf import load_hf
+
+    ds = load_hf(path=str(root), features="image", label="character", columns=["writer_id"],
+                 test_split=None, channels=1)  # fmt: skip
+    counts = sorted(np.unique(ds.columns["writer_id"], return_counts=True)[1].tolist())
+    assert sorted(c["samples"] for c in part["clients"]) == counts
+
+
+def test_femnist_natural_partition_refuses_more_clients_than_writers(tmp_path) -> None:
+    from system.config import ConfigError
+    from system.runner import train
+    from tests.conftest import compose
+
+    root = make_femnist(tmp_path / "femnist", writers=4, per_writer=5)
+    cfg = compose("experiment=smoke", "data=femnist", f"data.path={root}", "model=mlp",
+                  "partition=natural", "num_clients=5", "clients_per_round=2")  # fmt: skip
+    with pytest.raises(ConfigError, match="4 distinct writer_id values.*num_clients=4") as err:
+        train(cfg, run_dir=str(tmp_path / "run"))
+    assert "\n" not in str(err.value) and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_shakespeare_natural_partition_by_role_trains_the_lstm(tmp_path) -> None:
+    from tests.conftest import ROOT
+
+    if not (ROOT / "conf" / "model" / "lstm.yaml").exists():
+        pytest.skip("model=lstm (LEAF's character LSTM, issue 21 item 3) is not in this checkout")
+    path = make_shakespeare(tmp_path / "shakespeare.parquet", roles=4, per_role=10)
+    res = _run(
+        tmp_path, "run", "data=shakespeare", f"data.path={path}", "model=lstm", "partition=natural",
+        "partition.key=character_id", "num_clients=4", "clients_per_round=2", "rounds=1",
+    )  # fmt: skip
+    assert res["partition"]["num_clients"] == 4 and np.isfinite(res["loss"])
+
+
+def test_sst2_trains_minilm_lora(tmp_path) -> None:
+    root = make_glue(tmp_path / "sst2", task="sst2")
+    res = _run(
+        tmp_path, "run", "data=sst2", f"data.path={root}", "data.max_length=16",
+        "model=lora_minilm", "num_clients=2", "clients_per_round=2", "rounds=1",
+    )  # fmt: skip
+    assert np.isfinite(res["loss"]) and 0 <= res["accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_qnli_pairs_train_minilm_lora(tmp_path) -> None:
+    root = make_glue(tmp_path / "qnli", task="qnli")
+    res = _run(
+        tmp_path, "run", "data=qnli", f"data.path={root}", "data.max_length=24",
+        "model=lora_minilm", "num_clients=2", "clients_per_round=2", "rounds=1",
+    )  # fmt: skip
+    assert np.isfinite(res["loss"]) and 0 <= res["accuracy"] <= 1
+
+
+def test_missing_data_stops_the_cli_before_any_work(tmp_path, cli) -> None:  # noqa: F811
+    run_dir = tmp_path / "run"
+    rc, out, err = cli("experiment=smoke", "data=cifar10", f"data.cache_dir={tmp_path}/cache",
+                       f"hydra.run.dir={run_dir}")  # fmt: skip
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert "uoft-cs/cifar10" in lines[0] and "save_to_disk('data/cifar10')" in lines[0]
+    assert "data.path=data/cifar10" in lines[0]
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def test_uint8_images_need_a_trainer_that_applies_the_transform(tmp_path, cifar_root) -> None:
+    from system.config import ConfigError
+    from system.runner import train
+    from tests.conftest import compose
+
+    cfg = compose("experiment=smoke", "data=cifar10", f"data.path={cifar_root}", "client=dpsgd")
+    with pytest.raises(ConfigError, match="does not apply; use client=sgd") as err:
+        train(cfg, run_dir=str(tmp_path / "run"))
+    assert "\n" not in str(err.value)
