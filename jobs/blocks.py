@@ -502,6 +502,15 @@ def block_gram(block: Block) -> np.ndarray:
     return block.A.T @ block.A
 
 
+def block_make_low(block: Block) -> None:
+    """Keep a float32 copy of A_p on its host (mixed-precision passes read half the bytes)."""
+    block.state["A_low"] = np.asarray(block.A, dtype=np.float32)
+
+
+def block_drop_low(block: Block) -> None:
+    block.state.pop("A_low", None)
+
+
 def block_qr_r(block: Block, with_b: bool = False) -> np.ndarray:
     """R factor of the block ([A_p b_p] when with_b): the leaf step of TSQR."""
     m = np.column_stack([block.A, block.b]) if with_b else np.asarray(block.A)

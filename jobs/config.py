@@ -49,6 +49,11 @@ class Precision(str, Enum):
     mixed = "mixed"  # float32 products inside the refinement steps
 
 
+class RsvdNormalize(str, Enum):
+    gram = "gram"  # QR of the d x q block once per A^T A pass
+    tsqr = "tsqr"  # TSQR after every application of A and A^T (float64)
+
+
 @dataclass
 class DataConfig:
     source: Source = Source.generated
@@ -144,6 +149,8 @@ class RsvdConfig(JobConfig):
     k: int = 10
     oversample: int = 10
     power_iters: int = 4
+    precision: Precision = Precision.mixed  # power iterations on a float32 copy, the rest float64
+    normalize: RsvdNormalize = RsvdNormalize.gram
     compare: bool = True  # numpy / scikit-learn / torch on the gathered matrix (small n only)
 
 
@@ -365,6 +372,10 @@ def validate(job: JobConfig, hosts: int) -> None:
     if isinstance(job, RsvdConfig):
         need(1 <= job.k <= d.d, f"job.k={job.k}: must be in [1, d={d.d}]")
         need(job.oversample >= 0 and job.power_iters >= 0, "job.oversample/power_iters >= 0")
+        need(
+            job.normalize == RsvdNormalize.gram or job.precision == Precision.double,
+            "job.normalize=tsqr runs in float64: set job.precision=double",
+        )
     if isinstance(job, TopEigConfig):
         need(job.chunks >= 1 and job.block_size >= 1, "job.chunks and job.block_size must be >= 1")
     if isinstance(job, VolumeConfig):

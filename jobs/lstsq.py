@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg as sla
 
-from jobs.blocks import Block, RowBlockMatrix
+from jobs.blocks import Block, RowBlockMatrix, block_drop_low, block_make_low
 from jobs.sketches import Sketch, check_sketch_size, sketch_matrix
 
 FUSE_BYTES = 1 << 20  # bytes of A per piece in the fused passes: the piece stays in L2 between
@@ -251,15 +251,6 @@ PRECISIONS = ("double", "mixed")
 LOW_TOL = (
     0.05  # CG tolerance floor with float32 products: they perturb the operator by ~u32 cond(A)
 )
-
-
-def block_make_low(block: Block) -> None:
-    """Keep a float32 copy of A_p on its host for the mixed-precision inner products."""
-    block.state["A_low"] = np.asarray(block.A, dtype=np.float32)
-
-
-def block_drop_low(block: Block) -> None:
-    block.state.pop("A_low", None)
 
 
 def block_residual_grad(block: Block, x: np.ndarray) -> tuple[float, float, np.ndarray]:

@@ -414,7 +414,8 @@ def run_top_eigvec(mat: RowBlockMatrix, job: TopEigConfig, seed: int, bar) -> Re
 def compare_svd(
     A: np.ndarray, k: int, oversample: int, power_iters: int, seed: int = 0
 ) -> dict[str, dict[str, Any]]:
-    """numpy full SVD, scikit-learn randomized_svd and torch.svd_lowrank on a dense A."""
+    """numpy full SVD, scikit-learn randomized_svd and torch.svd_lowrank on a dense A, the
+    randomized ones with the same k, oversampling and power iterations as the job."""
     import torch
     from sklearn.utils.extmath import randomized_svd
 
@@ -423,7 +424,9 @@ def compare_svd(
     U, s, Vt = np.linalg.svd(A, full_matrices=False)
     res["numpy"] = {"time_s": time.perf_counter() - t0, "U": U[:, :k], "s": s[:k], "Vt": Vt[:k]}
     t0 = time.perf_counter()
-    U2, s2, Vt2 = randomized_svd(A, k, n_oversamples=oversample, random_state=seed)
+    U2, s2, Vt2 = randomized_svd(
+        A, k, n_oversamples=oversample, n_iter=power_iters, random_state=seed
+    )
     res["sklearn"] = {"time_s": time.perf_counter() - t0, "U": U2, "s": s2, "Vt": Vt2}
     At = torch.from_numpy(A)
     torch.manual_seed(seed)
@@ -448,12 +451,25 @@ def run_rsvd(mat: RowBlockMatrix, job: RsvdConfig, seed: int, bar) -> Result:
     """Randomized SVD over the row blocks vs numpy / scikit-learn / torch."""
     bar.reset(total=job.power_iters)
     t0 = time.perf_counter()
-    r = rs.rsvd(mat, job.k, job.oversample, job.power_iters, seed, bar)
+    r = rs.rsvd(
+        mat,
+        job.k,
+        job.oversample,
+        job.power_iters,
+        seed,
+        bar,
+        precision=job.precision.value,
+        normalize=job.normalize.value,
+    )
     el = time.perf_counter() - t0
     err = rs.lowrank_error(mat, r)
     out: dict[str, Any] = {
         "k": job.k,
         "rsvd_time_s": el,
+        "precision": r.precision,
+        "normalize": job.normalize.value,
+        "passes_float32": r.passes_low,
+        "passes_float64": r.passes_double,
         "singular_values": r.s,
         "frobenius_error": err,
     }

@@ -54,7 +54,7 @@ FIGURES = {
     "sensitivity_sampling": ["distortion", "cost_ratio"],
     "volume_sampling": ["bias", "bias_se", "loss_ratio"],
     "top_eigvec": ["correlation", "correlation_oja", "memory_floats"],
-    "rsvd": ["frobenius_ratio", "sigma_error", "baselines"],
+    "rsvd": ["frobenius_ratio", "sigma_error", "baselines", "precision", "passes_float32"],
     "completion": ["error_per_iter", "time_per_iter", "rate", "comparison"],
     **{
         f"compress_{m}": ["params_before", "params_after", "accuracy_after", "rel_error"]
@@ -107,6 +107,9 @@ def test_job_runs_from_hydra_app(name, tmp_path):
         assert res["kkt_residual"] < 1e-6
     if name == "top_eigvec":
         assert res["correlation"] > 0.9
+    if name == "rsvd":  # float32 power iterations, same accuracy as the float64 baselines
+        assert on_disk["precision"] == "mixed" and on_disk["passes_float32"] == cfg.job.power_iters
+        assert on_disk["sigma_error"] < 1e-6 and on_disk["frobenius_ratio"] < 1 + 1e-6
 
 
 def test_rank_deficient_lstsq_says_minimum_norm(tmp_path):
@@ -154,6 +157,12 @@ def test_bad_value_fails_before_work(tmp_path):
         run(cfg, str(tmp_path))
     cfg = _compose(["job=constrained", *COMMON, "job.problems=[ridge]"])
     with pytest.raises(ValueError, match="least_squares, logistic"):
+        run(cfg, str(tmp_path))
+    cfg = _compose(["job=rsvd", *COMMON, "job.normalize=tsqr"])  # precision defaults to mixed
+    with pytest.raises(ValueError, match="normalize=tsqr runs in float64"):
+        run(cfg, str(tmp_path))
+    cfg = _compose(["job=lstsq", *COMMON, "job.excess=0"])
+    with pytest.raises(ValueError, match="job.excess=0.0: must be in"):
         run(cfg, str(tmp_path))
     assert not (tmp_path / "results.json").exists()
 

@@ -326,17 +326,40 @@ def test_top_eigvec_correlation():
     assert abs(np.linalg.norm(v_oja) - 1) < 1e-12
 
 
-def test_rsvd_matches_svd():
+@pytest.mark.parametrize(
+    "precision, normalize", [("mixed", "gram"), ("double", "gram"), ("double", "tsqr")]
+)
+def test_rsvd_matches_svd(precision, normalize):
+    """Every scheme (float32 power iterations with d-side QR, the default; float64 d-side QR;
+    float64 TSQR after each application of A and A^T) matches numpy's SVD to the same
+    tolerances; mixed precision runs its power iterations on the float32 copy."""
     spec = DataSpec(n=6000, d=120, kind="low_rank", rank=8, cond=10.0, noise=0.01, seed=13)
     mat = RowBlockMatrix.generate(spec, 5, hosts=2)
     A, _ = _dense(mat)
     s = np.linalg.svd(A, compute_uv=False)
-    r = rs.rsvd(mat, 8, oversample=8, power_iters=2, seed=1)
+    r = rs.rsvd(
+        mat, 8, oversample=8, power_iters=2, seed=1, precision=precision, normalize=normalize
+    )
     U = rs.gather_u(mat)
     np.testing.assert_allclose(r.s, s[:8], rtol=1e-8)
     np.testing.assert_allclose(U.T @ U, np.eye(8), atol=1e-10)
     opt = math.sqrt((s[8:] ** 2).sum())
     assert rs.lowrank_error(mat, r) / opt < 1 + 1e-6
+    assert r.precision == precision and (r.passes_low == 2) == (precision == "mixed")
+
+
+def test_rsvd_mixed_precision_falls_back_on_wide_spectrum():
+    """sigma_k / sigma_1 = 1e-3: sigma_k^2 is below float32's resolution of sigma_1^2, so after
+    one float32 pass the power iterations continue in float64 and reach the float64 accuracy."""
+    spec = DataSpec(n=6000, d=120, kind="low_rank", rank=8, cond=1e3, noise=0.01, seed=13)
+    mat = RowBlockMatrix.generate(spec, 5, hosts=2)
+    A, _ = _dense(mat)
+    s = np.linalg.svd(A, compute_uv=False)
+    r = rs.rsvd(mat, 8, oversample=8, power_iters=4, seed=1, precision="mixed")
+    assert r.passes_low == 1 and r.passes_double == 3 + 2
+    np.testing.assert_allclose(r.s, s[:8], rtol=1e-12)
+    with pytest.raises(ValueError, match="normalize='tsqr' runs in float64"):
+        rs.rsvd(mat, 8, precision="mixed", normalize="tsqr")
 
 
 @pytest.mark.parametrize("kind", ["least_squares", "logistic"])

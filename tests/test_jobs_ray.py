@@ -35,7 +35,9 @@ def test_ray_blocks_equal_local_and_sketch_independent(tmp_path):
             )
         sol = sketch_and_precondition(remote, Sketch.sized("countsketch", 48, seed=1))
         ref = sketch_and_precondition(local, Sketch.sized("countsketch", 48, seed=1))
-        np.testing.assert_allclose(sol.x, ref.x, rtol=1e-9, atol=1e-12)
+        # 1 block here, 6 blocks there: sums in different orders, so x agrees to the solver's
+        # forward error (cond(A) = 7e4), not to the last bit; the residuals agree to 1e-12
+        np.testing.assert_allclose(sol.x, ref.x, rtol=1e-7, atol=1e-12)
         assert abs(residual_norm(remote, sol.x) / residual_norm(local, ref.x) - 1) < 1e-12
     finally:
         remote.close()
