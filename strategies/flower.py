@@ -2,16 +2,14 @@
 
 :class:`FlagstaffStrategy` implements Flower's Message-API strategy (``configure_train``,
 ``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``, ``summary``) and is run with
-``strategy.start(grid=..., initial_arrays=..., num_rounds=...)`` like Flower's own FedAvg. One round
-follows Flagstaff's reference semantics (``system.server.ParameterServer.round``):
+``strategy.start(grid=..., initial_arrays=..., num_rounds=...)`` like Flower's own FedAvg. One round:
 
 sample clients -> send the global arrays (+ the strategy's broadcast vectors) -> replies' arrays to
-flat vectors, stacked (n, d) and sorted by client id -> drop clients whose update or extras are not
-finite -> model-poisoning attack on the Byzantine client ids (updates and per-client extras, e.g.
-SCAFFOLD's delta c_i; ``strategies.attacks.round.attack_round``) -> aggregator (with its pre-aggregation, e.g. NNM) -> strategy
-update (FedAvg/FedAvgM, FedProx, SCAFFOLD, FedSpeed, FedAdam, FedSVD, ... any
-``init/broadcast/update``; ``bind(model, spec)`` and ``pre_aggregate`` hooks are honoured, so the
-client-level DP wrapper ``strategies.dp.ClientLevelDP`` clips before and noises after aggregation).
+flat vectors -> the server step that the parameter server runs too (``strategies.server_step``:
+sorted by client id, non-finite clients dropped, model-poisoning attack on the Byzantine client ids
+over updates and per-client extras, pre-aggregation, aggregator, strategy update, privacy metrics),
+so any Flagstaff strategy (FedAvg/FedAvgM, FedProx, SCAFFOLD, FedSpeed, FedAdam, FedSVD, client-level
+DP ``strategies.dp.ClientLevelDP``, ...) and any aggregator behave as under backend=local and ray.
 
 Replies from Flagstaff's ClientApp (``clients.flower_app``) carry the update itself; replies from a
 plain Flower ClientApp carry the trained model (Flower's convention) and the adapter subtracts the
@@ -42,6 +40,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
+from clients.byzantine import NoAttack
 from clients.flower_app import (
     BROADCAST_KEY,
     EXTRAS_KEY,
@@ -53,9 +52,10 @@ from clients.flower_app import (
 )
 from clients.seeds import stream
 from clients.trainer import ParamSpec
-from strategies.attacks.round import AttackedRound, attack_round
-from strategies.base import ExtrasAggregation, RoundExtras
+from strategies.attacks import Adversary
+from strategies.base import Strategy
 from strategies.fedavg import FedAvg
+from strategies.server_step import Replies, ServerStep, skip_reason
 
 __all__ = ["FlagstaffStrategy", "Sampler"]
 
@@ -77,7 +77,9 @@ class FlagstaffStrategy(FlowerStrategy):
     ``sampler`` for an exact rule; ``fraction_evaluate=0`` disables federated evaluation (use
     ``start(..., evaluate_fn=...)`` for central evaluation). ``round_offset``: Flagstaff round index
     of Flower's round 1 (resumed runs). ``model``: the global model, for strategies that need
-    the parameter layout (``bind``; FedSVD).
+    the parameter layout (``bind``; FedSVD). ``private``: the clients or the strategy are
+    differentially private (no train loss in the metrics; clients that report an ``epsilon`` make
+    the round private too); ``delta``: reported beside epsilon.
     """
 
     def __init__(
@@ -100,16 +102,29 @@ class FlagstaffStrategy(FlowerStrategy):
         round_offset: int = 0,
         timeout: float = 600.0,
         model: torch.nn.Module | None = None,
+        private: bool = False,
+        delta: float | None = None,
     ) -> None:
         if not 0.0 <= fraction_train <= 1.0 or not 0.0 <= fraction_evaluate <= 1.0:
             raise ValueError("fraction_train and fraction_evaluate must be in [0, 1]")
         self.aggregator = aggregator
-        self.extras_aggregation = ExtrasAggregation(aggregator)
-        self.strategy = strategy if strategy is not None else FedAvg()
+        self.strategy: Strategy = strategy if strategy is not None else FedAvg()
         self.attack = attack
-        f = int(getattr(attack, "f", 0) or 0)
-        active = attack is not None and getattr(attack, "name", "none") != "none" and f > 0
-        self.byzantine = set(byzantine if byzantine is not None else range(f)) if active else set()
+        self.adversary = Adversary(
+            attack if attack is not None else NoAttack(), num_clients, byzantine
+        )
+        active = self.adversary.active
+        self.byzantine = {int(c) for c in self.adversary.byzantine} if active else set()
+        # the server half of every round, shared with the parameter server
+        self.step = ServerStep(
+            self.strategy,
+            aggregator,
+            self.adversary,
+            num_clients=num_clients,
+            private=private,
+            delta=delta,
+        )
+        self.extras_aggregation = self.step.extras_aggregation
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
@@ -122,9 +137,8 @@ class FlagstaffStrategy(FlowerStrategy):
         self.num_clients = num_clients
         self.round_offset = int(round_offset)
         self.timeout = float(timeout)
-        if model is not None and hasattr(self.strategy, "bind"):  # the layout (FedSVD needs it)
+        if model is not None:  # the parameter layout (FedSVD needs it)
             self.strategy.bind(model, ParamSpec.of(model))
-        self.client_epsilon: dict[int, float] = {}  # sample-level DP: latest epsilon per client
         # global state (set by ``initialize`` or the first ``configure_train``)
         self.names: tuple[str, ...] = ()
         self.shapes: tuple[tuple[int, ...], ...] = ()
@@ -152,37 +166,25 @@ class FlagstaffStrategy(FlowerStrategy):
 
     def state_dict(self) -> dict[str, Any]:
         """Global parameters, strategy, aggregator and attack state (for checkpoints)."""
+        step = self.step.state_dict()
         return {
             "params": None if self.params is None else self.params.clone(),
-            "strategy": self.state,
-            "aggregator": getattr(self.aggregator, "state_dict", dict)(),
-            "extras_aggregation": self.extras_aggregation.state_dict(),
-            "adversary": getattr(self.attack, "state_dict", dict)() if self.attack else {},
+            "strategy": self.strategy.state_dict(self.state),
+            "aggregator": step["aggregator"],
+            "extras_aggregation": step["extras_aggregation"],
+            "adversary": step["adversary"],
+            "privacy": step["privacy"],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.params = state["params"].clone()
-        self.state = state["strategy"]
-        if hasattr(self.aggregator, "load_state_dict"):
-            self.aggregator.load_state_dict(state.get("aggregator", {}))
-        self.extras_aggregation.load_state_dict(state.get("extras_aggregation", {}))
-        if self.attack is not None and hasattr(self.attack, "load_state_dict"):
-            self.attack.load_state_dict(state.get("adversary", {}))
+        self.state = self.strategy.load_state(state["strategy"])
+        self.step.load_state_dict(state)
 
     def privacy_metrics(self) -> dict[str, Any]:
-        """epsilon (worst client seen) and epsilon_kind for sample-level DP clients; the
-        strategy's epsilon for client-level DP wrappers (as ``ParameterServer.privacy_metrics``)."""
-        out: dict[str, Any] = {}
-        if self.client_epsilon:
-            out.update(epsilon=max(self.client_epsilon.values()), epsilon_kind="sample-level")
-        eps = self.strategy.epsilon(self.state)
-        if eps is not None:
-            eps = float(eps)
-            if "epsilon" in out:
-                out["epsilon_client_level"] = eps
-            else:
-                out.update(epsilon=eps, epsilon_kind="client-level")
-        return out
+        """epsilon (worst client seen), epsilon_kind, ... as the parameter server reports them
+        (``ServerStep.privacy_metrics``)."""
+        return self.step.privacy_metrics(self.state)
 
     def summary(self) -> None:
         """Log the configuration (Flower calls this at ``start``)."""
@@ -263,12 +265,11 @@ class FlagstaffStrategy(FlowerStrategy):
             content[BROADCAST_KEY] = vectors_to_record(bcast)
         return RecordDict(content)
 
-    def _reply_rows(
-        self, replies: Sequence[Message]
-    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Client ids, update rows (n, d), weights, losses and extras, sorted by client id."""
+    def _reply_rows(self, replies: Sequence[Message]) -> Replies:
+        """The replies as the server step's rows: client ids, updates (n, d), weights, losses,
+        extras and the epsilon of sample-level DP clients (in arrival order; the step sorts)."""
         assert self.params is not None
-        cids, rows, weights, losses, extras = [], [], [], [], []
+        cids, rows, weights, losses, extras, eps = [], [], [], [], [], []
         for msg in replies:
             content = msg.content
             metrics = next(iter(content.metric_records.values()), MetricRecord())
@@ -277,20 +278,23 @@ class FlagstaffStrategy(FlowerStrategy):
             weights.append(float(metrics.get(self.weighted_by_key, 1.0)))
             losses.append(float(metrics.get("train_loss", float("nan"))))
             if "epsilon" in metrics:  # sample-level DP clients report their accountant's epsilon
-                self.client_epsilon[cids[-1]] = float(metrics["epsilon"])
+                eps.append(float(metrics["epsilon"]))
             arr = content.array_records.get("arrays") or next(iter(content.array_records.values()))
             vec = arrays_to_vector(arr, self.names)
             kind = content.config_records.get(REPLY_KEY, ConfigRecord()).get("payload", "model")
             rows.append(vec if kind == "update" else vec - self.params)
             extras.append(record_to_vectors(content.array_records.get(EXTRAS_KEY)))
-        order = np.argsort(np.asarray(cids, dtype=np.int64), kind="stable")
         d = self.params.numel()
-        U = torch.stack(rows)[order] if rows else torch.empty(0, d)
-        w = torch.tensor(weights, dtype=U.dtype)[order]
-        lo = torch.tensor(losses, dtype=U.dtype)[order]
+        U = torch.stack(rows) if rows else torch.empty(0, d)
         names = list(extras[0]) if extras else []
-        ext = {n: torch.stack([e[n] for e in extras])[order] for n in names}
-        return np.asarray(cids, dtype=np.int64)[order], U, w, lo, ext
+        return Replies(
+            np.asarray(cids, dtype=np.int64),
+            U,
+            torch.tensor(weights, dtype=U.dtype),
+            torch.tensor(losses, dtype=U.dtype),
+            {n: torch.stack([e[n] for e in extras]) for n in names},
+            torch.tensor(eps, dtype=torch.float64) if eps and len(eps) == len(cids) else None,
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -300,45 +304,23 @@ class FlagstaffStrategy(FlowerStrategy):
         t_recv = time.perf_counter()
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
+        failed_nodes = [m.metadata.src_node_id for m in replies if m.has_error()]
         for m in replies:
             if m.has_error():
                 log.warning("node %d failed: %s", m.metadata.src_node_id, m.error.reason)
         r = self.round_offset + server_round - 1
-        cids, U, w, losses, extra = self._reply_rows(ok)
         metrics: dict[str, Any] = {"round": r + 1, "clients": self._sent}
-        finite = torch.isfinite(U).all(dim=1)
-        for v in extra.values():  # a client is dropped whole: update and extras together
-            finite &= torch.isfinite(v).all(dim=1)
-        metrics["dropped_nonfinite"] = int((~finite).sum())
+        n_all = self.num_clients or max(len(self.node_to_client), 1)
+        res = self.step(self.params, self.state, self._reply_rows(ok), r, num_clients=n_all)
+        metrics["dropped_nonfinite"] = res.metrics.pop("dropped_nonfinite")
         metrics["dropped_failed"] = self._sent - len(ok)
-        byz = torch.as_tensor([int(c) in self.byzantine for c in cids], dtype=torch.bool)
-        honest_loss = losses[finite & ~byz]
-        if len(honest_loss):
-            metrics["train_loss"] = float(honest_loss.mean())
-        U, w, cids, byz = U[finite], w[finite], cids[finite.numpy()], byz[finite]
-        att = self._attack(U, w, byz, r, {n: v[finite] for n, v in extra.items()})
-        U, w, cids = att.U, att.w, cids[att.keep.cpu().numpy()]
-        extras = RoundExtras(
-            att.extras,
-            cids,
-            self.num_clients or max(len(self.node_to_client), 1),
-            self.extras_aggregation,
-        )
-        metrics["dropped_nonfinite"] += self.last_dropped_nonfinite  # inf/NaN attacks
-        if hasattr(self.strategy, "pre_aggregate") and len(U):  # e.g. client-level DP clipping
-            U, w, self.state = self.strategy.pre_aggregate(U, w, self.state, r)
-        if len(U) == 0:
-            metrics["skipped"] = True
+        metrics.update(res.metrics)
+        if res.skipped:  # no usable update: keep the model, say why
+            failed = [self.node_to_client.get(n, n) for n in failed_nodes]
+            why, _ = skip_reason(self._sent, [], failed, res.nonfinite.tolist())
+            metrics["skipped"] = why
         else:
-            agg = self.aggregator(U, w)
-            if not torch.isfinite(agg).all():
-                raise FloatingPointError(
-                    f"round {r + 1}: the aggregate is not finite; lower the learning rate or "
-                    "use a robust aggregator"
-                )
-            self.params, self.state = self.strategy.update(
-                self.params, agg, self.state, r, extras=extras
-            )
+            self.params, self.state = res.params, res.state
         now = time.perf_counter()
         metrics["round_time_s"] = now - self._t0
         # where the time went: Flower's send/receive (client work included) vs. this server
@@ -347,28 +329,6 @@ class FlagstaffStrategy(FlowerStrategy):
         self.last_metrics = metrics
         flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         return self.arrays(), MetricRecord(flat)
-
-    def _attack(
-        self,
-        U: torch.Tensor,
-        w: torch.Tensor,
-        byz: torch.Tensor,
-        round_idx: int,
-        extras: dict[str, torch.Tensor] | None = None,
-    ) -> AttackedRound:
-        """Replace the Byzantine rows of the updates and extras with the model attack's vectors
-        (crash: remove them), as ``strategies.attacks.Adversary.attack_round`` does."""
-        self.last_dropped_nonfinite = 0
-        extras = dict(extras or {})
-        if not bool(byz.any()) or getattr(self.attack, "kind", "model") != "model":
-            return AttackedRound(U, w, extras, torch.ones(len(U), dtype=torch.bool))
-        seed = int(getattr(self.attack, "seed", 0) or 0)
-        gen = stream(seed, round_idx, scheme="attack")
-        out = attack_round(
-            self.attack, U, w, byz, self.aggregator, gen, extras, self.extras_aggregation.rule
-        )
-        self.last_dropped_nonfinite = out.dropped_nonfinite
-        return out
 
     # -- federated evaluation ----------------------------------------------------------------------
     def configure_evaluate(

@@ -239,20 +239,16 @@ def validate(cfg: DictConfig | dict) -> dict[str, Any]:
         pv.get("target_epsilon") is None or pv["target_epsilon"] > 0,
         f"privacy.target_epsilon={pv.get('target_epsilon')} must be > 0 or null",
     )
-    if str(c["strategy"].get("_target_", "")).endswith("ClientLevelDP"):
-        _check(
-            c["aggregator"].get("rule") == "mean" and not c["aggregator"].get("pre"),
-            "strategy=dp_fedavg needs aggregator=mean without pre-aggregation (its noise is "
-            f"calibrated to the mean's sensitivity); got aggregator.rule={c['aggregator'].get('rule')!r}",
-        )
     _check_comm(c)
     from system.host import build_from
 
+    built = {}
     for group in ("client", "strategy", "attack"):
         try:
-            build_from(c[group])
+            built[group] = build_from(c[group])
         except Exception as err:  # noqa: BLE001 - re-raised with the group named
             raise ConfigError(f"{group}: {_reason(err)}") from err
+    _check_client_level_dp(built["strategy"], c["aggregator"])
     from strategies.attacks import Adversary
 
     try:  # the threat model: f < num_clients, and the attack can run with this many inputs
@@ -266,6 +262,24 @@ def validate(cfg: DictConfig | dict) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001
         raise ConfigError(f"aggregator: {_reason(err)}") from err
     return c
+
+
+def _check_client_level_dp(strategy: Any, aggregator: dict[str, Any]) -> None:
+    """Client-level DP (``strategy.epsilon_kind == "client-level"``): its noise is calibrated to
+    the mean's sensitivity, and it covers the updates only, so strategies whose clients send
+    per-client extras are refused (``strategies.server_step.client_level_extras_message``)."""
+    if strategy.epsilon_kind != "client-level":
+        return
+    _check(
+        aggregator.get("rule") == "mean" and not aggregator.get("pre"),
+        "strategy=dp_fedavg needs aggregator=mean without pre-aggregation (its noise is "
+        f"calibrated to the mean's sensitivity); got aggregator.rule={aggregator.get('rule')!r}",
+    )
+    rule = strategy.client_rule
+    if rule is not None and rule.client_state:
+        from strategies.server_step import client_level_extras_message
+
+        raise ConfigError(client_level_extras_message(strategy))
 
 
 def _check_comm(c: dict[str, Any]) -> None:

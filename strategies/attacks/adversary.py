@@ -54,7 +54,8 @@ class Adversary:
     """Wraps one attack with the Byzantine client set {0, ..., f-1} (or ``byzantine``).
 
     ``attack``: the run's attack object (``conf/attack``, built once by ``system.build``);
-    ``num_clients``: the total number of clients (f must be smaller); ``byzantine``: the Byzantine
+    ``num_clients``: the total number of clients (f must be smaller; None: not known, e.g. in a
+    Flower app); ``byzantine``: the Byzantine
     client ids when they are not the f lowest (e.g. a Flower app's choice), default ``range(f)``.
     """
 
@@ -62,11 +63,11 @@ class Adversary:
     REMOVED: tuple[type, ...] = (Crash, InfAttack, NaNAttack)
 
     def __init__(
-        self, attack: Attack, num_clients: int, byzantine: Iterable[int] | None = None
+        self, attack: Attack, num_clients: int | None, byzantine: Iterable[int] | None = None
     ) -> None:
         self.attack = attack
         self.f = int(attack.f)
-        if self.f < 0 or self.f >= num_clients:
+        if self.f < 0 or (num_clients is not None and self.f >= num_clients):
             raise ValueError(
                 f"attack.f={self.f} must be in [0, num_clients={num_clients}); it counts the "
                 "Byzantine clients"
@@ -78,6 +79,11 @@ class Adversary:
         self._byzantine = np.unique(ids.astype(np.int64))
         #: non-finite Byzantine rows dropped by the last ``apply`` call
         self.last_dropped_nonfinite = 0
+
+    @property
+    def byzantine(self) -> np.ndarray:
+        """The Byzantine client ids (sorted), whether or not the attack is active."""
+        return self._byzantine
 
     @property
     def active(self) -> bool:
