@@ -23,10 +23,11 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from clients.lora import trainable_mask
+from clients.models.stacked import StackedModel
 from clients.plan import BatchPlan
 from clients.rules import Context, Finish, LocalRule
 
-__all__ = ["LocalSGD", "ParamSpec", "TrainResult", "Trainer", "loss_fn_for"]
+__all__ = ["LocalSGD", "ParamSpec", "TrainResult", "Trainer", "loss_fn_for", "refuse_batchnorm"]
 
 Params = dict[str, torch.Tensor]
 
@@ -112,6 +113,8 @@ class Trainer:
     * ``accepts_transform`` (default False): ``train`` takes ``transform``, the data's per-batch
       transform bound to the round (``clients.augment.RoundTransform``: uint8 images -> normalized,
       augmented floats), and applies it to each step's gathered batch, ``transform(x[idx], idx, t)``.
+    * ``check_model(model)``: raises ValueError for a model the trainer cannot train per client
+      (default: BatchNorm, :func:`refuse_batchnorm`), so a run can refuse it before any work.
 
     Everything a trainer returns per client (updates, losses, the rule's state and extras, metrics
     such as epsilon) is in its :class:`TrainResult`.
@@ -148,6 +151,11 @@ class Trainer:
         """Learning rate of round ``round_idx`` (0-based)."""
         raise NotImplementedError
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError (one line naming the fix) for a model this trainer cannot train per
+        client; the default refuses BatchNorm (:func:`refuse_batchnorm`)."""
+        refuse_batchnorm(model)
+
     def epsilon_after(
         self, client_id: int, size: int, rule: LocalRule | None = None
     ) -> float | None:
@@ -164,6 +172,22 @@ class Trainer:
 
 
 _PLAIN = LocalRule()
+
+
+def refuse_batchnorm(model: nn.Module) -> None:
+    """ValueError for a model with BatchNorm layers: their batch statistics mix a client's samples
+    with the padding of a lockstep step, and their running statistics are buffers that federated
+    averaging never averages, so per-client training and FedAvg both break (GroupNorm does
+    neither: Wu and He 2018; Hsieh et al. 2020 for federated learning)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ValueError(
+            f"model {type(model).__name__} has BatchNorm layers ({shown}): their batch statistics "
+            "mix clients' samples with padding and their running statistics are not averaged "
+            "across clients; use GroupNorm instead (torch.nn.GroupNorm(2, channels), as "
+            "model=resnet8|resnet20|resnet18 do)"
+        )
 
 
 @dataclass
@@ -233,6 +257,8 @@ class LocalSGD(Trainer):
     def _can_batch(self, model: nn.Module, example: torch.Tensor) -> bool:
         """Probe once whether the model runs under vmap; if not, say so once and train clients
         one at a time with plain calls (whatever ``batched`` says)."""
+        if self._batchable is None and isinstance(model, StackedModel) and model.stackable():
+            self._batchable = True  # batched through its own stacked layers, not vmap
         if self._batchable is None:
             try:
                 params = {
@@ -279,6 +305,7 @@ class LocalSGD(Trainer):
         """
         rule = rule or _PLAIN
         state = state or {}
+        self.check_model(model)
         missing = [n for n in rule.client_state if n not in state]
         if missing:
             raise ValueError(f"local rule {rule.name} needs per-client state {missing}")
@@ -337,7 +364,9 @@ class LocalSGD(Trainer):
         # gradient of their sum w.r.t. the stacked (K, d) parameters has each client's own gradient
         # in its row. (Same numbers as vmap(grad(...)), without torch.func.grad, whose first call
         # imports torch._dynamo: seconds of start-up in every host process.)
-        if self._batchable is False:  # a model vmap cannot batch: plain calls, one client
+        if _stacked(model, spec):  # its own K-client layers (clients.models.stacked), any K
+            forward = model.stacked_forward
+        elif self._batchable is False:  # a model vmap cannot batch: plain calls, one client
 
             def forward(p: Params, xb: torch.Tensor) -> torch.Tensor:
                 return functional_call(model, {n: v[0] for n, v in p.items()}, (xb[0],))[None]
@@ -358,13 +387,20 @@ class LocalSGD(Trainer):
                 P: torch.Tensor, xb=xb, yb=yb, mb=mb
             ) -> tuple[torch.Tensor, torch.Tensor]:
                 with torch.enable_grad():
-                    P = P.detach().requires_grad_(True)
-                    params = spec.unflatten(P)
+                    # one leaf per parameter (views of P), gradients concatenated once: a
+                    # gradient through P's slices would fill a zero (K, d) tensor per parameter
+                    params = {
+                        n: v.detach().requires_grad_(True)
+                        for n, v in spec.unflatten(P.detach()).items()
+                    }
                     out = forward(params, xb)
                     per = loss(out.flatten(0, 1), yb.flatten(0, 1)).view(mb.shape)
                     lval = (per * mb).sum(1) / mb.sum(1).clamp(min=1.0)
                     obj = lval if penalty is None else lval + penalize(params)
-                    (g,) = torch.autograd.grad(obj.sum(), P)
+                    grads = torch.autograd.grad(
+                        obj.sum(), list(params.values()), materialize_grads=True
+                    )  # a parameter the forward does not use gets a zero gradient
+                g = spec.flatten(dict(zip(params, grads, strict=True)), lead=1)
                 return g, lval.detach()
 
             direction, lval = rule.direction(batch_grad, X, ctx)
@@ -401,6 +437,16 @@ class LocalSGD(Trainer):
             buf = torch.where(gate, self.momentum * buf + g, buf)
             g = buf
         return torch.where(gate, X - lr * g, X), buf
+
+
+def _stacked(model: nn.Module, spec: ParamSpec) -> bool:
+    """Whether the model trains through its own stacked forward: a :class:`StackedModel` with
+    only the modules it was written for and every parameter trained (else vmap)."""
+    return (
+        isinstance(model, StackedModel)
+        and model.stackable()
+        and len(spec.names) == sum(1 for _ in model.parameters())
+    )
 
 
 def _first_client(penalty: Callable[[Params], torch.Tensor]) -> Callable[[Params], torch.Tensor]:

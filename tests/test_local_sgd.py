@@ -44,6 +44,12 @@ def test_batched_equals_sequential_equals_torch(momentum, wd, clip, kind) -> Non
     order = np.concatenate(parts)
     sizes = np.array([len(p) for p in parts])
     x, y = ds.x_train[order], ds.y_train[order]
+    if kind == "cnn":
+        # digits' constant background makes max-pooling windows whose maxima tie to within
+        # rounding; the batched CNN (clients.models.stacked) rounds differently from oneDNN and
+        # may route such a window's gradient to the other element (equally valid): noise breaks
+        # the near-ties, so the comparison with torch.optim.SGD checks the arithmetic
+        x = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     plan = make_plan(np.cumsum(sizes) - sizes, sizes, np.arange(6), 8, 0, 0, epochs=2)
     assert len(set(plan.steps.tolist())) > 1
     model = build_model(kind, ds.input_shape, 10, hidden=(16,), seed=0)
@@ -76,12 +82,21 @@ def test_bad_hyperparameters_raise() -> None:
             LocalSGD(**kwargs)
 
 
+class _TorchLSTM(torch.nn.Module):
+    """torch.nn.LSTM's fused kernel has no vmap batching rule (clients.models.lstm's has none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(8, 6, batch_first=True)
+        self.head = torch.nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x.view(-1, 8, 8))[0][:, -1])
+
+
 def test_auto_falls_back_to_sequential_for_models_vmap_cannot_batch() -> None:
-    """BatchNorm in training mode updates its buffers in place, which vmap refuses."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 10)
-    )
+    model = _TorchLSTM()
     spec = ParamSpec.of(model)
     g0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     for p in model.parameters():

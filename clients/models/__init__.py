@@ -1,6 +1,8 @@
-"""Models for the offline tasks: logistic regression, MLP, small CNN (2-D images or 1-D signals).
+"""Models: logistic regression, MLP, small CNN (2-D images or 1-D signals), FedAvg's CNN, ResNets
+with GroupNorm and LEAF's character LSTM (``build_model`` picks one by ``kind``).
 
-No BatchNorm anywhere, so every model works with torch.func (batched clients) and Opacus.
+No BatchNorm anywhere, so every model works with torch.func (batched clients) and Opacus; why
+BatchNorm cannot work with per-client batching and federated averaging: ``clients.models.resnet``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,25 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["build_model", "Logistic", "MLP", "SmallCNN", "num_parameters"]
+from clients.models.cnn import FedAvgCNN
+from clients.models.lstm import CharLSTM
+from clients.models.resnet import ResNet, resnet
+from clients.models.stacked import StackedModel, conv, head_weight, linear, to_channels_last
+
+__all__ = [
+    "KINDS",
+    "build_model",
+    "Logistic",
+    "MLP",
+    "SmallCNN",
+    "FedAvgCNN",
+    "ResNet",
+    "CharLSTM",
+    "num_parameters",
+]
+
+#: the model kinds ``build_model`` knows (``model.kind``)
+KINDS = ("logistic", "mlp", "cnn", "cnn_femnist", "resnet8", "resnet20", "resnet18", "lstm")
 
 
 class Logistic(nn.Module):
@@ -41,7 +61,7 @@ class MLP(nn.Module):
         return self.net(x.flatten(1))
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(StackedModel):
     """Two conv layers + linear head; Conv2d for (C, H, W) input, Conv1d for (C, L)."""
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, channels: int = 16) -> None:
@@ -70,26 +90,65 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).flatten(1))
 
+    def stacked_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        h = to_channels_last(x)
+        for i in (0, 3):
+            w, b = params[f"features.{i}.weight"], params[f"features.{i}.bias"]
+            h = conv(h, w, b, padding=1, relu=True, pool=True)
+        K, B, C = h.shape[0], h.shape[1], h.shape[-1]
+        w = head_weight(params["head.weight"], C)
+        return linear(h.reshape(K, B, -1), w, params["head.bias"])
+
 
 def build_model(
     kind: str,
     input_shape: Sequence[int],
     num_classes: int,
-    hidden: Sequence[int] = (64, 64),
-    channels: int = 16,
+    hidden: Sequence[int] | int | None = None,
+    channels: Sequence[int] | int | None = None,
     seed: int = 0,
+    *,
+    groups: int = 2,
+    vocab_size: int = 80,
+    embed_dim: int = 8,
+    layers: int = 2,
 ) -> nn.Module:
-    """Construct a model with seeded initialization (same seed -> same initial parameters)."""
+    """Construct a model with seeded initialization (same seed -> same initial parameters).
+
+    ``kind``: ``logistic``; ``mlp`` (``hidden``: widths, default 64-64); ``cnn`` (SmallCNN,
+    ``channels`` default 16); ``cnn_femnist`` (FedAvg's CNN: ``channels`` default 32-64, ``hidden``
+    default 512); ``resnet8``, ``resnet20``, ``resnet18`` (GroupNorm with ``groups`` groups);
+    ``lstm`` (LEAF's character LSTM: ``vocab_size``, ``embed_dim``, ``hidden`` default 256,
+    ``layers``). None takes the kind's default.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         flat = math.prod(input_shape)
         if kind == "logistic":
             return Logistic(flat, num_classes)
         if kind == "mlp":
-            return MLP(flat, num_classes, tuple(hidden))
+            return MLP(flat, num_classes, tuple(hidden) if hidden is not None else (64, 64))
         if kind == "cnn":
-            return SmallCNN(input_shape, num_classes, channels)
-    raise ValueError(f"unknown model {kind!r}; choose logistic, mlp or cnn")
+            return SmallCNN(input_shape, num_classes, 16 if channels is None else int(channels))
+        if kind == "cnn_femnist":
+            return FedAvgCNN(
+                input_shape,
+                num_classes,
+                (32, 64) if channels is None else tuple(channels),
+                512 if hidden is None else int(hidden),
+            )
+        if kind in ("resnet8", "resnet20", "resnet18"):
+            return resnet(int(kind[6:]), input_shape, num_classes, groups)
+        if kind == "lstm":
+            return CharLSTM(
+                input_shape,
+                num_classes,
+                vocab_size,
+                embed_dim,
+                256 if hidden is None else int(hidden),
+                layers,
+            )
+    raise ValueError(f"unknown model {kind!r}; choose {', '.join(KINDS)}")
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -1,0 +1,137 @@
+"""ResNets with GroupNorm for 32x32 images: ResNet-8/20 (CIFAR family) and ResNet-18.
+
+ResNet-8/20 are He et al. 2016's CIFAR networks (section 4.2: a 3x3 stem with 16 channels, three
+stages of n basic blocks with 16, 32, 64 channels, depth 6n + 2; n = 1 and 3), ResNet-18 the
+four-stage network of their Table 1 (64-512 channels, two blocks per stage) with the 3x3 stride-1
+stem and no max pool that CIFAR uses (11.17M parameters for 10 classes). Every BatchNorm is a
+GroupNorm (Wu and He 2018; two groups per layer, as in Hsieh et al. 2020 and the FedDyn/FedSpeed
+ResNet-18-GN): batch statistics mix one client's samples with the padding of a batched step and
+running statistics do not average across clients, so BatchNorm breaks both per-client batching
+and federated averaging (``clients.trainer.LocalSGD`` refuses it). A block whose shape changes
+takes the projection shortcut (1x1 convolution + GroupNorm, He et al.'s option B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clients.models.stacked import StackedModel, conv, group_norm, linear, to_channels_last
+
+__all__ = ["BasicBlock", "ResNet", "resnet"]
+
+#: blocks per stage and stage widths of each depth
+DEPTHS: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    8: ((1, 1, 1), (16, 32, 64)),
+    20: ((3, 3, 3), (16, 32, 64)),
+    18: ((2, 2, 2, 2), (64, 128, 256, 512)),
+}
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    if channels % groups:
+        raise ValueError(
+            f"model.groups={groups} does not divide {channels} channels; use a divisor "
+            "(2 works for every ResNet here)"
+        )
+    return nn.GroupNorm(groups, channels)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with GroupNorm and a shortcut (identity or 1x1 projection)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, groups: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.gn1 = _norm(c_out, groups)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.gn2 = _norm(c_out, groups)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), _norm(c_out, groups)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.gn1(self.conv1(x)))
+        return F.relu(self.gn2(self.conv2(h)) + self.shortcut(x))
+
+    def stacked(
+        self, params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor
+    ) -> torch.Tensor:
+        """The block on K clients' channels-last maps (clients.models.stacked)."""
+        stride = self.conv1.stride[0]
+        h = _conv_gn(params, prefix + "conv1", prefix + "gn1", self.gn1, x, stride, 1)
+        h = _conv_gn(params, prefix + "conv2", prefix + "gn2", self.gn2, F.relu(h), 1, 1)
+        if len(self.shortcut):
+            x = _conv_gn(
+                params, prefix + "shortcut.0", prefix + "shortcut.1", self.shortcut[1], x, stride, 0
+            )
+        return F.relu(h + x)
+
+
+def _conv_gn(
+    params: dict[str, torch.Tensor],
+    conv_name: str,
+    gn_name: str,
+    gn: nn.GroupNorm,
+    x: torch.Tensor,
+    stride: int,
+    padding: int,
+) -> torch.Tensor:
+    h = conv(x, params[conv_name + ".weight"], None, stride, padding)
+    w, b = params[gn_name + ".weight"], params[gn_name + ".bias"]
+    return group_norm(h, gn.num_groups, w, b, gn.eps)
+
+
+class ResNet(StackedModel):
+    """3x3 stem + GroupNorm, stages of :class:`BasicBlock` (the first block of every stage after
+    the first halves the resolution), global average pool, linear head."""
+
+    stacked_modules = (BasicBlock,)
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        blocks: Sequence[int],
+        widths: Sequence[int],
+        groups: int = 2,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"a ResNet needs image input (C, H, W), got {tuple(input_shape)}; use an image "
+                "data set (e.g. CIFAR-shaped 3x32x32)"
+            )
+        self.conv1 = nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=False)
+        self.gn1 = _norm(widths[0], groups)
+        layers: list[nn.Module] = []
+        c_in = widths[0]
+        for i, (n, width) in enumerate(zip(blocks, widths, strict=True)):
+            for j in range(n):
+                layers.append(BasicBlock(c_in, width, 2 if i > 0 and j == 0 else 1, groups))
+                c_in = width
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layers(F.relu(self.gn1(self.conv1(x))))
+        return self.head(h.mean((2, 3)))
+
+    def stacked_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(_conv_gn(params, "conv1", "gn1", self.gn1, to_channels_last(x), 1, 1))
+        for i, block in enumerate(self.layers):
+            h = block.stacked(params, f"layers.{i}.", h)
+        return linear(h.mean((2, 3)), params["head.weight"], params["head.bias"])
+
+
+def resnet(depth: int, input_shape: Sequence[int], num_classes: int, groups: int = 2) -> ResNet:
+    """ResNet-``depth`` (8, 20 or 18) with GroupNorm of ``groups`` groups per layer."""
+    if depth not in DEPTHS:
+        raise ValueError(f"model.depth={depth}: choose one of {sorted(DEPTHS)}")
+    blocks, widths = DEPTHS[depth]
+    return ResNet(input_shape, num_classes, blocks, widths, groups)

@@ -1,0 +1,264 @@
+"""K clients' forward pass as one computation: layers on stacked parameters, without ``vmap``.
+
+``torch.func.vmap`` turns each client's layer into a batched call, op by op; for small convolutional
+and recurrent clients its dispatch, layout conversions and generic backward formulas cost several
+times the arithmetic (a host round of mnist1d's small CNN was mostly overhead). The functions here
+take parameters stacked over clients, ``(K, *shape)``, and activations client-major and
+channels-last, ``(K, B, *spatial, C)``, and pick per layer the form that measured fastest on CPU:
+
+* small convolutions (a client's im2col matrix up to :data:`IM2COL_MAX` entries): im2col and one
+  batched matrix product for all K clients (``torch.baddbmm``), fused with ReLU and 2x2 max pooling,
+  with a hand-written backward (:class:`_ConvIm2col`; max pooling reads the phases of the pooling
+  window as contiguous blocks, so neither pass touches strided memory);
+* larger convolutions: each client's native convolution in channels-last memory (oneDNN's direct
+  kernels), which beat one grouped convolution over K clients and the channels-first layout;
+* GroupNorm, pooling, ReLU, residual adds, linear layers, embeddings and the LSTM recurrence
+  batched over clients (``torch.bmm``; Wu and He 2018 for GroupNorm).
+
+A client's numbers never depend on the other clients of the call (no reduction crosses clients;
+tested bit for bit), and equal the module's own forward up to float rounding (tested against a
+plain ``torch.optim.SGD`` loop). Models opt in by deriving from :class:`StackedModel`; a model
+whose modules were replaced (e.g. by LoRA adapters) is not stackable and trains through ``vmap``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "IM2COL_MAX",
+    "StackedModel",
+    "conv",
+    "group_norm",
+    "linear",
+    "head_weight",
+    "max_pool2",
+    "embedding",
+    "to_channels_last",
+]
+
+Params = dict[str, torch.Tensor]
+
+#: entries of one client's im2col matrix (batch x output positions x kernel x input channels) up to
+#: which a convolution runs as im2col + batched matmul; larger ones run oneDNN per client
+IM2COL_MAX = 1 << 17
+
+#: module types a :class:`StackedModel` may contain (anything else, e.g. a LoRA layer, means vmap)
+_LEAVES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Linear,
+    nn.GroupNorm,
+    nn.ReLU,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.Embedding,
+    nn.Flatten,
+    nn.Sequential,
+)
+
+
+class StackedModel(nn.Module):
+    """A model with a forward pass over K clients' stacked parameters (see the module docstring).
+
+    Subclasses implement :meth:`stacked_forward`; ``stackable`` says whether it applies to this
+    instance (only the module types it was written for, e.g. no adapters swapped in).
+    """
+
+    #: extra module classes a subclass's stacked forward knows (e.g. its own blocks)
+    stacked_modules: tuple[type[nn.Module], ...] = ()
+
+    def stacked_forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """``params``: name -> (K, *shape) as in ``named_parameters``; ``x``: (K, B, *input)
+        -> logits (K, B, classes)."""
+        raise NotImplementedError
+
+    def stackable(self) -> bool:
+        known = (*_LEAVES, *self.stacked_modules, type(self))
+        return all(type(m) in known for m in self.modules())
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(K, B, C, *spatial) -> (K, B, *spatial, C) (a view)."""
+    return x.movedim(2, -1)
+
+
+def head_weight(w: torch.Tensor, channels: int) -> torch.Tensor:
+    """A linear layer's weight (K, O, C * prod(S)) that reads ``flatten(1)`` of channels-first
+    maps, with its columns reordered for flattened channels-last maps (K, O, prod(S) * C)."""
+    K, O, F_ = w.shape
+    return w.view(K, O, channels, F_ // channels).transpose(2, 3).reshape(K, O, F_)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x (K, N, F) @ w (K, O, F)^T + b (K, O) -> (K, N, O)."""
+    if b is None:
+        return torch.bmm(x, w.transpose(1, 2))
+    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+
+def _out_size(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+def conv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    stride: int = 1,
+    padding: int = 0,
+    relu: bool = False,
+    pool: bool = False,
+) -> torch.Tensor:
+    """Convolution of channels-last ``x`` (K, B, *S, C) with ``w`` (K, O, C, *k) (+ ``b`` (K, O)),
+    optionally followed by ReLU and 2x2 max pooling (floor mode) -> (K, B, *S', O)."""
+    K, B, *S, C = x.shape
+    ks = w.shape[3:]
+    out = [_out_size(s, k, stride, padding) for s, k in zip(S, ks, strict=True)]
+    if B * math.prod(out) * math.prod(ks) * C <= IM2COL_MAX:
+        if b is None:
+            b = w.new_zeros(K, w.shape[1])
+        return _ConvIm2col.apply(x, w, b, stride, padding, relu, pool)
+    y = _conv_native(x, w, b, stride, padding)
+    if relu:
+        y = F.relu(y)
+    return max_pool2(y) if pool else y
+
+
+def _conv_native(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int, padding: int
+) -> torch.Tensor:
+    """Each client's own convolution, in channels-last memory (oneDNN's direct kernels)."""
+    fn = F.conv1d if w.dim() == 4 else F.conv2d
+    outs = []
+    for k in range(x.shape[0]):
+        xk = x[k].movedim(-1, 1)  # (B, C, *S) with channels-last strides: no copy
+        outs.append(
+            fn(xk, w[k], None if b is None else b[k], stride=stride, padding=padding).movedim(1, -1)
+        )
+    return torch.stack(outs)
+
+
+def max_pool2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 (or 2) max pooling, floor mode, of channels-last (K, B, *S, C)."""
+    K, B, *S, C = x.shape
+    fn = F.max_pool1d if len(S) == 1 else F.max_pool2d
+    y = fn(x.reshape(K * B, *S, C).movedim(-1, 1), 2)
+    return y.movedim(1, -1).reshape(K, B, *y.shape[2:], C)
+
+
+def group_norm(
+    x: torch.Tensor, groups: int, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """GroupNorm of channels-last (K, B, *S, C) with per-client affine ``w``, ``b`` (K, C)."""
+    K, B, *S, C = x.shape
+    y = F.group_norm(x.reshape(K * B, *S, C).movedim(-1, 1), groups, eps=eps)
+    y = y.movedim(1, -1).reshape(x.shape)
+    shape = (K, *[1] * (len(S) + 1), C)
+    return torch.addcmul(b.view(shape), y, w.view(shape))
+
+
+def embedding(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rows of each client's table: ids (K, *idx) long, w (K, V, E) -> (K, *idx, E)."""
+    K, V, _ = w.shape
+    offset = (torch.arange(K, device=ids.device) * V).view(K, *[1] * (ids.dim() - 1))
+    return F.embedding(ids + offset, w.reshape(K * V, -1))
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(
+    S: tuple[int, ...], ks: tuple[int, ...], stride: int, padding: int, pool: bool
+) -> tuple[tuple[int, ...], int, tuple[tuple[tuple[slice, ...], ...], ...]]:
+    """Pooled (or output) sizes, the number of pool phases, and for each phase and kernel offset
+    the slices of the padded input that the im2col columns read."""
+    out = [_out_size(s, k, stride, padding) for s, k in zip(S, ks, strict=True)]
+    step = 2 * stride if pool else stride
+    n = tuple(o // 2 for o in out) if pool else tuple(out)
+    phases = list(itertools.product((0, 1), repeat=len(S))) if pool else [(0,) * len(S)]
+    offsets = list(itertools.product(*[range(k) for k in ks]))
+    windows = tuple(
+        tuple(
+            (slice(None), slice(None))
+            + tuple(
+                slice(stride * p + o, stride * p + o + step * (m - 1) + 1, step)
+                for p, o, m in zip(ph, off, n, strict=True)
+            )
+            for off in offsets
+        )
+        for ph in phases
+    )
+    return n, len(phases), windows
+
+
+class _ConvIm2col(torch.autograd.Function):
+    """Convolution (+ ReLU + 2x2 max pooling) of K clients as im2col and one batched matmul.
+
+    The columns are ordered (input channel, kernel offset), the order of the weight's own memory,
+    so the weight enters both passes as it is stored. The rows are ordered (pool phase, sample,
+    pooled position), so the P phases of each pooling window are P contiguous blocks of the
+    product: max pooling is a running maximum over them and its backward routes each gradient
+    to its phase.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, relu, pool):  # type: ignore[override]
+        K, B, *S, C = x.shape
+        O = w.shape[1]
+        d = len(S)
+        n, P, windows = _geometry(tuple(S), tuple(w.shape[3:]), stride, padding, pool)
+        xp = F.pad(x, (0, 0) + (padding, padding) * d) if padding else x
+        J = len(windows[0])
+        cols = xp.new_empty(K, P, B, *n, C, J)
+        for i, phase in enumerate(windows):
+            torch.stack([xp[win] for win in phase], dim=-1, out=cols[:, i])
+        cols = cols.view(K, P * B * math.prod(n), C * J)
+        wm = w.reshape(K, O, C * J)
+        z = torch.baddbmm(b.unsqueeze(1), cols, wm.transpose(1, 2))
+        arg = None
+        if pool:  # running maximum over the phases; the first maximum wins, as in max_pool
+            phase = z.view(K, P, -1, O).unbind(1)
+            z = phase[0]
+            for i in range(1, P):
+                take = phase[i] > z
+                z = torch.maximum(z, phase[i])
+                arg = take if arg is None else torch.where(take, i, arg)
+        if relu:
+            z = z.clamp_min_(0)
+        ctx.save_for_backward(cols, wm, z if relu else None, arg)
+        ctx.geometry = (x.shape, xp.shape, w.shape, P, windows, n, padding)
+        ctx.need_x = ctx.needs_input_grad[0]
+        return z.view(K, B, *n, O)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        cols, wm, z, arg = ctx.saved_tensors
+        shape, pshape, wshape, P, windows, n, padding = ctx.geometry
+        K, B, *S, C = shape
+        O = wm.shape[1]
+        g = g.reshape(K, -1, O)
+        if z is not None:
+            g = torch.ops.aten.threshold_backward(g, z, 0)
+        if P == 2:  # arg: whether phase 1 held the maximum
+            g1 = g * arg
+            g = torch.stack([g - g1, g1], dim=1)
+        elif P > 2:
+            g = g.new_zeros(K, P, g.shape[1], O).scatter_(1, arg.unsqueeze(1), g.unsqueeze(1))
+        g = g.view(K, -1, O)
+        gw = torch.bmm(g.transpose(1, 2), cols).view(wshape)
+        gb = g.sum(1)
+        gx = None
+        if ctx.need_x:
+            J = len(windows[0])
+            gcols = torch.bmm(g, wm).view(K, P, B, *n, C, J)
+            gxp = gcols.new_zeros(pshape)
+            for i, phase in enumerate(windows):
+                for j, win in enumerate(phase):
+                    gxp[win] += gcols[:, i, ..., j]
+            gx = gxp[(slice(None), slice(None), *[slice(padding, padding + s) for s in S])]
+        return gx, gw, gb, None, None, None, None

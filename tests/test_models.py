@@ -1,0 +1,132 @@
+"""The models (issue 21 item 3): reference parameter counts, the LSTM equals torch.nn.LSTM, and each
+model trained batched across clients equals each client trained alone with torch.optim.SGD."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clients.models import build_model, num_parameters
+from clients.models.lstm import LSTM
+from clients.plan import make_plan
+from clients.trainer import LocalSGD, ParamSpec
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "classes", "count"),
+    [
+        # ResNet-18 (CIFAR stem) with GroupNorm: BatchNorm's parameter count, 11.2M
+        ("resnet18", (3, 32, 32), 10, 11_173_962),
+        # McMahan et al. 2017 give 1,663,370 for MNIST's 10 classes; FEMNIST has 62
+        ("cnn_femnist", (1, 28, 28), 10, 1_663_370),
+        ("cnn_femnist", (1, 28, 28), 62, 1_690_046),
+        # LEAF's Shakespeare LSTM with PyTorch's two biases per layer (TensorFlow's one: 817,872)
+        ("lstm", (80,), 80, 819_920),
+        # He et al. 2016's CIFAR ResNets with projection shortcuts (option B)
+        ("resnet20", (3, 32, 32), 10, 272_474),
+        ("resnet8", (3, 32, 32), 10, 78_042),
+    ],
+)
+def test_parameter_counts_match_the_reference_architectures(kind, shape, classes, count) -> None:
+    model = build_model(kind, shape, classes)
+    assert num_parameters(model) == count
+    assert model(torch.zeros(2, *shape)).shape == (2, classes)
+
+
+def test_resnets_use_groupnorm_and_no_model_has_batchnorm() -> None:
+    for kind in ("resnet8", "resnet20", "resnet18"):
+        model = build_model(kind, (3, 16, 16), 10)
+        kinds = {type(m) for m in model.modules()}
+        assert nn.GroupNorm in kinds
+        assert not any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in kinds)
+
+
+def test_lstm_equals_torch_lstm_with_the_same_weights() -> None:
+    """The explicit-matmul LSTM computes what torch.nn.LSTM computes (outputs and gradients)."""
+    torch.manual_seed(0)
+    ours, ref = LSTM(5, 7, 2), nn.LSTM(5, 7, 2, batch_first=True)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 11, 5)
+    out, (h, _) = ref(x)
+    torch.testing.assert_close(ours(x), out)
+    g_ours = torch.autograd.grad(ours(x).square().sum(), list(ours.parameters()))
+    g_ref = torch.autograd.grad(ref(x)[0].square().sum(), list(ref.parameters()))
+    for a, b in zip(g_ours, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def _plain_sgd(model: nn.Module, g0, x, y, plan, lr: float, momentum: float) -> torch.Tensor:
+    """Each client alone: nn.Module + torch.optim.SGD on its planned batches; (K, d) updates."""
+    out = []
+    for k in range(plan.idx.shape[1]):
+        nn.utils.vector_to_parameters(g0.clone(), model.parameters())
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        sub = plan.select(k)
+        for t in range(sub.num_steps):
+            rows = sub.idx[t, 0][sub.mask[t, 0] > 0]
+            opt.zero_grad()
+            F.cross_entropy(model(x[rows]), y[rows]).backward()
+            opt.step()
+        out.append(nn.utils.parameters_to_vector(model.parameters()).detach() - g0)
+    return torch.stack(out)
+
+
+# tiny instances: the real architectures at small inputs (ResNet-18 at 8x8), 3 clients of unequal
+# size (unequal step counts, a partial last batch)
+TINY = {
+    "resnet8": dict(shape=(3, 8, 8), classes=10, kw={}),
+    "resnet20": dict(shape=(3, 8, 8), classes=10, kw={}),
+    "resnet18": dict(shape=(3, 8, 8), classes=10, kw={}),
+    "cnn_femnist": dict(shape=(1, 12, 12), classes=62, kw={"hidden": 32}),
+    "lstm": dict(shape=(12,), classes=20, kw={"hidden": 16, "vocab_size": 20}),
+}
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+@pytest.mark.parametrize("batched", ["true", "false"])
+def test_batched_training_equals_a_plain_sgd_loop(kind: str, batched: str) -> None:
+    torch.set_num_threads(1)
+    cfg = TINY[kind]
+    g = torch.Generator().manual_seed(0)
+    sizes = np.array([7, 4, 10])
+    n = int(sizes.sum())
+    if kind == "lstm":
+        x = torch.randint(0, cfg["classes"], (n, *cfg["shape"]), generator=g).float()
+    else:
+        x = torch.randn(n, *cfg["shape"], generator=g)
+    y = torch.randint(0, cfg["classes"], (n,), generator=g)
+    plan = make_plan(np.cumsum(sizes) - sizes, sizes, np.arange(3), 4, 0, 0, epochs=1)
+    model = build_model(kind, cfg["shape"], cfg["classes"], seed=0, **cfg["kw"])
+    spec = ParamSpec.of(model)
+    g0 = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    want = _plain_sgd(model, g0, x, y, plan, lr=0.05, momentum=0.5)
+    nn.utils.vector_to_parameters(g0.clone(), model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tr = LocalSGD(lr=0.05, momentum=0.5, batch_size=4, batched=batched)
+    res = tr.train(model, spec, g0, x, y, plan, cfg["classes"], torch.as_tensor(sizes))
+    assert res.updates.abs().max() > 0
+    torch.testing.assert_close(res.updates, want, atol=2e-5, rtol=1e-4)
+
+
+def test_batchnorm_model_is_refused_with_one_line() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 5, 5))
+    spec = ParamSpec.of(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g0 = nn.utils.parameters_to_vector(model.parameters())
+    sizes = np.array([4, 4])
+    plan = make_plan(np.array([0, 4]), sizes, np.arange(2), 2, 0, 0)
+    x, y = torch.randn(8, 1, 5, 5), torch.randint(0, 3, (8,))
+    for batched in ("auto", "false"):
+        tr = LocalSGD(batched=batched)
+        with pytest.raises(ValueError, match="BatchNorm layers \\(1\\).*use GroupNorm") as err:
+            tr.train(model, spec, g0, x, y, plan, 3, torch.as_tensor(sizes))
+        assert "\n" not in str(err.value)
+        with pytest.raises(ValueError, match="GroupNorm"):
+            tr.check_model(model)
+    LocalSGD().check_model(build_model("resnet8", (3, 8, 8), 10))  # GroupNorm passes
