@@ -39,7 +39,7 @@ def draws(keys: np.ndarray, padding: int, flip: bool) -> tuple[np.ndarray, np.nd
     return dy.astype(np.int64), dx.astype(np.int64), fl
 
 
-def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+def channel_stats(x: np.ndarray, chunk: int = 512) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation of uint8 images (N, C, H, W), in [0, 1] units."""
     n, c = x.shape[0], x.shape[1]
     s = np.zeros(c, dtype=np.float64)
@@ -103,7 +103,8 @@ class ImageTransform:
             dy, dx, fl = draws(np.asarray(keys).reshape(-1), self.crop_padding, self.flip)
             x = _crop_flip(x, self.crop_padding, dy, dx, fl)
         mean, std = self._mean_std(x.device)
-        out = (x.to(torch.float32) / 255.0 - mean) / std
+        out = x.to(torch.float32, copy=True)  # then in place: one float32 copy, not four
+        out.div_(255.0).sub_(mean).div_(std)
         return out.reshape(*lead, *chw)
 
     def bind(

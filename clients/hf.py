@@ -402,6 +402,8 @@ def _decode(spec: _Spec, splits: tuple[Any, Any | None]) -> dict[str, Any]:
     x_te, _ = _features(spec, task, test, meta)
     y_tr, y_te, classes = _labels(spec, task, feats[spec.label], train, test)
     meta.update(task=task, num_classes=len(classes), classes=classes, held_out=held_out is not None)
+    if task == "image":  # per-channel statistics of the training images, in [0, 1] units
+        meta["mean"], meta["std"] = channel_stats(x_tr)
     out = {"meta": meta, "x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}
     for c in spec.columns:
         out[f"col_{c}"] = _column(train[c], c)
@@ -586,7 +588,7 @@ def _to_dataset(spec: _Spec, arrays: dict[str, Any]) -> Dataset:
     transform = None
     if task == "image":
         if spec.mean is None:
-            mean, std = channel_stats(x_tr)
+            mean, std = meta["mean"], meta["std"]
         else:
             mean, std = list(spec.mean), list(spec.std)
         if len(mean) != x_tr.shape[1]:
