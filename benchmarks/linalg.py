@@ -1,23 +1,31 @@
 """Benchmark of the linear-algebra jobs: one markdown table per job, measured side by side.
 
-    .venv/bin/python benchmarks/linalg.py            # full run (about 5-10 minutes on 2 cores)
+    .venv/bin/python benchmarks/linalg.py            # full run (about 10 minutes on 2 quiet cores)
     .venv/bin/python benchmarks/linalg.py --quick    # small sizes, a smoke test of the script
+    .venv/bin/python benchmarks/linalg.py --only stream,lstsq   # some tables only
 
 If OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE are set in your shell (some images pin them), run this
 script with them unset so OpenBLAS picks its own kernels, in this command only:
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/linalg.py
 
-Tables:
-1. lstsq on coherent, ill-conditioned 200000 x 200 and 100000 x 1000 matrices: numpy.linalg.lstsq
-   (LAPACK gelsd), unpreconditioned LSQR, sketch-and-solve and sketch-and-precondition (CountSketch
-   and sparse sign, s = 4d; LSQR tolerance 1e-10, and 1e-8, which already bounds the residual
-   excess by (cond(A R^-1) 1e-8)^2 / 2 < 1e-10), on the local backend and on Ray with 2 block
-   actors: time (best of 2), residual excess over numpy's optimum, iterations.
-2. Out-of-core lstsq: memory-mapped .npy shards larger than the driver's memory budget, held by
+Tables (each timed row is the best of 2 runs, baselines included; the load average before and after
+each table is printed under it, the provenance above the first):
+1. stream: memory bandwidth of numpy STREAM-like kernels (copy, add, triad, read) on 1 and 2
+   threads, against the bandwidth the least-squares passes achieve (bytes of A read per second).
+2. lstsq on coherent, ill-conditioned 200000 x 200 and 100000 x 1000 matrices: numpy.linalg.lstsq
+   (LAPACK gelsd), unpreconditioned LSQR, sketch-and-solve, the previous sketch-and-precondition
+   (LSQR on A R^-1, sparse sign with 8 nonzeros, s = 4d, tolerance 1e-10, one restart) and the
+   refinement solver (warm start, CG, float64 residual passes; sparse sign with 4 or 8 nonzeros,
+   s = 4d or 6d, float64 or float32 products), locally with 2 hosts and on 2 Ray actors: the
+   solver's own time to solution split into sketch / factorization / iterations, passes over A,
+   residual excess over numpy's optimum and the solver's bound on it.
+3. Out-of-core lstsq: memory-mapped .npy shards larger than the driver's memory budget, held by
    Ray actors; driver peak RSS growth, time, residual against the TSQR optimum.
-3. rsvd on 20000 x 2000 (rank 50 + noise): numpy full SVD, scikit-learn randomized_svd,
-   torch.svd_lowrank and the row-block rsvd: time, Frobenius error ratio, singular-value error.
+4. rsvd on 20000 x 2000 (rank 50 + noise): numpy full SVD, scikit-learn randomized_svd,
+   torch.svd_lowrank and the row-block rsvd (float32 power iterations with a d-side QR, the
+   default; float64; the previous TSQR-per-step scheme), same k, oversampling and power iterations:
+   time, Frobenius error ratio, singular-value error, speed-up against scikit-learn.
 """
 
 from __future__ import annotations
@@ -37,11 +45,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs import rsvd as rs  # noqa: E402
 from jobs.blocks import DataSpec, RowBlockMatrix, exact_lstsq, residual_norm  # noqa: E402
-from jobs.lstsq import lsqr, sketch_and_precondition, sketch_and_solve  # noqa: E402
+from jobs.lstsq import (  # noqa: E402
+    block_normal_matvec,
+    lsqr,
+    sketch_and_precondition,
+    sketch_and_solve,
+    sketch_precondition_refine,
+)
 from jobs.sketches import Sketch  # noqa: E402
 
 
-def table(title: str, header: list[str], rows: list[list[str]]) -> str:
+def table(title: str, header: list[str], rows: list[list[str]], note: str = "") -> str:
     out = [
         f"### {title}",
         "",
@@ -49,6 +63,8 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
         "|" + "|".join("---" for _ in header) + "|",
     ]
     out += ["| " + " | ".join(r) + " |" for r in rows]
+    if note:
+        out += ["", note]
     return "\n".join(out) + "\n"
 
 
@@ -56,13 +72,19 @@ REPEAT = 2  # timed rows report the best of REPEAT runs (timeit convention), bas
 
 
 def timed(fn, repeat: int = REPEAT):
-    """(best wall time over `repeat` runs, result of the last run)."""
+    """(best wall time over `repeat` runs, result of that run)."""
     best, out = math.inf, None
     for _ in range(repeat):
         t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
+        res = fn()
+        el = time.perf_counter() - t0
+        if el < best:
+            best, out = el, res
     return best, out
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _excess(r: float, opt: float) -> str:
@@ -81,45 +103,171 @@ def _dense_rows(spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
     return A, b
 
 
+# ---------------------------------------------------------------------------------------------
+# memory bandwidth
+def _stream_kernel(name: str, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
+    if name == "copy":  # c = a
+        np.copyto(c, a)
+    elif name == "add":  # c = a + b
+        np.add(a, b, out=c)
+    elif name == "triad":  # a = b + s c, as two numpy passes (STREAM counts 24 bytes)
+        np.multiply(c, 3.0, out=a)
+        a += b
+    else:  # read: a . a (BLAS dot, one array read)
+        float(a @ a)
+
+
+STREAM_BYTES = {"copy": 16, "add": 24, "triad": 24, "read": 8}  # per element, STREAM's counting
+
+
+def stream(n: int, threads: int, name: str, repeat: int = 5) -> float:
+    """GB/s of a STREAM-like kernel on arrays of n doubles, split over `threads` threads (numpy
+    releases the GIL in these loops, so the threads run on separate cores)."""
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.random(n) for _ in range(3))
+    cuts = np.linspace(0, n, threads + 1).astype(int)
+    parts = [(a[i:j], b[i:j], c[i:j]) for i, j in zip(cuts[:-1], cuts[1:], strict=True)]
+    best = math.inf
+    for _ in range(repeat):
+        ts = [threading.Thread(target=_stream_kernel, args=(name, *p)) for p in parts]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        best = min(best, time.perf_counter() - t0)
+    return STREAM_BYTES[name] * n / best / 1e9
+
+
+def bench_stream(n_elem: int, n: int, d: int) -> str:
+    """STREAM-like kernels against the fused A^T (A y) pass of the solvers on an n x d matrix."""
+    from threadpoolctl import threadpool_limits
+
+    t_load = load()
+    rows = []
+    for threads in (1, 2):
+        for name in ("copy", "add", "triad", "read"):
+            with threadpool_limits(1):  # one core per thread (the dot is a BLAS call)
+                gbs = stream(n_elem, threads, name)
+            rows.append([f"numpy STREAM {name}", str(threads), f"{gbs:.1f}", "STREAM bytes"])
+    spec = DataSpec(n=n, d=d, kind="coherent", cond=1e6, seed=0, noise=1e-2)
+    A, b = _dense_rows(spec)
+    y = np.random.default_rng(1).standard_normal(d)
+    for hosts in (1, 2):
+        mat = RowBlockMatrix.from_arrays(A, b, n_blocks=8, hosts=hosts)
+        for low in (False, True):
+            if low:
+                from jobs.blocks import block_make_low
+
+                mat.map(block_make_low)
+            t, _ = timed(lambda mat=mat, low=low: mat.sum(block_normal_matvec, y, low), 5)
+            nbytes = A.size * (4 if low else 8)
+            what = "float32 copy" if low else "float64"
+            rows.append(
+                [
+                    f"fused pass A^T (A y), {what} ({n} x {d})",
+                    f"{hosts} host{'s' if hosts > 1 else ''}",
+                    f"{nbytes / t / 1e9:.1f}",
+                    f"bytes of A read ({t * 1e3:.0f} ms per pass)",
+                ]
+            )
+        mat.close()
+    note = f"Load average (1/5/15 min) before: {t_load}; after: {load()}."
+    return table(
+        f"memory bandwidth: STREAM-like kernels ({n_elem * 8 / 2**20:.0f} MB arrays) and the "
+        "solver's passes",
+        ["kernel", "threads", "GB/s", "counted"],
+        rows,
+        note,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# least squares
 def bench_lstsq(n: int, d: int, plain_cap: int, ray_hosts: int) -> str:
+    t_load = load()
     spec = DataSpec(n=n, d=d, kind="coherent", cond=1e6, seed=0, noise=1e-2)
     A, b = _dense_rows(spec)
     rows = []
     t_np, x_np = timed(lambda: np.linalg.lstsq(A, b, rcond=None)[0])
     opt = float(np.linalg.norm(A @ x_np - b))
-    rows.append(["numpy.linalg.lstsq (gelsd)", f"{t_np:.2f}", "0 (reference)", "-", "1.00x"])
+    rows.append(
+        ["numpy.linalg.lstsq (gelsd)", f"{t_np:.2f}", "-", "-", "0 (reference)", "-", "1.00x"]
+    )
     mat = RowBlockMatrix.from_arrays(A, b, n_blocks=8, hosts=2)  # views of A, in this process
-    s = 4 * d
 
-    def add(name: str, t: float, x: np.ndarray, its: str, m: RowBlockMatrix = mat) -> None:
-        r = residual_norm(m, x)
-        rows.append([name, f"{t:.2f}", _excess(r, opt), its, f"{t_np / t:.2f}x"])
+    def add(name: str, t: float, sol, passes: str, m: RowBlockMatrix = mat) -> None:
+        r = residual_norm(m, sol.x)
+        split = "-"
+        if hasattr(sol, "iterate_time_s"):
+            split = f"{sol.sketch_time_s:.2f} / {sol.factor_time_s:.2f} / "
+            split += f"{sol.iterate_time_s + getattr(sol, 'cast_time_s', 0.0):.2f}"
+        bound = getattr(sol, "excess_bound", None)
+        rows.append(
+            [
+                name,
+                f"{t:.2f}",
+                split,
+                passes,
+                _excess(r, opt),
+                "-" if bound is None else f"{bound:.1e}",
+                f"{t_np / t:.2f}x",
+            ]
+        )
 
     t0 = time.perf_counter()  # one run: it only stops at the iteration cap
     pl = lsqr(mat, None, atol=1e-10, btol=1e-10, max_iter=plain_cap)
     its = f"{pl.iterations}" + ("" if pl.converged else " (cap, not converged)")
-    add("LSQR, no preconditioner", time.perf_counter() - t0, pl.x, its)
-    t, ss = timed(lambda: sketch_and_solve(mat, Sketch.sized("countsketch", s, 1)))
-    add(f"sketch-and-solve, CountSketch s={s}", t, ss.x, "-")
-    for kind, tol in (("countsketch", 1e-10), ("sparse_sign", 1e-10), ("sparse_sign", 1e-8)):
-        t, sp = timed(
-            lambda kind=kind, tol=tol: sketch_and_precondition(mat, Sketch.sized(kind, s, 1), tol)
-        )
-        name = f"sketch-and-precondition, {kind} s={s}, LSQR tol {tol:.0e} (local, 2 hosts)"
-        add(name, t, sp.x, str(sp.iterations))
+    add("LSQR, no preconditioner", time.perf_counter() - t0, pl, its)
+    t, ss = timed(lambda: sketch_and_solve(mat, Sketch.sized("countsketch", 4 * d, 1)))
+    add(f"sketch-and-solve, CountSketch s={4 * d}", t, ss, "1")
+    t, sp = timed(lambda: sketch_and_precondition(mat, Sketch.sized("sparse_sign", 4 * d, 1, 8)))
+    name = f"previous: sketch-and-precondition + LSQR (tol 1e-10, restart), sparse sign nnz 8, s={4 * d}"
+    add(name, t, sp, f"{sp.iterations + 4}")  # sketch, start, its, restart (A x0 and A^T w)
+
+    def refine(nnz: int, gamma: int, precision: str, m: RowBlockMatrix = mat):
+        sk = Sketch.sized("sparse_sign", gamma * d, 1, nnz)
+        return sketch_precondition_refine(m, sk, 1e-10, precision)
+
+    variants = [(4, 4, "double"), (8, 4, "double"), (4, 6, "double"), (4, 4, "mixed")]
+    for nnz, gamma, prec in variants:
+        t, sp = timed(lambda nnz=nnz, gamma=gamma, prec=prec: refine(nnz, gamma, prec))
+        default = " (default)" if (nnz, gamma, prec) == (4, 4, "double") else ""
+        name = f"refine{default}: sparse sign nnz {nnz}, s={gamma * d}, {prec}"
+        passes = f"{sp.passes_double + 1}"
+        if sp.passes_low:
+            passes = f"{sp.passes_double + 1} + {sp.passes_low} float32"
+        add(name, t, sp, passes)
     if ray_hosts:
         rmat = RowBlockMatrix.generate(spec, 2 * ray_hosts, backend="ray", hosts=ray_hosts)
         try:
-            t, sp = timed(lambda: sketch_and_precondition(rmat, Sketch.sized("sparse_sign", s, 1)))
-            name = (
-                f"sketch-and-precondition, sparse_sign s={s}, tol 1e-10 (Ray, {ray_hosts} actors)"
-            )
-            add(name, t, sp.x, str(sp.iterations), rmat)
+            t, sp = timed(lambda: refine(4, 4, "double", rmat))
+            name = f"refine: sparse sign nnz 4, s={4 * d}, double (Ray, {ray_hosts} actors)"
+            add(name, t, sp, f"{sp.passes_double + 1}", rmat)
         finally:
             rmat.close()
     title = f"lstsq: {n} x {d}, coherent, cond 1e6 (residual excess = ||Ax-b|| / optimum - 1)"
+    note = (
+        "Time: the solver's own time to solution (for numpy the lstsq call), best of 2; "
+        "split = sketch / QR of the sketch (+ warm start) / iterations; passes = passes over A "
+        "(the sketch pass included; LSQR: one per iteration, one to start, two to restart; "
+        "refine: one per float64 residual check and per CG step); bound = the refinement "
+        "solver's bound on the residual excess "
+        f"at its stop. Load average (1/5/15 min) before: {t_load}; after: {load()}."
+    )
     return table(
-        title, ["method", "time (s)", "residual excess", "iterations", "speedup vs numpy"], rows
+        title,
+        [
+            "method",
+            "time (s)",
+            "split (s)",
+            "passes over A",
+            "residual excess",
+            "bound",
+            "speed-up vs numpy",
+        ],
+        rows,
+        note,
     )
 
 
@@ -151,6 +299,7 @@ class PeakRSS:
 
 
 def bench_out_of_core(n: int, d: int, shards: int, budget_mb: int, hosts: int) -> str:
+    t_load = load()
     spec = DataSpec(n=n, d=d, kind="coherent", cond=1e4, seed=1, noise=1e-2)
     tmp = tempfile.mkdtemp(prefix="flagstaff_ooc_")
     try:
@@ -174,7 +323,8 @@ def bench_out_of_core(n: int, d: int, shards: int, budget_mb: int, hosts: int) -
             mat = RowBlockMatrix.from_files(paths, bpaths, backend="ray", hosts=hosts, mmap=True)
             t_open = time.perf_counter() - t0
             t0 = time.perf_counter()
-            sp = sketch_and_precondition(mat, Sketch.sized("sparse_sign", 4 * d, 1), tol=1e-10)
+            sk = Sketch.sized("sparse_sign", 4 * d, 1, 4)
+            sp = sketch_precondition_refine(mat, sk, 1e-10)
             t_solve = time.perf_counter() - t0
         r = residual_norm(mat, sp.x)
         t0 = time.perf_counter()
@@ -193,7 +343,7 @@ def bench_out_of_core(n: int, d: int, shards: int, budget_mb: int, hosts: int) -
             f"{mem.growth_mb:.0f} ({ok})",
             f"{t_open:.2f}",
             f"{t_solve:.2f}",
-            str(sp.iterations),
+            str(sp.passes_double + 1),
             _excess(r, opt),
             f"{t_tsqr:.2f}",
         ]
@@ -207,19 +357,23 @@ def bench_out_of_core(n: int, d: int, shards: int, budget_mb: int, hosts: int) -
             "driver budget (MB)",
             "driver peak RSS growth (MB, within budget)",
             "open + check (s)",
-            "sketch-and-precondition (s)",
-            "iterations",
+            "refine, nnz 4, s = 4d, double (s)",
+            "passes over A",
             "residual excess vs TSQR optimum",
             "TSQR optimum (s)",
         ],
         rows,
+        f"One run. Load average (1/5/15 min) before: {t_load}; after: {load()}.",
     )
 
 
-def bench_rsvd(n: int, d: int, k: int, ray_hosts: int) -> str:
+# ---------------------------------------------------------------------------------------------
+# randomized SVD
+def bench_rsvd(n: int, d: int, k: int, ray_hosts: int, power_iters: int = 7) -> str:
     import torch
     from sklearn.utils.extmath import randomized_svd
 
+    t_load = load()
     spec = DataSpec(n=n, d=d, kind="low_rank", rank=k, cond=10.0, noise=5.0, seed=2)
     A, _ = _dense_rows(spec)
     t0 = time.perf_counter()
@@ -227,87 +381,150 @@ def bench_rsvd(n: int, d: int, k: int, ray_hosts: int) -> str:
     t_full = time.perf_counter() - t0
     opt = math.sqrt(float((s_all[k:] ** 2).sum()))
     rows = []
+    t_sk = None
 
-    def add(
-        name: str,
-        t: float,
-        U: np.ndarray,
-        s: np.ndarray,
-        Vt: np.ndarray | None,
-        err: float | None = None,
-    ) -> None:
-        if err is None:
-            err = float(np.linalg.norm(A - (U * s) @ Vt))
+    def add(name: str, t: float, s: np.ndarray, err: float) -> None:
         sig = float(np.max(np.abs(s - s_all[:k]) / s_all[:k]))
-        rows.append([name, f"{t:.2f}", f"{err / opt:.5f}", f"{sig:.1e}"])
+        vs = "-" if t_sk is None else f"{t_sk / t:.2f}x"
+        rows.append([name, f"{t:.2f}", f"{err / opt:.5f}", f"{sig:.1e}", vs])
 
-    add("numpy.linalg.svd (full)", t_full, U[:, :k], s_all[:k], Vt[:k])
+    def dense_err(U: np.ndarray, s: np.ndarray, Vt: np.ndarray) -> float:
+        return float(np.linalg.norm(A - (U * s) @ Vt))
+
+    add(
+        "numpy.linalg.svd (full, one run)",
+        t_full,
+        s_all[:k],
+        dense_err(U[:, :k], s_all[:k], Vt[:k]),
+    )
     del U, Vt
-    t, (U, s, Vt) = timed(lambda: randomized_svd(A, k, random_state=0))  # p=10, n_iter=auto=7
-    add("sklearn randomized_svd (p=10, n_iter=auto=7)", t, U, s, Vt)
+    q = power_iters
+    t_sk, (U, s, Vt) = timed(
+        lambda: randomized_svd(A, k, n_oversamples=10, n_iter=q, random_state=0)
+    )
+    add(
+        f"scikit-learn randomized_svd (p=10, n_iter={q}, LU normalizer)",
+        t_sk,
+        s,
+        dense_err(U, s, Vt),
+    )
     At = torch.from_numpy(A)
-    for niter in (2, 7):
+    for niter in (2, q):
         torch.manual_seed(0)
         t, (U, s, V) = timed(lambda niter=niter: torch.svd_lowrank(At, q=k + 10, niter=niter))
-        name = f"torch.svd_lowrank (q={k + 10}, niter={niter})"
-        add(name, t, U[:, :k].numpy(), s[:k].numpy(), V[:, :k].numpy().T)
+        err = dense_err(U[:, :k].numpy(), s[:k].numpy(), V[:, :k].numpy().T)
+        add(f"torch.svd_lowrank (q={k + 10}, niter={niter})", t, s[:k].numpy(), err)
     mat = RowBlockMatrix.from_arrays(A, None, n_blocks=4, hosts=2)
-    for over, it in ((10, 7), (10, 5), (20, 4)):
-        t, r = timed(lambda over=over, it=it: rs.rsvd(mat, k, over, it, seed=0))
-        add(f"row-block rsvd, local 2 hosts (p={over}, q={it})", t, rs.gather_u(mat), r.s, r.vt)
+    variants = [
+        ("mixed", "gram", q, " (default)"),
+        ("double", "gram", q, ""),
+        ("double", "tsqr", q, ", previous scheme"),
+        ("mixed", "gram", q - 2, ""),
+    ]
+    for prec, norm, it, tag in variants:
+        t, r = timed(
+            lambda prec=prec, norm=norm, it=it: rs.rsvd(mat, k, 10, it, 0, None, prec, norm)
+        )
+        name = f"row-block rsvd{tag}, local 2 hosts (p=10, q={it}, {prec}, {norm})"
+        add(name, t, r.s, rs.lowrank_error(mat, r))
     if ray_hosts:
         rmat = RowBlockMatrix.generate(spec, 2 * ray_hosts, backend="ray", hosts=ray_hosts)
         try:
-            for over, it in ((10, 7), (10, 5)):
-                t, r = timed(lambda over=over, it=it: rs.rsvd(rmat, k, over, it, seed=0))
-                add(
-                    f"row-block rsvd, Ray {ray_hosts} actors (p={over}, q={it})",
-                    t,
-                    None,
-                    r.s,
-                    None,
-                    rs.lowrank_error(rmat, r),
+            for prec, norm in (("mixed", "gram"), ("double", "tsqr")):
+                t, r = timed(
+                    lambda prec=prec, norm=norm: rs.rsvd(rmat, k, 10, q, 0, None, prec, norm)
                 )
+                name = f"row-block rsvd, Ray {ray_hosts} actors (p=10, q={q}, {prec}, {norm})"
+                add(name, t, r.s, rs.lowrank_error(rmat, r))
         finally:
             rmat.close()
     title = (
         f"rsvd: {n} x {d}, rank {k} + noise, k = {k} (Frobenius ratio = error / optimal "
         f"rank-{k} error; sigma error = max_i |s_i - s_i*| / s_i*)"
     )
-    return table(title, ["method", "time (s)", "Frobenius ratio", "sigma error"], rows)
+    note = (
+        "Best of 2 (numpy's full SVD: one run). Same k, oversampling p and power iterations q for "
+        "every randomized method. Load average (1/5/15 min) before: "
+        f"{t_load}; after: {load()}."
+    )
+    return table(
+        title,
+        ["method", "time (s)", "Frobenius ratio", "sigma error", "speed-up vs scikit-learn"],
+        rows,
+        note,
+    )
+
+
+def _blas_threads() -> str:
+    from threadpoolctl import threadpool_info
+
+    return ", ".join(
+        f"{i['internal_api']} {i.get('version') or ''} ({i['prefix']}): {i['num_threads']} threads"
+        for i in threadpool_info()
+    )
+
+
+TABLES = ("stream", "lstsq", "ooc", "rsvd")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray rows")
+    ap.add_argument("--only", default=",".join(TABLES), help=f"tables to run, of {TABLES}")
+    ap.add_argument("--out", default=None, help="also write the tables to this markdown file")
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    bad = only - set(TABLES)
+    if bad:
+        ap.error(f"--only {sorted(bad)}: valid tables are {', '.join(TABLES)}")
     from _provenance import markdown, provenance  # benchmarks/ is sys.path[0]
 
-    print(markdown(provenance()))
+    prov = provenance(load_average=load(), blas=_blas_threads())
+    head = [
+        markdown(prov),
+        f"<!-- load average (1/5/15 min) at start: {load()}; BLAS: {prov['blas']}; "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} -->",
+        "",
+    ]
+    out = ["\n".join(head)]
+    print(out[0], flush=True)
     hosts = 0 if args.no_ray else 2
-    if hosts:
+    if hosts and only & {"lstsq", "ooc", "rsvd"}:
         import ray
 
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    print(
-        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, "
-        f"cpus={os.cpu_count()}\n"
-    )
+
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        out.append(text)
+
     if args.quick:
-        print(bench_lstsq(20000, 50, 100, hosts))
-        print(bench_out_of_core(40000, 50, 4, 8, hosts or 1) if hosts else "")
-        print(bench_rsvd(4000, 400, 10, hosts))
+        parts = {
+            "stream": lambda: bench_stream(1 << 22, 20000, 100),
+            "lstsq": lambda: bench_lstsq(20000, 50, 100, hosts),
+            "ooc": lambda: bench_out_of_core(40000, 50, 4, 8, hosts) if hosts else "",
+            "rsvd": lambda: bench_rsvd(4000, 400, 10, hosts),
+        }
     else:
-        print(bench_lstsq(200000, 200, 400, hosts), flush=True)
-        print(bench_lstsq(100000, 1000, 150, hosts), flush=True)
-        if hosts:
-            print(bench_out_of_core(400000, 500, 16, 256, hosts), flush=True)
-        print(bench_rsvd(20000, 2000, 50, hosts), flush=True)
-    if hosts:
+        parts = {
+            "stream": lambda: bench_stream(1 << 26, 100000, 1000),
+            "lstsq": lambda: (
+                bench_lstsq(200000, 200, 400, hosts) + "\n" + bench_lstsq(100000, 1000, 150, hosts)
+            ),
+            "ooc": lambda: bench_out_of_core(400000, 500, 16, 256, hosts) if hosts else "",
+            "rsvd": lambda: bench_rsvd(20000, 2000, 50, hosts),
+        }
+    for name in TABLES:
+        if name in only:
+            emit(parts[name]())
+    if hosts and only & {"lstsq", "ooc", "rsvd"}:
         import ray
 
         ray.shutdown()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(out))
 
 
 if __name__ == "__main__":

