@@ -31,14 +31,15 @@ puts it in summary.json under ``privacy.mechanism``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from strategies.base import RoundExtras, State, Strategy
+from strategies.base import RoundExtras, Strategy
 
-__all__ = ["ClientLevelDP", "COUNT_SENSITIVITY"]
+__all__ = ["ClientLevelDP", "COUNT_SENSITIVITY", "DPState"]
 
 #: sensitivity of the centred count sum_i (1[||u_i|| <= S] - 1/2) when one client is added or removed
 COUNT_SENSITIVITY = 0.5
@@ -49,6 +50,19 @@ def _epsilon(history: list, delta: float, kind: str) -> float:
     from clients.dp import epsilon_of_history
 
     return epsilon_of_history(history, delta, kind)
+
+
+@dataclass(frozen=True)
+class DPState:
+    """ClientLevelDP's state: the wrapped strategy's, the clip S for the next round, the accountant
+    history ([noise multiplier, q, steps] runs), the last round's clip, and this round's clipping
+    counts (set by ``pre_aggregate``, used by ``update``; not checkpointed)."""
+
+    inner: Any
+    clip: float
+    history: list = field(default_factory=list)
+    last_clip: float | None = None
+    round: dict = field(default_factory=dict)
 
 
 class ClientLevelDP(Strategy):
@@ -150,33 +164,33 @@ class ClientLevelDP(Strategy):
     def bind(self, model, spec) -> None:
         self.inner.bind(model, spec)
 
-    def init(self, params: torch.Tensor) -> State:
-        return {"inner": self.inner.init(params), "clip": self.clip, "history": [], "round": {}}
+    def init(self, params: torch.Tensor) -> DPState:
+        return DPState(self.inner.init(params), self.clip)
 
-    def broadcast(self, params: torch.Tensor, state: State) -> dict[str, torch.Tensor]:
-        return self.inner.broadcast(params, state["inner"])
+    def broadcast(self, params: torch.Tensor, state: DPState) -> dict[str, torch.Tensor]:
+        return self.inner.broadcast(params, state.inner)
 
     # -- the two DP steps -------------------------------------------------------------------------
     def pre_aggregate(
-        self, U: torch.Tensor, weights: torch.Tensor, state: State, round_idx: int
-    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        self, U: torch.Tensor, weights: torch.Tensor, state: DPState, round_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor, DPState]:
         """Clip each update to the current S; equal weights; remember the unclipped count."""
-        clip = float(state["clip"])
+        clip = float(state.clip)
         norms = U.norm(dim=1)
         factor = torch.clamp(clip / norms.clamp_min(1e-12), max=1.0)
         info = {"n": len(U), "unclipped": int((norms <= clip).sum())}
-        return U * factor[:, None], torch.ones_like(weights), {**state, "round": info}
+        return U * factor[:, None], torch.ones_like(weights), replace(state, round=info)
 
     def update(
         self,
         params: torch.Tensor,
         aggregate: torch.Tensor,
-        state: State,
+        state: DPState,
         round_idx: int,
         extras: RoundExtras | None = None,
-    ) -> tuple[torch.Tensor, State]:
-        info = state.get("round") or {"n": self.m, "unclipped": 0}
-        clip = float(state["clip"])
+    ) -> tuple[torch.Tensor, DPState]:
+        info = state.round or {"n": self.m, "unclipped": 0}
+        clip = float(state.clip)
         gen = torch.Generator().manual_seed(
             int(np.random.SeedSequence([self.seed, round_idx, 0xC11]).generate_state(1)[0])
         )
@@ -184,17 +198,16 @@ class ClientLevelDP(Strategy):
         std = self.update_noise_multiplier * clip / self.m
         noise = torch.randn(total.shape, generator=gen, dtype=torch.float64) * std
         noised = total + noise.to(total.dtype)
-        history = self._step_history(state["history"])
+        history = self._step_history(state.history)
         if self.adaptive:
             # centred count (sensitivity 1/2), fixed expected denominator m (Andrew et al., Alg. 1)
             count = info["unclipped"] - info["n"] / 2
             count += float(torch.randn((), generator=gen)) * self.count_stddev
             frac = count / self.m + 0.5
             clip = clip * math.exp(-self.clip_lr * (frac - self.target_quantile))
-        params, inner_state = self.inner.update(params, noised, state["inner"], round_idx, extras)
-        used = float(state["clip"])  # this round's clip (the next one is in "clip")
-        new = {"inner": inner_state, "clip": clip, "last_clip": used, "history": history}
-        return params, {**new, "round": {}}
+        params, inner_state = self.inner.update(params, noised, state.inner, round_idx, extras)
+        used = float(state.clip)  # this round's clip (the next one is in "clip")
+        return params, DPState(inner_state, clip, history, last_clip=used)
 
     def _step_history(self, history: list) -> list:
         """The accountant history (noise multiplier, q, steps) after one more round."""
@@ -208,19 +221,19 @@ class ClientLevelDP(Strategy):
         return history
 
     # -- accounting -------------------------------------------------------------------------------
-    def epsilon(self, state: State) -> float:
+    def epsilon(self, state: DPState) -> float:
         """Client-level epsilon spent so far (inf without noise)."""
         if self.noise_multiplier == 0:
             return math.inf
-        return _epsilon(state["history"], self.delta, self.accountant)
+        return _epsilon(state.history, self.delta, self.accountant)
 
-    def epsilon_after(self, state: State) -> float:
+    def epsilon_after(self, state: DPState) -> float:
         """Epsilon after one more round (for the budget stop)."""
         if self.noise_multiplier == 0:
             return math.inf
-        return _epsilon(self._step_history(state["history"]), self.delta, self.accountant)
+        return _epsilon(self._step_history(state.history), self.delta, self.accountant)
 
-    def mechanism(self, state: State) -> dict[str, Any]:
+    def mechanism(self, state: DPState) -> dict[str, Any]:
         """What was released and how it is accounted, for summary.json (``privacy.mechanism``).
 
         Per round: the clipped sum / m plus N(0, update_noise_std^2 I) (sensitivity clip / m) and,
@@ -228,7 +241,7 @@ class ClientLevelDP(Strategy):
         count_sensitivity); the accountant composes ``steps`` sampled-Gaussian steps with the
         effective noise multiplier at ``sampling_rate``. ``clip`` is the clip of the last round
         (with adaptive clipping it changes every round; the noise scales with it)."""
-        clip = float(state.get("last_clip", state["clip"]))
+        clip = float(state.clip if state.last_clip is None else state.last_clip)
         return {
             "kind": "client-level",
             "algorithm": "DP-FedAvg (McMahan et al. 2018)"
@@ -242,10 +255,27 @@ class ClientLevelDP(Strategy):
             "count_sensitivity": COUNT_SENSITIVITY if self.adaptive else None,
             "effective_noise_multiplier": self.effective_noise_multiplier,
             "sampling_rate": self.sample_rate,
-            "steps": int(sum(h[2] for h in state["history"])),
+            "steps": int(sum(h[2] for h in state.history)),
             "accountant": self.accountant,
             "delta": self.delta,
         }
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self, state: DPState) -> dict[str, Any]:
+        """``{"dp": {clip, last_clip, history}, "inner": <the wrapped strategy's parts>}``."""
+        own = {"clip": state.clip, "last_clip": state.last_clip, "history": state.history}
+        return {"dp": own, "inner": self.inner.state_dict(state.inner)}
+
+    def load_state(self, d: dict[str, Any]) -> DPState:
+        own = d.get("dp", d)  # the earlier flat format held clip/history beside "inner"
+        if "clip" not in own or "history" not in own or "inner" not in d:
+            raise ValueError(
+                f"the checkpoint's strategy state (keys {sorted(d)}) is not client-level DP's "
+                "(dp, inner): resume with the config the checkpoint was written with"
+            )
+        history = [list(h) for h in own["history"]]
+        inner = self.inner.load_state(d["inner"])
+        return DPState(inner, own["clip"], history, last_clip=own.get("last_clip"))
 
     def __repr__(self) -> str:
         return (

@@ -2,20 +2,19 @@
 
 Server Adam on the pseudo-gradient Delta = aggregate of the client updates (Algorithm 2, no bias
 correction): m <- b1 m + (1 - b1) Delta; v <- b2 v + (1 - b2) Delta^2; x <- x + lr m / (sqrt(v) + tau).
-``tau`` controls the adaptivity (the paper uses 1e-3 and tunes it).
+``tau`` controls the adaptivity (the paper uses 1e-3 and tunes it). The same as ``strategy=fedavg
+strategy/server_opt=adam``: the server step is ``strategies.optim.adam``, which composes with any
+other strategy's correction (``strategy=scaffold strategy/server_opt=adam``).
 """
 
 from __future__ import annotations
 
-import torch
-
-from strategies.base import RoundExtras, State
-from strategies.fedavg import FedAvg
+from strategies.optim import Composed, adam
 
 __all__ = ["FedAdam"]
 
 
-class FedAdam(FedAvg):
+class FedAdam(Composed):
     """Server Adam with learning rate ``server_lr``, ``beta1``, ``beta2``, ``tau``."""
 
     name = "fedadam"
@@ -27,25 +26,10 @@ class FedAdam(FedAvg):
         beta2: float = 0.99,
         tau: float = 1e-3,
     ) -> None:
-        super().__init__(server_lr, 0.0)
+        if server_lr <= 0:
+            raise ValueError(f"strategy.server_lr must be > 0, got {server_lr}")
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1 and tau > 0):
             raise ValueError(
                 f"FedAdam needs beta1, beta2 in [0, 1) and tau > 0; got {beta1}, {beta2}, {tau}"
             )
-        self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
-
-    def init(self, params: torch.Tensor) -> State:
-        # v_{-1} = tau^2 (Algorithm 2 asks v_{-1} >= tau^2)
-        return {"m": torch.zeros_like(params), "v": torch.full_like(params, self.tau**2)}
-
-    def update(
-        self,
-        params: torch.Tensor,
-        aggregate: torch.Tensor,
-        state: State,
-        round_idx: int,
-        extras: RoundExtras | None = None,
-    ) -> tuple[torch.Tensor, State]:
-        m = self.beta1 * state["m"] + (1 - self.beta1) * aggregate
-        v = self.beta2 * state["v"] + (1 - self.beta2) * aggregate.square()
-        return params + self.server_lr * m / (v.sqrt() + self.tau), {"m": m, "v": v}
+        super().__init__(adam(server_lr, beta1, beta2, tau))

@@ -8,18 +8,22 @@ with the run's aggregator (Byzantine clients send attacked delta grad_i; issue 1
 mean aggregator that is the plain sum over S divided by N, so h = mean over all N clients of
 grad_i holds exactly (tested); the mean_S(x_i) - x_t term is the aggregator's output. The method's
 fixed-point argument assumes both are means: with a robust aggregator FedDyn is a heuristic.
+The server half is the chain ``DynamicRegularizer(alpha)`` (h, and - h / alpha on the new
+parameters) then the server optimizer (``sgd(1.0)``, or ``strategy/server_opt=...``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from clients.rules import Context, Finish, GradFn, LocalRule
-from strategies.base import RoundExtras, State, add_mean_over_all
-from strategies.fedavg import FedAvg
+from strategies.base import add_mean_over_all
+from strategies.optim import Composed, Round, Transform, server_optimizer
 
-__all__ = ["FedDyn", "FedDynRule"]
+__all__ = ["DynamicRegularizer", "DynamicRegularizerState", "FedDyn", "FedDynRule"]
 
 
 class FedDynRule(LocalRule):
@@ -48,27 +52,41 @@ class FedDynRule(LocalRule):
         return Finish(delta, {"grad_i": ctx.state["grad_i"] + step}, {"delta_grad": step})
 
 
-class FedDyn(FedAvg):
-    """FedDyn with regularization ``alpha`` (the paper's alpha; 0.01-0.1 typical)."""
+class DynamicRegularizerState(NamedTuple):
+    h: Tensor  # (d,) the server's h = mean over all N clients of grad_i (with the mean)
+
+
+class DynamicRegularizer(Transform):
+    """FedDyn's server correction: h <- h + (|S|/N) aggregate(delta grad_i) in ``update`` (the step
+    passes unchanged), then x <- (x_t + step) - h / alpha on the new parameters."""
+
+    name = "feddyn"
+    State = DynamicRegularizerState
+
+    def __init__(self, alpha: float = 0.01) -> None:
+        if not alpha > 0:
+            raise ValueError(f"strategy.alpha must be > 0, got {alpha}")
+        self.alpha = float(alpha)
+
+    def init(self, params: Tensor) -> DynamicRegularizerState:
+        return DynamicRegularizerState(torch.zeros_like(params))
+
+    def update(
+        self, step: Tensor, state: DynamicRegularizerState, rnd: Round
+    ) -> tuple[Tensor, DynamicRegularizerState]:
+        return step, DynamicRegularizerState(add_mean_over_all(state.h, rnd.extras, "delta_grad"))
+
+    def post_apply(self, params: Tensor, state: DynamicRegularizerState, rnd: Round) -> Tensor:
+        return params - state.h / self.alpha
+
+
+class FedDyn(Composed):
+    """FedDyn with regularization ``alpha`` (the paper's alpha; 0.01-0.1 typical):
+    ``chain(DynamicRegularizer(alpha), sgd(1.0))``, or another server optimizer ``server_opt``."""
 
     name = "feddyn"
 
-    def __init__(self, alpha: float = 0.01) -> None:
-        super().__init__(1.0, 0.0)
-        self.alpha = float(alpha)
-        self.client_rule = FedDynRule(alpha)
-
-    def init(self, params: torch.Tensor) -> State:
-        return {"h": torch.zeros_like(params)}
-
-    def update(
-        self,
-        params: torch.Tensor,
-        aggregate: torch.Tensor,
-        state: State,
-        round_idx: int,
-        extras: RoundExtras | None = None,
-    ) -> tuple[torch.Tensor, State]:
-        h = state["h"]
-        h = add_mean_over_all(h, extras, "delta_grad")
-        return params + aggregate - h / self.alpha, {**state, "h": h}
+    def __init__(self, alpha: float = 0.01, server_opt: Transform | None = None) -> None:
+        opt = server_optimizer(1.0, 0.0, server_opt)
+        rule = FedDynRule(alpha)
+        super().__init__(DynamicRegularizer(alpha), opt, client_rule=rule)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from clients.rules import Context, GradFn, LocalRule
-from strategies.fedavg import FedAvg
+from strategies.optim import Composed, Transform, server_optimizer
 
 __all__ = ["FedProx", "Prox"]
 
@@ -31,11 +31,17 @@ class Prox(LocalRule):
         return g, loss
 
 
-class FedProx(FedAvg):
-    """FedAvg server rule with the proximal local rule ``g + mu (x - x_t)``."""
+class FedProx(Composed):
+    """FedAvg's server step (or ``server_opt``) with the proximal local rule ``g + mu (x - x_t)``."""
 
     name = "fedprox"
 
-    def __init__(self, mu: float = 0.01, server_lr: float = 1.0, server_momentum: float = 0.0):
-        super().__init__(server_lr, server_momentum)
-        self.client_rule = Prox(mu)
+    def __init__(
+        self,
+        mu: float = 0.01,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        server_opt: Transform | None = None,
+    ) -> None:
+        opt = server_optimizer(server_lr, server_momentum, server_opt)
+        super().__init__(opt, client_rule=Prox(mu))

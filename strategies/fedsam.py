@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from clients.rules import Context, GradFn, LocalRule
-from strategies.fedavg import FedAvg
+from strategies.optim import Composed, Transform, server_optimizer
 
 __all__ = ["FedSAM", "SAM", "sam_perturbation"]
 
@@ -42,11 +42,17 @@ class SAM(LocalRule):
         return g2, loss
 
 
-class FedSAM(FedAvg):
-    """FedAvg server rule with the SAM local rule (radius ``rho``)."""
+class FedSAM(Composed):
+    """FedAvg's server step (or ``server_opt``) with the SAM local rule (radius ``rho``)."""
 
     name = "fedsam"
 
-    def __init__(self, rho: float = 0.1, server_lr: float = 1.0, server_momentum: float = 0.0):
-        super().__init__(server_lr, server_momentum)
-        self.client_rule = SAM(rho)
+    def __init__(
+        self,
+        rho: float = 0.1,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        server_opt: Transform | None = None,
+    ) -> None:
+        opt = server_optimizer(server_lr, server_momentum, server_opt)
+        super().__init__(opt, client_rule=SAM(rho))

@@ -20,15 +20,17 @@ corrections of the few sampled clients; on the heterogeneity benchmark it traile
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from clients.rules import Context, Finish, GradFn, LocalRule
-from strategies.base import RoundExtras, State, add_mean_over_all
-from strategies.fedavg import FedAvg
+from strategies.base import add_mean_over_all
 from strategies.fedsam import sam_perturbation
+from strategies.optim import Composed, Round, Transform, server_optimizer
 
-__all__ = ["FedSpeed", "FedSpeedRule"]
+__all__ = ["CorrectionMean", "CorrectionMeanState", "FedSpeed", "FedSpeedRule"]
 
 
 class FedSpeedRule(LocalRule):
@@ -84,8 +86,37 @@ class FedSpeedRule(LocalRule):
         return Finish(delta, {"ghat_i": new}, {"delta_ghat": new - old})
 
 
-class FedSpeed(FedAvg):
-    """FedSpeed; reference defaults rho 0.1, alpha 1, lamb 0.1 (lambda = 10)."""
+class CorrectionMeanState(NamedTuple):
+    ghat_mean: Tensor  # (d,) G = mean over all N clients of ghat_i (with the mean aggregator)
+
+
+class CorrectionMean(Transform):
+    """FedSpeed's server step (``average="all"``): G <- G + (|S|/N) aggregate(delta ghat_i), and
+    the step becomes Delta - lambda G (``lamb`` = 1/lambda), before the server optimizer."""
+
+    name = "fedspeed"
+    State = CorrectionMeanState
+
+    def __init__(self, lamb: float = 0.1) -> None:
+        if not lamb > 0:
+            raise ValueError(f"strategy.lamb must be > 0, got {lamb}")
+        self.lamb = float(lamb)
+
+    def init(self, params: Tensor) -> CorrectionMeanState:
+        return CorrectionMeanState(torch.zeros_like(params))
+
+    def update(
+        self, step: Tensor, state: CorrectionMeanState, rnd: Round
+    ) -> tuple[Tensor, CorrectionMeanState]:
+        G = add_mean_over_all(state.ghat_mean, rnd.extras, "delta_ghat")
+        # x_{t+1} = x_t + mean_S(x_K - x_t) - lambda G
+        return step - G / self.lamb, CorrectionMeanState(G)
+
+
+class FedSpeed(Composed):
+    """FedSpeed; reference defaults rho 0.1, alpha 1, lamb 0.1 (lambda = 10). Server half:
+    ``chain(CorrectionMean(lamb), sgd(server_lr))`` with ``average="all"``, ``sgd(server_lr)``
+    alone with ``"sampled"`` (or another server optimizer ``server_opt``)."""
 
     name = "fedspeed"
 
@@ -96,26 +127,9 @@ class FedSpeed(FedAvg):
         lamb: float = 0.1,
         average: str = "all",
         server_lr: float = 1.0,
+        server_opt: Transform | None = None,
     ) -> None:
-        super().__init__(server_lr, 0.0)
-        self.client_rule = FedSpeedRule(rho, alpha, lamb, average)
-        self.average = average
-        self.lamb = float(lamb)
-
-    def init(self, params: torch.Tensor) -> State:
-        return {"ghat_mean": torch.zeros_like(params)} if self.average == "all" else {}
-
-    def update(
-        self,
-        params: torch.Tensor,
-        aggregate: torch.Tensor,
-        state: State,
-        round_idx: int,
-        extras: RoundExtras | None = None,
-    ) -> tuple[torch.Tensor, State]:
-        if self.average == "sampled":
-            return params + self.server_lr * aggregate, state
-        G = state["ghat_mean"]
-        G = add_mean_over_all(G, extras, "delta_ghat")
-        # x_{t+1} = x_t + mean_S(x_K - x_t) - lambda G
-        return params + self.server_lr * (aggregate - G / self.lamb), {**state, "ghat_mean": G}
+        opt = server_optimizer(server_lr, 0.0, server_opt)
+        rule = FedSpeedRule(rho, alpha, lamb, average)
+        parts = (CorrectionMean(lamb), opt) if average == "all" else (opt,)
+        super().__init__(*parts, client_rule=rule)

@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from clients.lora import adapter_layers, lora_factors
-from strategies.base import RoundExtras, State
-from strategies.fedavg import FedAvg
+from strategies.optim import Composed, Empty, Round, Transform, server_optimizer
 
-__all__ = ["FedSVD", "fedsvd_refactorize"]
+__all__ = ["FedSVD", "Refactorize", "fedsvd_refactorize"]
 
 
 def fedsvd_refactorize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,16 +38,13 @@ def fedsvd_refactorize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, 
     return (U[:, :r] * S[:r]).to(B.dtype), Vh[:r].contiguous().to(A.dtype)
 
 
-class FedSVD(FedAvg):
-    """FedAvg of the trainable vector, then ``fedsvd_refactorize`` on every LoRA adapter every
-    ``period`` rounds (0 = never: FFA-LoRA). Needs a LoRA model (``model=lora_*``)."""
+class Refactorize(Transform):
+    """FedSVD's server transform on the parameters: after the step, every ``period`` rounds
+    (``(round_idx + 1) % period == 0``; 0 = never), ``fedsvd_refactorize`` on every adapter."""
 
     name = "fedsvd"
 
-    def __init__(
-        self, period: int = 1, server_lr: float = 1.0, server_momentum: float = 0.0
-    ) -> None:
-        super().__init__(server_lr, server_momentum)
+    def __init__(self, period: int = 1) -> None:
         if period < 0:
             raise ValueError(f"strategy.period must be >= 0 (0 = never, FFA-LoRA), got {period}")
         self.period = int(period)
@@ -89,17 +85,36 @@ class FedSVD(FedAvg):
             out[sb], out[sa] = B.reshape(-1), A.reshape(-1)
         return out
 
-    def update(
-        self,
-        params: torch.Tensor,
-        aggregate: torch.Tensor,
-        state: State,
-        round_idx: int,
-        extras: RoundExtras | None = None,
-    ) -> tuple[torch.Tensor, State]:
-        params, state = self.server_step(params, aggregate, state)
-        if self.period and (round_idx + 1) % self.period == 0:
+    def post_apply(self, params: torch.Tensor, state: Empty, rnd: Round) -> torch.Tensor:
+        if self.period and (rnd.round_idx + 1) % self.period == 0:
             if not self._slices:
                 raise RuntimeError("FedSVD.update before bind(model, spec)")
             params = self.refactorize(params)
-        return params, state
+        return params
+
+
+class FedSVD(Composed):
+    """FedAvg of the trainable vector (or ``server_opt``), then ``fedsvd_refactorize`` on every
+    LoRA adapter every ``period`` rounds (0 = never: FFA-LoRA): ``chain(sgd(server_lr),
+    Refactorize(period))``. Needs a LoRA model (``model=lora_*``)."""
+
+    name = "fedsvd"
+
+    def __init__(
+        self,
+        period: int = 1,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        server_opt: Transform | None = None,
+    ) -> None:
+        opt = server_optimizer(server_lr, server_momentum, server_opt)
+        self.refactorization = Refactorize(period)
+        super().__init__(opt, self.refactorization)
+
+    @property
+    def period(self) -> int:
+        return self.refactorization.period
+
+    def refactorize(self, params: torch.Tensor) -> torch.Tensor:
+        """Apply ``fedsvd_refactorize`` to every adapter of the flat vector ``params``."""
+        return self.refactorization.refactorize(params)

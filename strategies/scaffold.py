@@ -3,6 +3,8 @@
 Server state: the control variate c (d,), sent to the clients each round. Clients keep c_i (on their
 host), correct each local gradient by c - c_i, and send y_i - x_t and delta c_i. Server:
 x <- x + eta_g * aggregate(y_i - x_t);  c <- c + (|S|/N) aggregate(delta c_i).
+The server half is the chain ``ControlVariate()`` (c) then the server optimizer (``sgd(eta_g)``, or
+any other: ``strategy/server_opt=adam``; c does not depend on it).
 With the mean aggregator the second step is the plain sum_S delta c_i / N, which keeps c equal to
 the mean of all N clients' c_i (tested). With a robust aggregator the delta c_i rows go through the
 same rule (``RoundExtras.mean_over_all``), because Byzantine clients send attacked delta c_i too
@@ -12,14 +14,16 @@ price of not letting f clients steer the drift correction.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from clients.rules import Context, Finish, GradFn, LocalRule
-from strategies.base import RoundExtras, State, add_mean_over_all
-from strategies.fedavg import FedAvg
+from strategies.base import add_mean_over_all
+from strategies.optim import Composed, Round, Transform, server_optimizer
 
-__all__ = ["SCAFFOLD", "Scaffold"]
+__all__ = ["SCAFFOLD", "ControlVariate", "ControlVariateState", "Scaffold"]
 
 
 class Scaffold(LocalRule):
@@ -43,29 +47,35 @@ class Scaffold(LocalRule):
         return Finish(X - ctx.x0, {"c_i": new}, {"delta_c": new - c_i})
 
 
-class SCAFFOLD(FedAvg):
-    """SCAFFOLD with global step size ``server_lr`` (eta_g)."""
+class ControlVariateState(NamedTuple):
+    c: Tensor  # (d,) the server control variate, the mean of the clients' c_i (with the mean)
+
+
+class ControlVariate(Transform):
+    """SCAFFOLD's server correction: c <- c + (|S|/N) aggregate(delta c_i), sent to the clients
+    each round; the step passes unchanged, so any server optimizer follows it."""
+
+    name = "scaffold"
+    State = ControlVariateState
+
+    def init(self, params: Tensor) -> ControlVariateState:
+        return ControlVariateState(torch.zeros_like(params))
+
+    def update(
+        self, step: Tensor, state: ControlVariateState, rnd: Round
+    ) -> tuple[Tensor, ControlVariateState]:
+        return step, ControlVariateState(add_mean_over_all(state.c, rnd.extras, "delta_c"))
+
+    def broadcast(self, state: ControlVariateState) -> dict[str, Tensor]:
+        return {"c": state.c}
+
+
+class SCAFFOLD(Composed):
+    """SCAFFOLD with global step size ``server_lr`` (eta_g): ``chain(ControlVariate(),
+    sgd(server_lr))``, or another server optimizer ``server_opt`` after the correction."""
 
     name = "scaffold"
 
-    def __init__(self, server_lr: float = 1.0) -> None:
-        super().__init__(server_lr, 0.0)
-        self.client_rule = Scaffold()
-
-    def init(self, params: torch.Tensor) -> State:
-        return {"c": torch.zeros_like(params)}
-
-    def broadcast(self, params: torch.Tensor, state: State) -> dict[str, torch.Tensor]:
-        return {"c": state["c"]}
-
-    def update(
-        self,
-        params: torch.Tensor,
-        aggregate: torch.Tensor,
-        state: State,
-        round_idx: int,
-        extras: RoundExtras | None = None,
-    ) -> tuple[torch.Tensor, State]:
-        c = state["c"]
-        c = add_mean_over_all(c, extras, "delta_c")
-        return params + self.server_lr * aggregate, {**state, "c": c}
+    def __init__(self, server_lr: float = 1.0, server_opt: Transform | None = None) -> None:
+        opt = server_optimizer(server_lr, 0.0, server_opt)
+        super().__init__(ControlVariate(), opt, client_rule=Scaffold())

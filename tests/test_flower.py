@@ -141,7 +141,7 @@ def test_client_app_keeps_scaffold_state_in_context(tmp_path) -> None:
         assert metrics["dropped_failed"] == 0 and metrics["train_loss"] > 0
         assert all(STATE_KEY in ctx.state for ctx in contexts.values())
     c_i = arrays_to_vector(contexts[0].state[STATE_KEY], ("c_i",))
-    assert c_i.abs().sum() > 0 and s.state["c"].abs().sum() > 0
+    assert c_i.abs().sum() > 0 and s.state["scaffold"].c.abs().sum() > 0
 
 
 def test_dpsgd_client_accountant_survives_a_new_worker() -> None:

@@ -3,6 +3,7 @@ accounting over rounds, adaptive clipping, the budget stop, and runs through the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -32,7 +33,7 @@ def test_clipping_and_equal_weights() -> None:
     torch.testing.assert_close(V[0], torch.tensor([0.3, 0.4]))
     torch.testing.assert_close(V[1], U[1])  # small updates are untouched
     torch.testing.assert_close(w, torch.ones(3))
-    assert state["round"] == {"n": 3, "unclipped": 1}
+    assert state.round == {"n": 3, "unclipped": 1}
 
 
 def test_noise_scale_is_z_s_over_m() -> None:
@@ -64,7 +65,7 @@ def test_accounting_is_the_sampled_gaussian_over_rounds() -> None:
         _, _, state = s.pre_aggregate(torch.ones(10, 3), torch.ones(10), state, r)
         params, state = s.update(params, torch.ones(3), state, r)
         eps.append(s.epsilon(state))
-    assert state["history"] == [[1.0, 0.1, 4]]
+    assert state.history == [[1.0, 0.1, 4]]
     assert eps == sorted(eps) and eps[0] > 0
     # the reference value: sigma 1.0, q 0.1, 100 steps -> 7.8993 (RDP, delta 1e-5)
     assert epsilon_of_history([(1.0, 0.1, 100)], 1e-5, "rdp") == pytest.approx(7.8993, abs=1e-4)
@@ -86,11 +87,11 @@ def test_calibrated_noise_and_adaptive_clipping() -> None:
     assert a.update_noise_multiplier**-2 + (2 * 5.0) ** -2 == pytest.approx(1.0)
     params = torch.zeros(2)
     state = a.init(params)
-    clips = [state["clip"]]
+    clips = [state.clip]
     for r in range(30):  # all updates tiny: the clip shrinks geometrically towards their norm
         _, _, state = a.pre_aggregate(torch.full((10, 2), 1e-3), torch.ones(10), state, r)
         params, state = a.update(params, torch.zeros(2), state, r)
-        clips.append(state["clip"])
+        clips.append(state.clip)
     assert clips[-1] < 0.2 * clips[0]
     with pytest.raises(ValueError, match="count_stddev"):
         _dp(adaptive=True, noise_multiplier=1.0, count_stddev=0.1)
@@ -117,11 +118,11 @@ def test_dp_fedavg_runs_from_the_runner_and_stops_on_budget(tmp_path) -> None:
     )
     assert res["stopped"] == "privacy budget"
     ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
-    assert ck["strategy"]["history"][0][2] == res["rounds_completed"] >= 1
+    assert ck["strategy"]["dp"]["history"][0][2] == res["rounds_completed"] >= 1
     adaptive = compose(*base, "rounds=2", "strategy.adaptive=true", "strategy.count_stddev=2.0")
     train(adaptive, run_dir=str(tmp_path / "c"))
     ck = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)
-    assert ck["strategy"]["clip"] != 1.0
+    assert ck["strategy"]["dp"]["clip"] != 1.0
 
 
 def test_dp_fedavg_needs_the_mean_aggregator() -> None:
@@ -143,10 +144,10 @@ def _release(s: ClientLevelDP, U: torch.Tensor, r: int, clip: float) -> tuple[to
     server runs it (clip, mean aggregator, update); returns the noised update and the released
     fraction b~ recovered from the next clip, S' = S exp(-eta (b~ - gamma))."""
     d = U.shape[1]
-    state = {**s.init(torch.zeros(d)), "clip": clip}
+    state = dataclasses.replace(s.init(torch.zeros(d)), clip=clip)
     V, w, state = s.pre_aggregate(U, torch.ones(len(U)), state, r)
     new, state = s.update(torch.zeros(d), V.mean(0), state, r)
-    b = s.target_quantile - math.log(state["clip"] / clip) / s.clip_lr
+    b = s.target_quantile - math.log(state.clip / clip) / s.clip_lr
     return new.double(), b
 
 
@@ -179,7 +180,7 @@ def test_adaptive_effective_noise_multiplier_measured_equals_accounted() -> None
     state = s.init(torch.zeros(d))
     _, _, state = s.pre_aggregate(base, torch.ones(len(base)), state, 0)
     _, state = s.update(torch.zeros(d), base.mean(0), state, 0)
-    accounted = state["history"][-1][0]
+    accounted = state.history[-1][0]
     assert measured == pytest.approx(accounted, rel=0.03)
     assert sens_count == pytest.approx(0.5, rel=1e-6)
 

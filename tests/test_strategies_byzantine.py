@@ -208,7 +208,7 @@ def test_server_hands_the_strategy_attacked_extras_and_aggregates_them_robustly(
     assert torch.equal(extras.values["delta_c"][2:], honest)
     _, state = srv.strategy.update(srv.params, agg, srv.state, 0, extras=extras)
     rows = torch.cat([-honest.mean(0).expand(2, -1), honest])
-    torch.testing.assert_close(state["c"], (5 / 10) * coordinate_median(rows))
+    torch.testing.assert_close(state["scaffold"].c, (5 / 10) * coordinate_median(rows))
 
 
 def test_server_drops_a_client_whose_extra_is_not_finite() -> None:
@@ -259,10 +259,10 @@ def test_flower_adapter_equals_the_parameter_server_under_attack() -> None:
     fl._sent = len(cids)
     fl.aggregate_train(1, [_flower_reply(int(c), U[i], E[i], 10.0) for i, c in enumerate(cids)])
     torch.testing.assert_close(fl.params, p_srv, atol=0, rtol=0)
-    torch.testing.assert_close(fl.state["c"], st_srv["c"], atol=0, rtol=0)
+    torch.testing.assert_close(fl.state["scaffold"].c, st_srv["scaffold"].c, atol=0, rtol=0)
     honest = torch.cat([got.replies[1].extras["delta_c"], got.replies[0].extras["delta_c"]])[2:]
     rows = torch.cat([-honest.mean(0).expand(2, -1), honest])
-    torch.testing.assert_close(fl.state["c"], 0.5 * coordinate_median(rows))
+    torch.testing.assert_close(fl.state["scaffold"].c, 0.5 * coordinate_median(rows))
     assert arrays_to_vector(fl.arrays(), ("p",)).shape == (d,)
 
 
@@ -293,14 +293,17 @@ def test_sign_flipped_extras_reach_the_server_state(
     delta = ck["clients"][client_key]  # (N, d): the hosts keep every client's honest state
     honest = delta[[3, 5, 7]]
     rows = torch.cat([-honest.mean(0).expand(2, -1), honest])
-    torch.testing.assert_close(ck["strategy"][server_key], rows.sum(0) / 10, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(
+        ck["strategy"][strategy][server_key], rows.sum(0) / 10, atol=1e-7, rtol=1e-6
+    )
 
 
 def test_crashed_clients_send_no_extras(tmp_path: Path) -> None:
     ck = _one_round(tmp_path, "scaffold", (), "attack=crash", "attack.f=2")
     c_i = ck["clients"]["c_i"]
     assert bool(c_i[0].abs().sum() > 0)  # the Byzantine clients trained ...
-    torch.testing.assert_close(ck["strategy"]["c"], c_i[[3, 5, 7]].sum(0) / 10)  # ... sent nothing
+    c = ck["strategy"]["scaffold"]["c"]
+    torch.testing.assert_close(c, c_i[[3, 5, 7]].sum(0) / 10)  # ... sent nothing
 
 
 def test_median_aggregates_the_control_variate_updates(tmp_path: Path) -> None:
@@ -308,7 +311,7 @@ def test_median_aggregates_the_control_variate_updates(tmp_path: Path) -> None:
     honest = ck["clients"]["c_i"][[3, 5, 7]]
     rows = torch.cat([-honest.mean(0).expand(2, -1), honest])
     torch.testing.assert_close(
-        ck["strategy"]["c"], (5 / 10) * coordinate_median(rows), atol=1e-7, rtol=1e-6
+        ck["strategy"]["scaffold"]["c"], (5 / 10) * coordinate_median(rows), atol=1e-7, rtol=1e-6
     )
 
 

@@ -78,7 +78,7 @@ def test_server_state_is_mean_of_all_client_states(
     state = _ckpt(tmp_path)
     per_client = state["clients"][client_key]
     torch.testing.assert_close(
-        state["strategy"][server_key], per_client.mean(0), atol=1e-6, rtol=1e-5
+        state["strategy"][strategy][server_key], per_client.mean(0), atol=1e-6, rtol=1e-5
     )
 
 
@@ -108,7 +108,7 @@ def test_scaffold_on_ray_equals_local(ray_cluster, tmp_path: Path) -> None:
     torch.testing.assert_close(remote["params"], local["params"], atol=0, rtol=0)
     a, b = _ckpt(tmp_path / "local"), _ckpt(tmp_path / "ray")
     assert torch.equal(a["clients"]["c_i"], b["clients"]["c_i"])
-    assert torch.equal(a["strategy"]["c"], b["strategy"]["c"])
+    assert torch.equal(a["strategy"]["scaffold"]["c"], b["strategy"]["scaffold"]["c"])
 
 
 @pytest.mark.parametrize("experiment", ["hetero_digits", "hetero_mnist1d"])

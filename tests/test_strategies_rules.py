@@ -174,8 +174,8 @@ def test_scaffold_server_keeps_c_the_mean_of_all_c_i() -> None:
         _, st = s.update(
             torch.zeros(d), torch.zeros(d), st, r, RoundExtras({"delta_c": delta}, ids, N)
         )
-        torch.testing.assert_close(st["c"], c_all.mean(0))
-    assert torch.equal(s.broadcast(torch.zeros(d), st)["c"], st["c"])
+        torch.testing.assert_close(st["scaffold"].c, c_all.mean(0))
+    assert torch.equal(s.broadcast(torch.zeros(d), st)["c"], st["scaffold"].c)
 
 
 # -- FedSpeed --------------------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def test_fedspeed_server_averaging_sets() -> None:
     delta = torch.tensor([[0.2, 0.0, 0.0], [0.0, 0.4, 0.0]])
     nxt, st = s.update(x, agg, s.init(x), 0, RoundExtras({"delta_ghat": delta}, ids, N))
     G = delta.sum(0) / N  # mean of ghat_i over all N clients (others still 0)
-    torch.testing.assert_close(st["ghat_mean"], G)
+    torch.testing.assert_close(st["fedspeed"].ghat_mean, G)
     torch.testing.assert_close(nxt, agg - G / 0.5)  # mean_S x_K - lambda mean_all ghat_i
 
 
@@ -265,7 +265,7 @@ def test_feddyn_server_rule() -> None:
     step = torch.tensor([[0.1, 0.2, 0.3], [0.0, -0.1, 0.5]])
     nxt, st = s.update(x, agg, s.init(x), 0, RoundExtras({"delta_grad": step}, np.array([0, 3]), N))
     h = step.sum(0) / N
-    torch.testing.assert_close(st["h"], h)
+    torch.testing.assert_close(st["feddyn"].h, h)
     torch.testing.assert_close(nxt, x + agg - h / alpha)
 
 
@@ -291,7 +291,7 @@ def test_fedavgm_momentum() -> None:
     st = s.init(x)
     x, st = s.update(x, torch.tensor([1.0, 0.0]), st, 0)
     x, st = s.update(x, torch.tensor([0.0, 1.0]), st, 1)
-    torch.testing.assert_close(st["velocity"], torch.tensor([0.9, 1.0]))
+    torch.testing.assert_close(st["momentum"].velocity, torch.tensor([0.9, 1.0]))
     torch.testing.assert_close(x, 0.5 * torch.tensor([1.0, 0.0]) + 0.5 * torch.tensor([0.9, 1.0]))
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from conftest import compose
 
 from strategies.base import Strategy
 
@@ -17,19 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVER_STRATEGIES = sorted(
     p.stem
     for p in (ROOT / "conf" / "strategy").glob("*.yaml")
-    if OmegaConf.load(p).get("mode") != "p2p" and "defaults" not in OmegaConf.load(p)
+    if "mode: p2p" not in p.read_text() and "- monna" not in p.read_text()
 )
 
 
 def _build(name: str) -> Strategy:
-    cfg = OmegaConf.load(ROOT / "conf" / "strategy" / f"{name}.yaml")
-    if name.startswith("dp_fedavg"):
-        cfg = OmegaConf.merge(
-            cfg,
-            {"num_clients": 10, "clients_per_round": 5, "rounds": 3, "target_epsilon": None}
-            | {"delta": 1e-5, "accountant": "rdp", "seed": 0},
-        )
-    return instantiate(cfg)
+    from system.config import to_plain
+    from system.host import build_from
+
+    return build_from(to_plain(compose("experiment=smoke", f"strategy={name}"))["strategy"])
 
 
 @pytest.mark.parametrize("name", SERVER_STRATEGIES)
@@ -43,7 +38,7 @@ def test_every_strategy_derives_from_the_base_and_answers_every_hook(name: str) 
     assert U2.shape == U.shape and w2.shape == w.shape
     assert isinstance(s.broadcast(params, state), dict)
     assert isinstance(s.name, str) and isinstance(s.transforms_updates, bool)
-    assert s.load_state(s.state_dict(state)).keys() == state.keys()
+    assert s.state_dict(s.load_state(s.state_dict(state))).keys() == s.state_dict(state).keys()
     private = s.epsilon_kind is not None
     assert (s.epsilon(state) is not None) == private
     assert (s.epsilon_after(state) is not None) == private
