@@ -167,3 +167,27 @@ def test_scaffold_with_server_adam_end_to_end(tmp_path: Path) -> None:
         one[name] = (run["params"], ck1["strategy"]["scaffold"]["c"])
     assert torch.equal(one["sgd"][1], one["adam1"][1])
     assert not torch.equal(one["sgd"][0], one["adam1"][0])
+
+
+def test_config_spellings_compose_optimizers_and_dp_without_new_classes() -> None:
+    """strategy/server_opt=adam gives any strategy a server Adam; dp_fedavg wraps any strategy of the
+    group (strategy@strategy.inner=...), with its own server optimizer."""
+    from system.config import to_plain
+    from system.host import build_from
+
+    def built(*over: str):
+        return build_from(to_plain(compose("experiment=smoke", *over))["strategy"])
+
+    s = built("strategy=feddyn", "strategy/server_opt=adam", "strategy.server_opt.lr=0.05")
+    assert [t.name for t in s.transform.transforms] == ["feddyn", "adam"]
+    assert s.transform.transforms[1].lr == 0.05
+    m = built("strategy=fedavg", "strategy/server_opt=momentum")
+    assert [t.name for t in m.transform.transforms] == ["momentum", "sgd"]
+    dp = built(
+        "strategy=dp_fedavg",
+        "strategy@strategy.inner=fedprox",
+        "strategy/server_opt@strategy.inner.server_opt=adam",
+    )
+    assert isinstance(dp, ClientLevelDP) and dp.inner.name == "fedprox"
+    assert [t.name for t in dp.inner.transform.transforms] == ["adam"]
+    assert dp.client_rule.mu == 0.01
