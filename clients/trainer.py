@@ -427,16 +427,17 @@ class LocalSGD(Trainer):
             g = g * scale[:, None]
         if self.weight_decay:
             g = g + self.weight_decay * (X if mask is None else X * mask)
+        # X and buf belong to this trainer: updated in place (the same arithmetic as X - lr * g,
+        # without a fresh (K, d) allocation per operation, which costs page faults for big models)
         if bool(act.all()):  # every client steps: no gating needed (the common case)
             if buf is not None:
-                buf = self.momentum * buf + g
-                g = buf
-            return X - lr * g, buf
+                g = buf.mul_(self.momentum).add_(g)
+            return X.sub_(lr * g), buf
         gate = act[:, None]
         if buf is not None:
             buf = torch.where(gate, self.momentum * buf + g, buf)
             g = buf
-        return torch.where(gate, X - lr * g, X), buf
+        return X.sub_(torch.where(gate, lr * g, 0.0)), buf
 
 
 def _stacked(model: nn.Module, spec: ParamSpec) -> bool:

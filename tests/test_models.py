@@ -85,7 +85,9 @@ TINY = {
 }
 
 
-@pytest.mark.parametrize("kind", list(TINY))
+@pytest.mark.parametrize(
+    "kind", [pytest.param(k, marks=pytest.mark.slow) if k == "resnet18" else k for k in TINY]
+)  # ResNet-18 (11M parameters) takes 10-20 s: resnet8/20 are the fast variants
 @pytest.mark.parametrize("batched", ["true", "false"])
 def test_batched_training_equals_a_plain_sgd_loop(kind: str, batched: str) -> None:
     torch.set_num_threads(1)
@@ -130,3 +132,50 @@ def test_batchnorm_model_is_refused_with_one_line() -> None:
         with pytest.raises(ValueError, match="GroupNorm"):
             tr.check_model(model)
     LocalSGD().check_model(build_model("resnet8", (3, 8, 8), 10))  # GroupNorm passes
+
+
+# -- one round through the runner (backend=local) for each model config, on generated data in the
+# real on-disk layouts (tests/test_hf_data.py's builders: CIFAR-10 save_to_disk folder, FEMNIST
+# parquet clone, Shakespeare records)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    from tests.test_hf_data import make_cifar, make_femnist, make_shakespeare
+
+    root = tmp_path_factory.mktemp("layouts")
+    return {
+        "cifar10": make_cifar(root / "cifar10", n_train=24, n_test=10),
+        "femnist": make_femnist(root / "femnist", writers=3, per_writer=8),
+        "shakespeare": make_shakespeare(root / "shakespeare.parquet", roles=3, per_role=8),
+    }
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "classes"),
+    [
+        ("resnet8", "cifar10", 10),
+        ("resnet20", "cifar10", 10),
+        pytest.param("resnet18", "cifar10", 10, marks=pytest.mark.slow),
+        ("cnn_femnist", "femnist", 62),
+        ("lstm_shakespeare", "shakespeare", 80),
+    ],
+)
+def test_model_config_runs_one_round_through_the_runner(tmp_path, layouts, model, data, classes):
+    from system.runner import train
+    from tests.conftest import compose
+
+    cfg = compose(
+        "experiment=smoke", "rounds=1", f"model={model}", f"data={data}",
+        f"data.path={layouts[data]}", "num_clients=3", "clients_per_round=2",
+        "client.batch_size=4", "client.steps=2",
+    )  # fmt: skip
+    res = train(cfg, run_dir=str(tmp_path / "run"))
+    assert res["params"].numel() == num_parameters(
+        build_model(
+            cfg.model.kind,
+            {"cifar10": (3, 32, 32), "femnist": (1, 28, 28), "shakespeare": (80,)}[data],
+            classes,
+        )
+    )
+    assert torch.isfinite(res["params"]).all() and np.isfinite(res["loss"])
