@@ -54,7 +54,7 @@ LEAF_CHARACTERS = (
     "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
 )
 TASKS = ("auto", "image", "text", "chars", "tabular")
-_CACHE_VERSION = 1  # bump when the decoded layout changes
+_CACHE_VERSION = 2  # bump when the decoded layout changes (2: images keep mean/std in meta)
 _CACHE_FOLDER = ".flagstaff_cache"
 _DATA_SUFFIXES = {
     ".parquet": "parquet",

@@ -446,3 +446,18 @@ def test_uint8_images_need_a_trainer_that_applies_the_transform(tmp_path, cifar_
     with pytest.raises(ConfigError, match="does not apply; use client=sgd") as err:
         train(cfg, run_dir=str(tmp_path / "run"))
     assert "\n" not in str(err.value)
+
+
+def test_hf_generic_parquet_file_with_held_out_test(tmp_path, cifar_root) -> None:
+    """data=hf on one parquet file (the training split only): task inferred from the Image column,
+    a seeded held-out test set, Flagstaff's Dirichlet partition."""
+    import datasets
+
+    path = tmp_path / "train.parquet"
+    datasets.load_from_disk(str(cifar_root))["train"].to_parquet(str(path))
+    res = _run(
+        tmp_path, "run", "data=hf", f"data.path={path}", "data.test_split=null",
+        "data.test_fraction=0.25", "model=mlp", "num_clients=3", "clients_per_round=3",
+        "partition=dirichlet", "partition.alpha=5", "rounds=1",
+    )  # fmt: skip
+    assert sum(c["samples"] for c in res["partition"]["clients"]) == 60 and np.isfinite(res["loss"])
