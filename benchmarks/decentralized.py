@@ -183,8 +183,20 @@ class Cache:
         self.path = path
         self.run = run  # False: report what is cached, run nothing (--cached-only)
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        self.used: list[str] = []  # keys of the runs the printed tables use
+
+    def provenance_note(self) -> str:
+        """One comment line: the commits the used runs ran at (older runs recorded none)."""
+        runs = [self.data[k] for k in dict.fromkeys(self.used) if k in self.data]
+        commits = sorted({r["provenance"]["commit"][:7] for r in runs if "provenance" in r})
+        old = sum("provenance" not in r for r in runs)
+        return (
+            f"<!-- tables from {len(runs)} cached runs: {len(runs) - old} with provenance in the json "
+            f"(commits {', '.join(commits) or '-'}), {old} from before provenance was recorded -->"
+        )
 
     def get_or_run(self, key: str, fn) -> dict[str, Any] | None:
+        self.used.append(key)
         if key not in self.data:
             if not self.run:
                 return None
@@ -422,8 +434,8 @@ def main(argv: list[str] | None = None) -> None:
         lines += accuracy_tables(args, cache, args.out_dir)
     if args.only in (None, "timing"):
         lines += timing_table(args, cache, args.out_dir)
-    prov = cache.data.get("_provenance") if args.cached_only else provenance()
-    print("\n".join(([markdown(prov)] if prov else []) + lines))
+    head = [cache.provenance_note()] if args.cached_only else [markdown(provenance())]
+    print("\n".join(head + lines))
 
 
 if __name__ == "__main__":
