@@ -395,13 +395,10 @@ def test_femnist_natural_partition_refuses_more_clients_than_writers(tmp_path) -
 
 
 def test_shakespeare_natural_partition_by_role_trains_the_lstm(tmp_path) -> None:
-    from tests.conftest import ROOT
-
-    if not (ROOT / "conf" / "model" / "lstm.yaml").exists():
-        pytest.skip("model=lstm (LEAF's character LSTM, issue 21 item 3) is not in this checkout")
     path = make_shakespeare(tmp_path / "shakespeare.parquet", roles=4, per_role=10)
     res = _run(
-        tmp_path, "run", "data=shakespeare", f"data.path={path}", "model=lstm", "partition=natural",
+        tmp_path, "run", "data=shakespeare", f"data.path={path}", "model=lstm_shakespeare",
+        "partition=natural",
         "partition.key=character_id", "num_clients=4", "clients_per_round=2", "rounds=1",
     )  # fmt: skip
     assert res["partition"]["num_clients"] == 4 and np.isfinite(res["loss"])
@@ -437,15 +434,24 @@ def test_missing_data_stops_the_cli_before_any_work(tmp_path, cli) -> None:  # n
     assert not run_dir.exists() or not any(run_dir.iterdir())
 
 
-def test_uint8_images_need_a_trainer_that_applies_the_transform(tmp_path, cifar_root) -> None:
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["client=dpsgd"], "DPSGDTrainer does not apply; use client=sgd"),
+        (["backend=flower"], "backend=flower do not apply; use backend=local or backend=ray"),
+    ],
+)
+def test_uint8_images_need_hosts_whose_trainer_applies_the_transform(
+    tmp_path, cifar_root, override, message
+) -> None:
     from system.config import ConfigError
     from system.runner import train
     from tests.conftest import compose
 
-    cfg = compose("experiment=smoke", "data=cifar10", f"data.path={cifar_root}", "client=dpsgd")
-    with pytest.raises(ConfigError, match="does not apply; use client=sgd") as err:
+    cfg = compose("experiment=smoke", "data=cifar10", f"data.path={cifar_root}", *override)
+    with pytest.raises(ConfigError, match=message) as err:
         train(cfg, run_dir=str(tmp_path / "run"))
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_hf_generic_parquet_file_with_held_out_test(tmp_path, cifar_root) -> None:
