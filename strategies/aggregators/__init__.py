@@ -5,25 +5,34 @@ Every rule is a class ``Rule(f=0, n=None, **hparams)`` whose instances are calle
 preconditions such as ``n > 2f``, checked at construction when ``n`` is given and on every call).
 
 Rules (``AGGREGATORS``, name -> class): mean, median, trimmed_mean, krum, multikrum, geomed,
-cclip, bulyan, mda, meamed, phocas, clip, arc, flag.
+cclip, bulyan, mda, meamed, phocas, clip, arc, flag. Each module registers its classes by name
+(``@register("krum")``, ``strategies.aggregators.registry``), and every module of this package is
+imported here, so a new rule is one module plus its ``conf/aggregator/<name>.yaml``.
 
 Pre-aggregations (``PRE_AGGREGATIONS``) wrap any rule and delegate to it (STYLE.md point 3):
 nnm, bucketing, clip, arc. ``clip`` and ``arc`` are both: as a rule they clip then take the
 weighted mean; as a pre-aggregation they clip then run the wrapped rule.
 
 Building from config: ``build(rule, pre=(), f=0, n=None, pre_kwargs=None, **hparams)``, the
-``_target_`` of every ``conf/aggregator/<rule>.yaml``::
+``_target_`` of every ``conf/aggregator/<rule>.yaml``. The shared keys are written once, in
+``conf/aggregator/_common.yaml``, which each rule's YAML includes first::
 
+    # conf/aggregator/_common.yaml
     _target_: strategies.aggregators.build
-    rule: krum
+    f: 0
+    n: null
     pre: []              # e.g. [nnm], [bucketing], [nnm, bucketing], [clip], [arc]
     pre_kwargs:          # hyperparameters of each pre-aggregation, used when listed in `pre`
       nnm: {}
       bucketing: {s: 2, seed: 0}
       clip: {c: 1.0}
       arc: {}
-    f: 0
-    n: null
+
+    # conf/aggregator/krum.yaml
+    defaults:
+      - _common
+      - _self_
+    rule: krum
     # ... the rule's own hyperparameters
 
 ``pre`` is applied in order to the inputs: ``pre=[nnm, bucketing]`` mixes, then buckets the mixed
@@ -53,6 +62,7 @@ from strategies.aggregators.flag import FlagAggregator, FlagFit
 from strategies.aggregators.geomed import GeometricMedian
 from strategies.aggregators.krum import MDA, Bulyan, Krum, MultiKrum
 from strategies.aggregators.preagg import NNM, Bucketing
+from strategies.aggregators.registry import PRE, RULES, discover
 
 __all__ = [
     "AGGREGATORS",
@@ -79,29 +89,9 @@ __all__ = [
     "build",
 ]
 
-AGGREGATORS: dict[str, type[Aggregator]] = {
-    "mean": Mean,
-    "median": CoordinateMedian,
-    "trimmed_mean": TrimmedMean,
-    "krum": Krum,
-    "multikrum": MultiKrum,
-    "geomed": GeometricMedian,
-    "cclip": CenteredClipping,
-    "bulyan": Bulyan,
-    "mda": MDA,
-    "meamed": MeanAroundMedian,
-    "phocas": Phocas,
-    "clip": StaticClip,
-    "arc": ARC,
-    "flag": FlagAggregator,
-}
-
-PRE_AGGREGATIONS: dict[str, type[PreAggregator]] = {
-    "nnm": NNM,
-    "bucketing": Bucketing,
-    "clip": StaticClip,
-    "arc": ARC,
-}
+discover()  # every module of the package, so that each one's @register has run
+AGGREGATORS: dict[str, type[Aggregator]] = RULES
+PRE_AGGREGATIONS: dict[str, type[PreAggregator]] = PRE
 
 
 def _hparam_names(cls: type) -> list[str]:

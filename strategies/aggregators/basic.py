@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from strategies.aggregators.base import Aggregator, coordinate_median, mean_of_rows
+from strategies.aggregators.registry import register
 
 __all__ = ["Mean", "CoordinateMedian", "TrimmedMean", "MeanAroundMedian", "Phocas"]
 
@@ -24,6 +25,7 @@ def _closest_mean(V: Tensor, center: Tensor, k: int) -> Tensor:
     return V.gather(1, idx).mean(dim=1)
 
 
+@register("mean")
 class Mean(Aggregator):
     """Weighted average ``sum_i w_i x_i / sum_i w_i`` (FedAvg; McMahan et al. 2017).
 
@@ -57,6 +59,7 @@ class _NeedsMoreThan2f(Aggregator):
         return _needs_more_than_2f(n, self.f)
 
 
+@register("median")
 class CoordinateMedian(_NeedsMoreThan2f):
     """Coordinate-wise median (Yin, Chen, Ramchandran, Bartlett, ICML 2018).
 
@@ -71,6 +74,7 @@ class CoordinateMedian(_NeedsMoreThan2f):
         return coordinate_median(U)
 
 
+@register("trimmed_mean")
 class TrimmedMean(_NeedsMoreThan2f):
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate drop the ``f`` smallest
     and ``f`` largest values and average the remaining ``n - 2f``. Needs n > 2f. Ignores weights.
@@ -89,6 +93,7 @@ class TrimmedMean(_NeedsMoreThan2f):
         return S[:, f : n - f].mean(dim=1)
 
 
+@register("meamed")
 class MeanAroundMedian(_NeedsMoreThan2f):
     """Mean-around-median, MeaMed (Xie, Koyejo, Gupta 2018, "Generalized Byzantine-tolerant SGD"):
     per coordinate, the mean of the ``n - f`` values closest to the coordinate-wise median
@@ -104,6 +109,7 @@ class MeanAroundMedian(_NeedsMoreThan2f):
         return _closest_mean(V, coordinate_median(V, transposed=True), U.shape[0] - self.f)
 
 
+@register("phocas")
 class Phocas(_NeedsMoreThan2f):
     """Phocas (Xie, Koyejo, Gupta 2018, "Phocas: dimensional Byzantine-resilient SGD"): per
     coordinate, the mean of the ``n - f`` values closest to the f-trimmed mean. Needs n > 2f.

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from strategies.aggregators.base import Aggregator, PreAggregator
+from strategies.aggregators.registry import register
 
 __all__ = ["StaticClip", "ARC", "CenteredClipping"]
 
@@ -18,6 +19,7 @@ def _scale_to(U: Tensor, norms: Tensor, threshold: Tensor | float) -> Tensor:
     return U * scale[:, None]
 
 
+@register("clip", pre=True)
 class StaticClip(PreAggregator):
     """Static clipping: ``x_i <- x_i * min(1, c / ||x_i||)``, then the inner rule (default: the
     weighted mean). As a rule (``rule: clip``) it is clip-then-average; as a pre-aggregation
@@ -44,6 +46,7 @@ class StaticClip(PreAggregator):
         return _scale_to(U, torch.linalg.vector_norm(U, dim=1), self.c), weights
 
 
+@register("arc", pre=True)
 class ARC(PreAggregator):
     """Adaptive robust clipping (Allouah, Guerraoui, Gupta, Jellouli, Rizk, Stephan 2024,
     "Boosting robustness by clipping gradients in distributed learning").
@@ -78,6 +81,7 @@ class ARC(PreAggregator):
         return _scale_to(U, norms, threshold), weights
 
 
+@register("cclip")
 class CenteredClipping(Aggregator):
     """Centered clipping (Karimireddy, He, Jaggi, ICML 2021, "Learning from history for Byzantine
     robust optimization"): ``L`` times ``v <- v + (1/n) sum_i (x_i - v) min(1, tau/||x_i - v||)``.

@@ -88,6 +88,7 @@ import torch
 from torch import Tensor
 
 from strategies.aggregators.base import Aggregator, gram
+from strategies.aggregators.registry import register
 
 __all__ = ["FlagAggregator", "FlagFit"]
 
@@ -161,6 +162,7 @@ def _weights(
     return a2, lam / (n * (n - 1)) * (s2 + eps).pow(-0.5) * inv_r2
 
 
+@register("flag")
 class FlagAggregator(Aggregator):
     """Flag Aggregator (Almasi et al., ICLR 2024): IRLS for the maximum-likelihood subspace of the
     unit inputs; returns their projection onto it. See the module docstring for the objective,

@@ -6,10 +6,12 @@ import torch
 from torch import Tensor
 
 from strategies.aggregators.base import Aggregator, gram
+from strategies.aggregators.registry import register
 
 __all__ = ["GeometricMedian"]
 
 
+@register("geomed")
 class GeometricMedian(Aggregator):
     """Geometric median ``argmin_z sum_i w_i ||z - x_i||`` by smoothed Weiszfeld (Pillutla, Kakade,
     Harchaoui 2022, "Robust aggregation for federated learning", RFA).

@@ -19,6 +19,7 @@ from strategies.aggregators.base import (
     pairwise_sq_dists,
 )
 from strategies.aggregators.basic import _closest_mean
+from strategies.aggregators.registry import register
 
 __all__ = ["Krum", "MultiKrum", "Bulyan", "MDA", "krum_scores"]
 
@@ -47,6 +48,7 @@ def _krum_requirement(n: int, f: int) -> str | None:
     return None
 
 
+@register("krum")
 class Krum(Aggregator):
     """Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017): return the input whose sum of
     squared distances to its ``n - f - 2`` nearest neighbours is smallest (ties: lowest index).
@@ -70,6 +72,7 @@ class Krum(Aggregator):
         return U[self.select(U)].clone()
 
 
+@register("multikrum")
 class MultiKrum(Aggregator):
     """Multi-Krum (Blanchard et al. 2017; El Mhamdi et al. 2018): the plain average of the ``m``
     inputs with the lowest Krum scores (``n - f - 2`` neighbours). Default ``m = n - f`` (computed
@@ -102,6 +105,7 @@ class MultiKrum(Aggregator):
         return mean_of_rows(U, self.select(U))
 
 
+@register("bulyan")
 class Bulyan(Aggregator):
     """Bulyan over Krum (El Mhamdi, Guerraoui, Rouault, ICML 2018). Needs n >= 4f + 3.
 
@@ -151,6 +155,7 @@ class Bulyan(Aggregator):
         return _closest_mean(V, coordinate_median(V, transposed=True), beta)
 
 
+@register("mda")
 class MDA(Aggregator):
     """Minimum-diameter averaging (El Mhamdi, Guerraoui, Rouault 2020, "Distributed momentum for
     Byzantine-resilient learning"; Rousseeuw's minimum-volume idea): average the subset of

@@ -9,10 +9,12 @@ import torch
 from torch import Tensor
 
 from strategies.aggregators.base import Aggregator, PreAggregator, pairwise_sq_dists
+from strategies.aggregators.registry import register
 
 __all__ = ["NNM", "Bucketing"]
 
 
+@register("nnm", rule=False, pre=True)
 class NNM(PreAggregator):
     """Nearest-neighbour mixing (Allouah, Farhadkhani, Guerraoui, Gupta, Pinot, Stephan, AISTATS
     2023, "Fixing by mixing"): each ``x_i`` becomes the mean of its ``n - f`` nearest inputs
@@ -52,6 +54,7 @@ class NNM(PreAggregator):
         return W @ U, weights
 
 
+@register("bucketing", rule=False, pre=True)
 class Bucketing(PreAggregator):
     """Bucketing (Karimireddy, He, Jaggi, ICLR 2022, "Byzantine-robust learning on heterogeneous
     datasets via bucketing"): randomly permute the inputs, average consecutive buckets of ``s``
