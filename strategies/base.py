@@ -1,10 +1,12 @@
 """The strategy contract: an init/update pair with explicit state (optax-style; STYLE.md point 2).
 
 A strategy decides what the server sends, which local rule clients run, and how the aggregated update
-becomes the next global parameters. Its state is a plain dict of tensors, checkpointed as is.
+becomes the next global parameters. Its state is typed (``strategies.optim.Composed``: a dict of
+NamedTuples keyed by the transforms' names; ``strategies.dp.ClientLevelDP``: ``DPState``) and
+checkpointed through ``state_dict(state)`` / ``load_state(d)`` as a nested dict of named parts.
 
-* ``client_rule``: a picklable :class:`clients.rules.LocalRule` (None = plain local SGD). Hosts build
-  the strategy from its config themselves and keep the rule and its per-client state.
+* ``client_rule``: a picklable :class:`clients.rules.LocalRule` (None = plain local SGD), defined
+  beside its server half (``strategies/<name>.py``); the hosts run it and keep its per-client state.
 * ``broadcast(params, state)``: server vectors sent with the parameters each round (SCAFFOLD's c).
 * ``update(params, aggregate, state, round_idx, extras=None)``: ``aggregate`` is the aggregator's
   output over the clients' messages; ``extras`` holds the per-client extra vectors of the round,
@@ -30,7 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ExtrasAggregation", "Strategy", "State", "RoundExtras", "add_mean_over_all"]
 
-State = dict[str, Any]
+#: a strategy's state: whatever its ``init`` returns (typed; see the module docstring)
+State = Any
 
 
 def _plain_mean(U: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
