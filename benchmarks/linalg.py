@@ -69,6 +69,7 @@ def table(title: str, header: list[str], rows: list[list[str]], note: str = "") 
 
 
 REPEAT = 2  # timed rows report the best of REPEAT runs (timeit convention), baselines included
+LOCAL_HOSTS = 2  # local hosts (threads, one BLAS thread each); --single-core sets 1
 
 
 def timed(fn, repeat: int = REPEAT):
@@ -194,7 +195,7 @@ def bench_lstsq(n: int, d: int, plain_cap: int, ray_hosts: int) -> str:
     rows.append(
         ["numpy.linalg.lstsq (gelsd)", f"{t_np:.2f}", "-", "-", "0 (reference)", "-", "1.00x"]
     )
-    mat = RowBlockMatrix.from_arrays(A, b, n_blocks=8, hosts=2)  # views of A, in this process
+    mat = RowBlockMatrix.from_arrays(A, b, n_blocks=8, hosts=LOCAL_HOSTS)  # views of A, here
 
     def add(name: str, t: float, sol, passes: str, m: RowBlockMatrix = mat) -> None:
         r = residual_norm(m, sol.x)
@@ -414,7 +415,7 @@ def bench_rsvd(n: int, d: int, k: int, ray_hosts: int, power_iters: int = 7) -> 
         t, (U, s, V) = timed(lambda niter=niter: torch.svd_lowrank(At, q=k + 10, niter=niter))
         err = dense_err(U[:, :k].numpy(), s[:k].numpy(), V[:, :k].numpy().T)
         add(f"torch.svd_lowrank (q={k + 10}, niter={niter})", t, s[:k].numpy(), err)
-    mat = RowBlockMatrix.from_arrays(A, None, n_blocks=4, hosts=2)
+    mat = RowBlockMatrix.from_arrays(A, None, n_blocks=4, hosts=LOCAL_HOSTS)
     variants = [
         ("mixed", "gram", q, " (default)"),
         ("double", "gram", q, ""),
@@ -425,7 +426,8 @@ def bench_rsvd(n: int, d: int, k: int, ray_hosts: int, power_iters: int = 7) -> 
         t, r = timed(
             lambda prec=prec, norm=norm, it=it: rs.rsvd(mat, k, 10, it, 0, None, prec, norm)
         )
-        name = f"row-block rsvd{tag}, local 2 hosts (p=10, q={it}, {prec}, {norm})"
+        where = f"local {LOCAL_HOSTS} host" + ("s" if LOCAL_HOSTS > 1 else "")
+        name = f"row-block rsvd{tag}, {where} (p=10, q={it}, {prec}, {norm})"
         add(name, t, r.s, rs.lowrank_error(mat, r))
     if ray_hosts:
         rmat = RowBlockMatrix.generate(spec, 2 * ray_hosts, backend="ray", hosts=ray_hosts)
@@ -473,7 +475,20 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray rows")
     ap.add_argument("--only", default=",".join(TABLES), help=f"tables to run, of {TABLES}")
     ap.add_argument("--out", default=None, help="also write the tables to this markdown file")
+    ap.add_argument(
+        "--single-core",
+        action="store_true",
+        help="every BLAS call on one thread and one local host, no Ray: ratios that a loaded "
+        "machine does not bias (multithreaded LAPACK/BLAS baselines thrash under load)",
+    )
     args = ap.parse_args()
+    global LOCAL_HOSTS
+    if args.single_core:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+        LOCAL_HOSTS = 1
+        args.no_ray = True
     only = set(args.only.split(","))
     bad = only - set(TABLES)
     if bad:
