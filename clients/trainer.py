@@ -365,7 +365,7 @@ class LocalSGD(Trainer):
         # in its row. (Same numbers as vmap(grad(...)), without torch.func.grad, whose first call
         # imports torch._dynamo: seconds of start-up in every host process.)
         if _stacked(model, spec):  # its own K-client layers (clients.models.stacked), any K
-            forward = model.stacked_forward
+            forward = model.forward_clients
         elif self._batchable is False:  # a model vmap cannot batch: plain calls, one client
 
             def forward(p: Params, xb: torch.Tensor) -> torch.Tensor:

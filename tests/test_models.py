@@ -112,6 +112,40 @@ def test_batched_training_equals_a_plain_sgd_loop(kind: str, batched: str) -> No
     res = tr.train(model, spec, g0, x, y, plan, cfg["classes"], torch.as_tensor(sizes))
     assert res.updates.abs().max() > 0
     torch.testing.assert_close(res.updates, want, atol=2e-5, rtol=1e-4)
+    # a client's numbers do not depend on the clients it shares a host with (bit for bit)
+    alone = tr.train(model, spec, g0, x, y, plan.select(2), cfg["classes"], torch.as_tensor([10]))
+    assert torch.equal(alone.updates[0], res.updates[2])
+
+
+@pytest.mark.parametrize("kind", ["cnn", "cnn_femnist", "resnet8"])
+def test_native_convolution_paths_equal_a_plain_sgd_loop(kind: str, monkeypatch) -> None:
+    """With every convolution above the im2col size, SmallCNN runs oneDNN per client inside its
+    stacked layers and the FedAvg CNN / ResNet-8 run each client's own forward in channels-last
+    memory: still each client's own SGD, and a client alone equals the client among others."""
+    import clients.models.stacked as stacked
+
+    monkeypatch.setattr(stacked, "IM2COL_MAX", 0)
+    torch.set_num_threads(1)
+    shape, classes, kw = {
+        "cnn": ((1, 40), 10, {}),
+        "cnn_femnist": ((1, 12, 12), 62, {"hidden": 32}),
+        "resnet8": ((3, 8, 8), 10, {}),
+    }[kind]
+    g = torch.Generator().manual_seed(0)
+    sizes = np.array([7, 4, 10])
+    x, y = torch.randn(21, *shape, generator=g), torch.randint(0, classes, (21,), generator=g)
+    plan = make_plan(np.cumsum(sizes) - sizes, sizes, np.arange(3), 4, 0, 0)
+    model = build_model(kind, shape, classes, seed=0, **kw)
+    spec = ParamSpec.of(model)
+    g0 = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    want = _plain_sgd(model, g0, x, y, plan, lr=0.05, momentum=0.0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tr = LocalSGD(lr=0.05, batch_size=4, batched="true")
+    res = tr.train(model, spec, g0, x, y, plan, classes, torch.as_tensor(sizes))
+    torch.testing.assert_close(res.updates, want, atol=2e-5, rtol=1e-4)
+    alone = tr.train(model, spec, g0, x, y, plan.select(2), classes, torch.as_tensor(sizes[2:]))
+    assert torch.equal(alone.updates[0], res.updates[2])
 
 
 def test_batchnorm_model_is_refused_with_one_line() -> None:

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from clients.models.stacked import StackedModel, conv, head_weight, linear, to_channels_last
+from clients.models.stacked import (
+    StackedModel,
+    conv,
+    first_conv_large,
+    head_weight,
+    linear,
+    to_channels_last,
+)
 
 __all__ = ["FedAvgCNN"]
 
@@ -50,6 +57,9 @@ class FedAvgCNN(StackedModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).flatten(1))
+
+    def per_client(self, x: torch.Tensor) -> bool:
+        return first_conv_large(x, self.features[0])
 
     def stacked_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         h = to_channels_last(x)

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clients.models.stacked import StackedModel, conv, group_norm, linear, to_channels_last
+from clients.models.stacked import (
+    StackedModel,
+    conv,
+    first_conv_large,
+    group_norm,
+    linear,
+    to_channels_last,
+)
 
 __all__ = ["BasicBlock", "ResNet", "resnet"]
 
@@ -121,6 +128,9 @@ class ResNet(StackedModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.layers(F.relu(self.gn1(self.conv1(x))))
         return self.head(h.mean((2, 3)))
+
+    def per_client(self, x: torch.Tensor) -> bool:
+        return first_conv_large(x, self.conv1)
 
     def stacked_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         h = F.relu(_conv_gn(params, "conv1", "gn1", self.gn1, to_channels_last(x), 1, 1))

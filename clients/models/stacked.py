@@ -33,6 +33,7 @@ from torch import nn
 
 __all__ = [
     "IM2COL_MAX",
+    "first_conv_large",
     "StackedModel",
     "conv",
     "group_norm",
@@ -74,14 +75,50 @@ class StackedModel(nn.Module):
     #: extra module classes a subclass's stacked forward knows (e.g. its own blocks)
     stacked_modules: tuple[type[nn.Module], ...] = ()
 
+    def forward_clients(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """K clients' logits (K, B, classes): ``params`` name -> (K, *shape) as in
+        ``named_parameters``, ``x`` (K, B, *input). The stacked layers, or, where
+        :meth:`per_client` says so, each client's own forward in channels-last memory."""
+        if self.per_client(x):
+            return _each_client(self, params, x)
+        return self.stacked_forward(params, x)
+
     def stacked_forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """``params``: name -> (K, *shape) as in ``named_parameters``; ``x``: (K, B, *input)
-        -> logits (K, B, classes)."""
+        """:meth:`forward_clients` through the stacked layers of this module."""
         raise NotImplementedError
+
+    def per_client(self, x: torch.Tensor) -> bool:
+        """Whether K clients' batch ``x`` trains faster one client at a time (large convolutions:
+        one grouped or im2col convolution over K clients measured slower than K oneDNN calls)."""
+        return False
 
     def stackable(self) -> bool:
         known = (*_LEAVES, *self.stacked_modules, type(self))
         return all(type(m) in known for m in self.modules())
+
+
+def _each_client(model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Each client's own forward (``functional_call``), images in channels-last memory."""
+    from torch.func import functional_call
+
+    names = list(params)
+    outs = []
+    for xk, *ps in zip(x.unbind(0), *(params[n].unbind(0) for n in names), strict=True):
+        if xk.dim() == 4:
+            xk = xk.contiguous(memory_format=torch.channels_last)
+        outs.append(functional_call(model, dict(zip(names, ps, strict=True)), (xk,)))
+    return torch.stack(outs)
+
+
+def first_conv_large(x: torch.Tensor, conv: nn.Conv1d | nn.Conv2d) -> bool:
+    """Whether a client's im2col matrix for ``conv`` on batch ``x`` (K, B, C, *S) exceeds
+    :data:`IM2COL_MAX` (then its convolutions run faster per client, natively)."""
+    B, S = x.shape[1], x.shape[3:]
+    out = [
+        _out_size(s, k, st, p)
+        for s, k, st, p in zip(S, conv.kernel_size, conv.stride, conv.padding, strict=True)
+    ]
+    return B * math.prod(out) * math.prod(conv.kernel_size) * conv.in_channels > IM2COL_MAX
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -136,12 +173,11 @@ def _conv_native(
 ) -> torch.Tensor:
     """Each client's own convolution, in channels-last memory (oneDNN's direct kernels)."""
     fn = F.conv1d if w.dim() == 4 else F.conv2d
-    outs = []
-    for k in range(x.shape[0]):
-        xk = x[k].movedim(-1, 1)  # (B, C, *S) with channels-last strides: no copy
-        outs.append(
-            fn(xk, w[k], None if b is None else b[k], stride=stride, padding=padding).movedim(1, -1)
-        )
+    bs = [None] * x.shape[0] if b is None else b.unbind(0)
+    outs = [  # unbind, not x[k]: the backward of K selects would add K zero-filled (K, ...) tensors
+        fn(xk.movedim(-1, 1), wk, bk, stride=stride, padding=padding).movedim(1, -1)
+        for xk, wk, bk in zip(x.unbind(0), w.unbind(0), bs, strict=True)
+    ]  # movedim: (B, C, *S) with channels-last strides, no copy
     return torch.stack(outs)
 
 
