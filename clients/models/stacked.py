@@ -23,7 +23,6 @@ whose modules were replaced (e.g. by LoRA adapters) is not stackable and trains 
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 
@@ -207,54 +206,36 @@ def embedding(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.embedding(ids + offset, w.reshape(K * V, -1))
 
 
-@functools.lru_cache(maxsize=256)
-def _geometry(
-    S: tuple[int, ...], ks: tuple[int, ...], stride: int, padding: int, pool: bool
-) -> tuple[tuple[int, ...], int, tuple[tuple[tuple[slice, ...], ...], ...]]:
-    """Pooled (or output) sizes, the number of pool phases, and for each phase and kernel offset
-    the slices of the padded input that the im2col columns read."""
-    out = [_out_size(s, k, stride, padding) for s, k in zip(S, ks, strict=True)]
-    step = 2 * stride if pool else stride
-    n = tuple(o // 2 for o in out) if pool else tuple(out)
-    phases = list(itertools.product((0, 1), repeat=len(S))) if pool else [(0,) * len(S)]
-    offsets = list(itertools.product(*[range(k) for k in ks]))
-    windows = tuple(
-        tuple(
-            (slice(None), slice(None))
-            + tuple(
-                slice(stride * p + o, stride * p + o + step * (m - 1) + 1, step)
-                for p, o, m in zip(ph, off, n, strict=True)
-            )
-            for off in offsets
-        )
-        for ph in phases
-    )
-    return n, len(phases), windows
-
-
 class _ConvIm2col(torch.autograd.Function):
     """Convolution (+ ReLU + 2x2 max pooling) of K clients as im2col and one batched matmul.
 
-    The columns are ordered (input channel, kernel offset), the order of the weight's own memory,
-    so the weight enters both passes as it is stored. The rows are ordered (pool phase, sample,
-    pooled position), so the P phases of each pooling window are P contiguous blocks of the
-    product: max pooling is a running maximum over them and its backward routes each gradient
-    to its phase.
+    The im2col matrix is one strided view of the padded input, copied once: rows ordered (pool
+    phase, sample, pooled position), so the P phases of each pooling window are P contiguous blocks
+    of the product (max pooling is a running maximum over them; its backward routes each gradient
+    to its phase), columns ordered (kernel offset, channel), so the copy reads runs of channels.
+    The backward adds each kernel offset's columns back through the same kind of view (one add per
+    offset, every phase at once).
     """
 
     @staticmethod
     def forward(ctx, x, w, b, stride, padding, relu, pool):  # type: ignore[override]
         K, B, *S, C = x.shape
-        O = w.shape[1]
+        O, ks = w.shape[1], tuple(w.shape[3:])
         d = len(S)
-        n, P, windows = _geometry(tuple(S), tuple(w.shape[3:]), stride, padding, pool)
+        out = [_out_size(s, k, stride, padding) for s, k in zip(S, ks, strict=True)]
+        n = [o // 2 for o in out] if pool else out
+        step = 2 * stride if pool else stride
         xp = F.pad(x, (0, 0) + (padding, padding) * d) if padding else x
-        J = len(windows[0])
-        cols = xp.new_empty(K, P, B, *n, C, J)
-        for i, phase in enumerate(windows):
-            torch.stack([xp[win] for win in phase], dim=-1, out=cols[:, i])
-        cols = cols.view(K, P * B * math.prod(n), C * J)
-        wm = w.reshape(K, O, C * J)
+        sK, sB, *sS, sC = xp.stride()
+        phases = [2] * d if pool else []
+        P, J = 2**d if pool else 1, math.prod(ks)
+        view = xp.as_strided(
+            (K, *phases, B, *n, *ks, C),
+            (sK, *[stride * s for s in sS][: len(phases)], sB, *[step * s for s in sS], *sS, sC),
+            xp.storage_offset(),
+        )
+        cols = view.reshape(K, P * B * math.prod(n), J * C)
+        wm = w.movedim(2, -1).reshape(K, O, J * C)  # (K, O, *k, C): the columns' order
         z = torch.baddbmm(b.unsqueeze(1), cols, wm.transpose(1, 2))
         arg = None
         if pool:  # running maximum over the phases; the first maximum wins, as in max_pool
@@ -267,16 +248,17 @@ class _ConvIm2col(torch.autograd.Function):
         if relu:
             z = z.clamp_min_(0)
         ctx.save_for_backward(cols, wm, z if relu else None, arg)
-        ctx.geometry = (x.shape, xp.shape, w.shape, P, windows, n, padding)
+        ctx.geometry = (x.shape, xp.shape, ks, n, stride, step, padding, pool)
         ctx.need_x = ctx.needs_input_grad[0]
         return z.view(K, B, *n, O)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         cols, wm, z, arg = ctx.saved_tensors
-        shape, pshape, wshape, P, windows, n, padding = ctx.geometry
+        shape, pshape, ks, n, stride, step, padding, pool = ctx.geometry
         K, B, *S, C = shape
-        O = wm.shape[1]
+        d, O = len(S), wm.shape[1]
+        P = 2**d if pool else 1
         g = g.reshape(K, -1, O)
         if z is not None:
             g = torch.ops.aten.threshold_backward(g, z, 0)
@@ -286,15 +268,26 @@ class _ConvIm2col(torch.autograd.Function):
         elif P > 2:
             g = g.new_zeros(K, P, g.shape[1], O).scatter_(1, arg.unsqueeze(1), g.unsqueeze(1))
         g = g.view(K, -1, O)
-        gw = torch.bmm(g.transpose(1, 2), cols).view(wshape)
+        gw = torch.bmm(g.transpose(1, 2), cols).view(K, O, *ks, C).movedim(-1, 2)
         gb = g.sum(1)
         gx = None
         if ctx.need_x:
-            J = len(windows[0])
-            gcols = torch.bmm(g, wm).view(K, P, B, *n, C, J)
+            phases = [2] * d if pool else []
+            gcols = torch.bmm(g, wm).view(K, *phases, B, *n, *ks, C)
             gxp = gcols.new_zeros(pshape)
-            for i, phase in enumerate(windows):
-                for j, win in enumerate(phase):
-                    gxp[win] += gcols[:, i, ..., j]
+            sK, sB, *sS, sC = gxp.stride()
+            lead = (slice(None),) * (1 + len(phases) + 1 + d)  # K, phases, B, positions
+            if pool:  # target (K, B, n_1, phase_1, ..., n_d, phase_d, C)
+                size = (K, B, *[v for m in n for v in (m, 2)], C)
+                strides = (sK, sB, *[v for s in sS for v in (step * s, stride * s)], sC)
+                order = [0, d + 1, *[v for i in range(d) for v in (d + 2 + i, 1 + i)], -1]
+            else:
+                size, strides = (K, B, *n, C), (sK, sB, *[step * s for s in sS], sC)
+                order = [0, 1, *range(2, 2 + d), -1]
+            for off in itertools.product(*[range(k) for k in ks]):
+                target = gxp.as_strided(
+                    size, strides, sum(o * s for o, s in zip(off, sS, strict=True))
+                )
+                target.add_(gcols[lead + off].permute(*order))
             gx = gxp[(slice(None), slice(None), *[slice(padding, padding + s) for s in S])]
         return gx, gw, gb, None, None, None, None
