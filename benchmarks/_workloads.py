@@ -1,4 +1,4 @@
-"""Shared workload definitions for the simulation benchmark (W1, W2, W3 and a tiny test workload).
+"""Shared workload definitions for the simulation benchmark (W1, W2, W3, CNN, RESNET8, tiny).
 
 Every implementation compared by ``benchmarks/simulation.py`` (Flower, the plain loop, Flagstaff)
 must train the *same* model on the *same* data, so everything that decides the arithmetic lives
@@ -12,7 +12,7 @@ here and is shared:
   a sample twice, and clients overlap; ``clients.partition.with_replacement``), seeded by
   ``Workload.seed``, exactly as Flagstaff's ``partition=iid`` / ``with_replacement`` do;
 * the clients sampled in each round (:func:`sample_clients`): all clients when
-  ``clients_per_round == num_clients``, else a seeded draw without replacement per round;
+  ``clients_per_round == num_clients``, else Flagstaff's seeded draw without replacement per round;
 * the initial model (:func:`build_model`): ``clients.models.build_model("mlp", ...)``;
 * the local rule (:func:`local_train`): ``local_epochs`` epochs of plain SGD (no momentum, no
   weight decay) over a per-epoch random permutation of the client's shard, in batches of
@@ -44,6 +44,7 @@ __all__ = [
     "W2",
     "W3",
     "CNN",
+    "RESNET8",
     "TINY",
     "WORKLOADS",
     "get_workload",
@@ -74,9 +75,11 @@ class Workload:
         batch_size: local mini-batch size.
         lr: local SGD learning rate.
         hidden: hidden layer widths of the MLP (``(64,)``: MLP 64-64-10 on digits, one hidden layer).
-        dataset: ``digits`` (scikit-learn's, bundled) or ``mnist1d`` (generated offline, as
-            Conv1d input (1, 40) when ``model == "cnn"``).
-        model: ``mlp`` or ``cnn`` (``clients.models.SmallCNN`` with ``channels`` channels).
+        dataset: ``digits`` (scikit-learn's, bundled), ``mnist1d`` (generated offline, as
+            Conv1d input (1, 40) when ``model == "cnn"``) or ``cifar_shaped`` (generated images of
+            CIFAR-10's shape, ``clients.generated.cifar_shaped``: 1000 train, 500 test).
+        model: ``mlp``, ``cnn`` (``clients.models.SmallCNN`` with ``channels`` channels) or
+            ``resnet8`` (``clients.models.resnet``, GroupNorm).
         channels: channels of the CNN's convolutions.
         seed: seed of the model initialisation, shards, client sampling and shuffling.
         experiment: the Flagstaff Hydra experiment that defines the same workload
@@ -106,8 +109,10 @@ class Workload:
                 f"workload {self.name!r}: clients_per_round={self.clients_per_round} must be in "
                 f"1..num_clients={self.num_clients}"
             )
-        if self.dataset not in ("digits", "mnist1d") or self.model not in ("mlp", "cnn"):
-            raise ValueError(f"workload {self.name!r}: dataset digits|mnist1d, model mlp|cnn")
+        if self.dataset not in DATASETS or self.model not in MODELS:
+            raise ValueError(
+                f"workload {self.name!r}: dataset {'|'.join(DATASETS)}, model {'|'.join(MODELS)}"
+            )
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"workload {self.name!r}: batch_size must be >= 1 and lr > 0")
 
@@ -119,13 +124,15 @@ class Workload:
             else f"{self.samples_per_client} samples each, drawn with replacement"
         )
         hidden = "-".join(str(h) for h in self.hidden)
-        model = (
-            f"small CNN ({self.channels} channels)"
-            if self.model == "cnn"
-            else f"MLP 64-{hidden}-10 (hidden {hidden})"
-        )
+        model = {
+            "cnn": f"small CNN ({self.channels} channels)",
+            "resnet8": "ResNet-8 with GroupNorm",
+            "mlp": f"MLP 64-{hidden}-10 (hidden {hidden})",
+        }[self.model]
+        dataset = {"cifar_shaped": "generated CIFAR-shaped images (3x32x32, 10 classes)"}
         return (
-            f"{self.name.upper()}: {self.dataset}, {self.num_clients} clients ({data}), "
+            f"{self.name.upper()}: {dataset.get(self.dataset, self.dataset)}, "
+            f"{self.num_clients} clients ({data}), "
             f"{self.clients_per_round} per round, {self.rounds} rounds, {model}, "
             f"{self.local_epochs} local epoch(s) SGD lr {self.lr} batch {self.batch_size}, "
             f"FedAvg weighted by samples, seed {self.seed}"
@@ -143,6 +150,10 @@ class Workload:
         return cls(**fields)
 
 
+#: datasets and models a workload may name
+DATASETS = ("digits", "mnist1d", "cifar_shaped")
+MODELS = ("mlp", "cnn", "resnet8")
+
 W1 = Workload("w1", 100, 100, None, 20, experiment="sim_w1")
 W2 = Workload("w2", 1_000, 100, 40, 10, experiment="sim_w2")
 W3 = Workload("w3", 10_000, 1_000, 40, 5, experiment="sim_w3")
@@ -151,10 +162,24 @@ W3 = Workload("w3", 10_000, 1_000, 40, 5, experiment="sim_w3")
 CNN = Workload(
     "cnn", 100, 20, None, 20, lr=0.05, experiment="sim_cnn", dataset="mnist1d", model="cnn"
 )
+#: generated CIFAR-shaped images (clients/generated.py) with a ResNet-8 (GroupNorm), 20 clients of
+#: 50 samples, all participating: compute-bound rounds (100 local steps of a ResNet at 32x32)
+RESNET8 = Workload(
+    "resnet8",
+    20,
+    20,
+    None,
+    8,
+    batch_size=10,
+    lr=0.05,
+    experiment="sim_resnet8",
+    dataset="cifar_shaped",
+    model="resnet8",
+)
 #: A workload that finishes in seconds, for tests and smoke runs (not part of the benchmark).
 TINY = Workload("tiny", 10, 10, None, 2, experiment="smoke")
 
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (W1, W2, W3, CNN, TINY)}
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (W1, W2, W3, CNN, RESNET8, TINY)}
 
 
 def get_workload(name: str) -> Workload:
@@ -209,10 +234,14 @@ def make_shards(workload: Workload, y_train: np.ndarray) -> list[np.ndarray]:
 
 def load_task(workload: Workload) -> TaskData:
     """Load the workload's data and build its shards (deterministic in ``workload.seed``)."""
-    from clients.data import load_digits, load_mnist1d
+    from clients.data import load_dataset, load_digits
 
-    if workload.dataset == "mnist1d":  # as Flagstaff's data=mnist1d (seed: ${seed})
-        ds = load_mnist1d(seed=workload.seed, image=workload.model == "cnn")
+    if workload.dataset == "mnist1d":  # what Flagstaff's data=mnist1d builds (conf/data/mnist1d)
+        ds = load_dataset("mnist1d", seed=workload.seed, image=workload.model == "cnn")
+    elif workload.dataset == "cifar_shaped":  # as conf/experiment/sim_resnet8.yaml's data
+        from clients.generated import cifar_shaped
+
+        ds = cifar_shaped(n_train=1000, n_test=500, num_classes=10, seed=workload.seed)
     else:
         ds = load_digits(seed=0)
     shards = make_shards(workload, ds.y_train.numpy())
@@ -223,7 +252,9 @@ def sample_clients(workload: Workload, server_round: int) -> np.ndarray:
     """Sorted ids of the clients that train in ``server_round`` (rounds count from 1)."""
     if workload.clients_per_round == workload.num_clients:
         return np.arange(workload.num_clients, dtype=np.int64)
-    rng = np.random.default_rng([workload.seed, server_round])
+    # Flagstaff's draw (system/server.py sample_clients: the stream (seed, round - 1, 0x5A3) of
+    # clients/seeds.py), so every implementation trains the same clients in every round
+    rng = np.random.default_rng([workload.seed, server_round - 1, 0x5A3])
     picked = rng.choice(workload.num_clients, size=workload.clients_per_round, replace=False)
     return np.sort(picked).astype(np.int64)
 
@@ -237,6 +268,8 @@ def build_model(workload: Workload, input_shape: tuple[int, ...], num_classes: i
     """The workload's initial model (same seed, same initial parameters everywhere)."""
     from clients.models import build_model as _build
 
+    if workload.model == "resnet8":
+        return _build("resnet8", input_shape, num_classes, seed=workload.seed)
     return _build(
         workload.model,
         input_shape,

@@ -505,6 +505,8 @@ def flagstaff_overrides(workload: Workload, backend: str, extra: Sequence[str] =
             [f"model.hidden=[{','.join(str(h) for h in workload.hidden)}]"]
             if workload.model == "mlp"
             else [f"model.channels={workload.channels}"]
+            if workload.model == "cnn"
+            else []
         ),
         *extra,
     ]
@@ -917,7 +919,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog=DEFINITIONS,
     )
     parser.add_argument(
-        "--workload", default="w1", help="comma-separated: w1,w2,w3 (or tiny); 'all' = w1,w2,w3"
+        "--workload",
+        default="w1",
+        help="comma-separated: w1,w2,w3,cnn,resnet8 (or tiny); 'all' = w1,w2,w3",
     )
     parser.add_argument(
         "--impl", default=",".join(RUNNERS), help=f"comma-separated subset of {','.join(RUNNERS)}"
