@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import math
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -57,7 +55,7 @@ __all__ = [
     "DPSGDTrainer",
     "effective_noise_multiplier",
     "epsilon_of_history",
-    "privacy_kinds",
+    "private_kinds",
     "private_partition",
 ]
 
@@ -87,16 +85,12 @@ def _epsilon_cached(
     return float(acc.get_epsilon(delta=delta))
 
 
-def privacy_kinds(*component_cfgs: Mapping[str, Any] | None) -> list[str]:
-    """The kinds of DP a run's components give ("sample-level", "client-level"), from their
-    ``_target_`` classes' ``epsilon_kind`` (client trainer, strategy); empty without DP."""
-    kinds = []
-    for cfg in component_cfgs:
-        target = str((cfg or {}).get("_target_") or "")
-        module, _, name = target.rpartition(".")
-        if not module:
-            continue
-        kind = getattr(getattr(importlib.import_module(module), name, None), "epsilon_kind", None)
+def private_kinds(*components: Any) -> list[str]:
+    """The kinds of DP a run's built components give ("sample-level", "client-level"): each
+    component's declared ``epsilon_kind`` (client trainer, strategy); empty without DP."""
+    kinds: list[str] = []
+    for obj in components:
+        kind = obj.epsilon_kind if obj is not None else None
         if isinstance(kind, str) and kind not in kinds:
             kinds.append(kind)
     return kinds

@@ -15,19 +15,19 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from system.config import ConfigError, register
+from system.config import ConfigError, mode_of, register
 
 register()
 log = logging.getLogger("flagstaff")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train on a composed config as flagstaff-train does. With ``backend=ray`` (not a
-    decentralized strategy), Ray starts on this thread while torch and the training code import in
+    """Train on a composed config as flagstaff-train does. With ``backend=ray`` (not the
+    peer-to-peer mode), Ray starts on this thread while torch and the training code import in
     another (each takes seconds); Ray is shut down at the end if this call started it."""
     t0 = time.perf_counter()
     started = False
-    if cfg.get("backend") == "ray" and cfg.get("strategy", {}).get("mode") != "p2p":
+    if cfg.get("backend") == "ray" and mode_of(cfg) != "p2p":
         from system.ray_start import importing_in_background, init_ray
 
         with importing_in_background(*_modules_to_warm(cfg)):
@@ -63,7 +63,7 @@ def app(cfg: DictConfig) -> float | None:
         # any work (exit 2); a disk that filled up mid-run (exit 1). One line, no traceback.
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(1 if isinstance(err, NoSpaceError) else 2) from None
-    except RuntimeError as err:  # a run that stopped itself (system/runner.py RunStopped): exit 1
+    except RuntimeError as err:  # a run that stopped itself (system/loop.py RunStopped): exit 1
         from system.runner import RunStopped
 
         if not isinstance(err, RunStopped):

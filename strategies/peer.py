@@ -353,8 +353,8 @@ def hyperbolic_lr(lr: float, t: int, t_half: float, period: int) -> float:
 
 @dataclass
 class PeerTraining:
-    """Settings of the peer-to-peer mode (``mode: p2p`` makes ``system.runner.train`` dispatch to
-    ``system.p2p``). ``rule``/``rule_kwargs``: the peer rule; ``lr`` (gamma_0), ``t_half`` and
+    """Settings of the peer-to-peer mode (``mode=p2p p2p=monna``; ``system.p2p``; in the older
+    spelling ``strategy=monna``, the strategy group's ``mode: p2p`` selects the mode). ``rule``/``rule_kwargs``: the peer rule; ``lr`` (gamma_0), ``t_half`` and
     ``lr_period`` (delta): the hyperbolic schedule (``t_half: 0`` = constant); ``momentum``: beta
     of m = beta m + (1 - beta) g (0 = no momentum, the ablation); ``weight_decay``: L2 added to the
     gradient; ``batch_size``: samples per stochastic gradient; ``topology`` with ``degree`` /
@@ -383,23 +383,23 @@ class PeerTraining:
 
     def __post_init__(self) -> None:
         if self.mode != "p2p":
-            raise ValueError(f"strategy.mode must be p2p for peer training, got {self.mode!r}")
+            raise ValueError(f"mode must be p2p for peer training, got {self.mode!r}")
         if self.rule not in PEER_RULES:
-            raise ValueError(f"strategy.rule={self.rule!r}; choose one of {sorted(PEER_RULES)}")
+            raise ValueError(f"rule={self.rule!r}; choose one of {sorted(PEER_RULES)}")
         build_peer_rule(self.rule, 0, **self.rule_kwargs)  # unknown kwargs fail here
         if not self.lr > 0:
-            raise ValueError(f"strategy.lr must be > 0, got {self.lr}")
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.t_half < 0 or int(self.lr_period) < 1:
-            raise ValueError("strategy.t_half must be >= 0 and strategy.lr_period >= 1")
+            raise ValueError("t_half must be >= 0 and lr_period >= 1")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"strategy.momentum must be in [0, 1), got {self.momentum}")
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0 or int(self.batch_size) < 1:
-            raise ValueError("strategy.weight_decay must be >= 0 and strategy.batch_size >= 1")
+            raise ValueError("weight_decay must be >= 0 and batch_size >= 1")
         if self.topology not in TOPOLOGIES:
-            raise ValueError(f"strategy.topology={self.topology!r}; choose one of {TOPOLOGIES}")
+            raise ValueError(f"topology={self.topology!r}; choose one of {TOPOLOGIES}")
         if self.adversary not in self.ADVERSARIES:
             raise ValueError(
-                f"strategy.adversary={self.adversary!r}; choose one of {list(self.ADVERSARIES)}"
+                f"adversary={self.adversary!r}; choose one of {list(self.ADVERSARIES)}"
             )
 
     def lr_at(self, t: int) -> float:

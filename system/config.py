@@ -1,8 +1,10 @@
-"""Config schemas (Hydra ConfigStore) and validation that runs before any work starts.
+"""Config schemas (Hydra ConfigStore) and the value checks that run before any work starts.
 
 The top-level schema types every key of ``conf/train.yaml`` (a typo or a wrong type fails when the
-config is composed); ``validate`` then builds every component once, so an unknown key inside a group
-or an impossible value fails before Ray starts, naming the key and what would work.
+config is composed); ``check_values`` checks the plain values (ranges, choices, the comm group);
+the components themselves are validated by constructing them, once, in ``system.build`` (an
+unknown key inside a group or an impossible value fails there before Ray starts, naming the key
+and what would work). ``validate`` is both for a caller that holds only a config (tests, tools).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ __all__ = [
     "ClusterSchema",
     "CommSchema",
     "ConfigError",
+    "check_values",
+    "mode_of",
     "register",
     "validate",
     "to_plain",
@@ -29,6 +33,11 @@ class Backend(str, Enum):
     local = "local"
     ray = "ray"
     flower = "flower"
+
+
+class Mode(str, Enum):
+    federated = "federated"
+    p2p = "p2p"
 
 
 class Sampling(str, Enum):
@@ -123,6 +132,7 @@ class PrivacySchema:
 class TrainSchema:
     """Top level of ``conf/train.yaml``; groups are typed by their own ``_target_`` classes."""
 
+    mode: Mode = Mode.federated
     backend: Backend = Backend.ray
     rounds: int = 30
     num_clients: int = 20
@@ -144,6 +154,7 @@ class TrainSchema:
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     privacy: PrivacySchema = field(default_factory=PrivacySchema)
     comm: CommSchema = field(default_factory=CommSchema)
+    p2p: Any = None  # the peer-to-peer settings group (mode=p2p p2p=monna | dsgd)
     experiment: Any = None
 
 
@@ -191,8 +202,9 @@ def _check_seeds(c: dict[str, Any], where: str = "") -> None:
             _check_seeds(value, f"{name}.")
 
 
-def validate(cfg: DictConfig | dict) -> dict[str, Any]:
-    """Check values and build every component once; return the plain config. Raises ConfigError."""
+def check_values(cfg: DictConfig | dict) -> dict[str, Any]:
+    """Check the plain values (no component is built); return the plain config. Raises
+    ConfigError naming the key and the fix."""
     c = to_plain(cfg)
     _check_seeds(c)
     _check(c["rounds"] >= 1, f"rounds={c['rounds']} must be >= 1")
@@ -239,47 +251,31 @@ def validate(cfg: DictConfig | dict) -> dict[str, Any]:
         pv.get("target_epsilon") is None or pv["target_epsilon"] > 0,
         f"privacy.target_epsilon={pv.get('target_epsilon')} must be > 0 or null",
     )
+    _check(
+        c.get("mode", "federated") in ("federated", "p2p"),
+        f"mode={c.get('mode')!r}: choose federated or p2p",
+    )
     _check_comm(c)
-    from system.host import build_from
-
-    built = {}
-    for group in ("client", "strategy", "attack"):
-        try:
-            built[group] = build_from(c[group])
-        except Exception as err:  # noqa: BLE001 - re-raised with the group named
-            raise ConfigError(f"{group}: {_reason(err)}") from err
-    _check_client_level_dp(built["strategy"], c["aggregator"])
-    from strategies.attacks import Adversary
-
-    try:  # the threat model: f < num_clients, and the attack can run with this many inputs
-        adversary = Adversary(build_from(c["attack"]), c["num_clients"])
-        adversary.check(c["clients_per_round"])
-    except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"attack: {_reason(err)}") from err
-    try:  # as the server builds it: crash leaves n - f inputs
-        n_agg = adversary.inputs_per_round(c["clients_per_round"])
-        build_from(c["aggregator"], f=adversary.f, n=n_agg)
-    except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"aggregator: {_reason(err)}") from err
     return c
 
 
-def _check_client_level_dp(strategy: Any, aggregator: dict[str, Any]) -> None:
-    """Client-level DP (``strategy.epsilon_kind == "client-level"``): its noise is calibrated to
-    the mean's sensitivity, and it covers the updates only, so strategies whose clients send
-    per-client extras are refused (``strategies.server_step.client_level_extras_message``)."""
-    if strategy.epsilon_kind != "client-level":
-        return
-    _check(
-        aggregator.get("rule") == "mean" and not aggregator.get("pre"),
-        "strategy=dp_fedavg needs aggregator=mean without pre-aggregation (its noise is "
-        f"calibrated to the mean's sensitivity); got aggregator.rule={aggregator.get('rule')!r}",
-    )
-    rule = strategy.client_rule
-    if rule is not None and rule.client_state:
-        from strategies.server_step import client_level_extras_message
+def validate(cfg: DictConfig | dict) -> dict[str, Any]:
+    """Check the values and construct the components that need no data (client trainer,
+    strategy, attack, adversary, aggregator; or the peer settings), as ``system.build`` does for a
+    run; return the plain config. Raises ConfigError naming the group and the fix."""
+    c = check_values(cfg)
+    from system.build import check_components
 
-        raise ConfigError(client_level_extras_message(strategy))
+    check_components(c)
+    return c
+
+
+def mode_of(c: dict[str, Any]) -> str:
+    """``p2p`` for peer-to-peer runs (``mode=p2p``, or the older spelling ``strategy=monna`` /
+    ``strategy=dsgd`` whose group carries ``mode: p2p``), else ``federated``."""
+    if c.get("mode") == "p2p" or (c.get("strategy") or {}).get("mode") == "p2p":
+        return "p2p"
+    return "federated"
 
 
 def _check_comm(c: dict[str, Any]) -> None:
@@ -317,16 +313,7 @@ def _check_comm(c: dict[str, Any]) -> None:
         f"backend={c['backend']} (use comm=none there)",
     )
     _check(
-        c["strategy"].get("mode") != "p2p",
-        f"comm={cm['kind']} compresses client-to-server updates; decentralized strategies "
-        "(strategy.mode=p2p) have no server: use comm=none",
+        mode_of(c) != "p2p",
+        f"comm={cm['kind']} compresses client-to-server updates; the peer-to-peer mode "
+        "(mode=p2p) has no server: use comm=none",
     )
-
-
-def _reason(err: Exception) -> str:
-    msg = str(err)
-    cause = err.__cause__
-    while cause is not None:  # hydra wraps constructor errors; show the root message
-        msg = str(cause)
-        cause = cause.__cause__
-    return msg

@@ -7,9 +7,14 @@ The same data, partition, model, local trainer, aggregator, attack and server st
 each client draws the same batches (seeded by root seed, round and client id), so the run computes
 the same model as ``backend=local`` up to float rounding of batched vs. per-client kernels.
 
-The runner's round loop stays in charge (metrics.jsonl, logger, checkpoints, progress): Flower's
-loop runs in a background thread and is held in lockstep with the runner through two queues; after
-each round the strategy's metrics plus the central evaluation become the round's metrics row.
+The run loop (``system.loop``) stays in charge (metrics.jsonl, logger, checkpoints, progress):
+:class:`FlowerServer` is its stepper. Flower's loop runs in a background thread and is held in
+lockstep with the run loop through two queues; after each round the strategy's metrics plus the
+central evaluation become the round's metrics row. The components are the run's, built once by
+``system.build`` (the server's strategy, aggregator and attack; the workers get the data, the
+trainer, the local rule and the attack as objects, and a model spec). Flower's simulation runs on
+the run's private local Ray (``system.ray_start.init_ray``: loopback only, a token per run, ended
+with the driver), started before Flower would start its own.
 ``round_time_s`` is Flower's training round: from ``configure_train`` to the end of
 ``aggregate_train`` (message passing, client work and aggregation; evaluation excluded, as for the
 other backends).
@@ -23,98 +28,75 @@ and is not checkpointed: resuming such a run with this backend is refused.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import queue
 import threading
+import uuid
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from torch.func import functional_call
 
 from clients.flower_app import ClientSetup, make_client_app, model_to_arrays
-from clients.trainer import ParamSpec, loss_fn_for
 from strategies.attacks import Adversary
 from strategies.flower import FlagstaffStrategy
-from system.host import build_from
-from system.server import sample_clients
+from system.server import evaluate_model, sample_clients
 
-__all__ = ["FlowerServer", "ShardLoader", "start_flower"]
+__all__ = ["FlowerServer", "ShardLoader"]
 
 log = logging.getLogger("flagstaff")
 
-_CACHE: dict[str, dict[str, Any]] = {}  # per worker process: data, model, trainer, rule
+_CACHE: dict[str, dict[str, Any]] = {}  # per worker process: the model and the clients
 
 
 class ShardLoader:
     """Picklable ``setup(context) -> ClientSetup`` for Flagstaff's ClientApp in Flower workers.
 
-    Each worker process builds the dataset, partition, model, trainer and local rule once from the
-    plain config (cached by config hash) and hands out the client of ``partition-id``; Byzantine
-    data poisoning is applied exactly as the ray/local runtimes apply it at placement.
+    Holds the run's built objects (dataset and partition, trainer, local rule, adversary) and the
+    model spec; each worker process builds its model copy once (cached) and hands out the client
+    of ``partition-id``, with Byzantine data poisoning applied exactly as the ray/local runtimes
+    apply it at placement.
     """
 
-    _KEYS = ("data", "partition", "model", "client", "strategy", "attack", "seed", "num_clients")
-
-    def __init__(self, c: dict[str, Any]) -> None:
-        self.cfg = {k: c[k] for k in self._KEYS}
-        self.threads = int(c["cluster"]["threads_per_host"])
-        blob = json.dumps(self.cfg, sort_keys=True, default=str).encode()
-        self.key = hashlib.sha256(blob).hexdigest()
-
-    def _build(self) -> dict[str, Any]:
-        c = self.cfg
-        torch.set_num_threads(max(1, self.threads))
-        ds = build_from(c["data"])
-        parts = build_from(
-            c["partition"],
-            labels=ds.y_train.numpy(),
-            num_clients=c["num_clients"],
-            columns=ds.partition_columns(),
-        )
-        model = build_from(
-            c["model"], input_shape=ds.input_shape, num_classes=ds.num_classes, seed=c["seed"]
-        )
-        strategy = build_from(c["strategy"])
-        return {
-            "ds": ds,
-            "parts": parts,
-            "model": model,
-            "trainer": build_from(c["client"]),
-            "rule": getattr(strategy, "client_rule", None),
-            "adversary": Adversary(build_from(c["attack"]), c["num_clients"]),
-            "clients": {},
-        }
+    def __init__(
+        self, data: Any, parts: list, model: Any, trainer: Any, rule: Any, adversary: Adversary,
+        seed: int, threads: int,
+    ) -> None:  # fmt: skip
+        self.data, self.parts, self.model = data, parts, model
+        self.trainer, self.rule, self.adversary = trainer, rule, adversary
+        self.seed, self.threads = int(seed), int(threads)
+        self.key = uuid.uuid4().hex  # this run's entry in a worker's cache
 
     def __call__(self, context: Context) -> ClientSetup:
         if self.key not in _CACHE:
-            _CACHE[self.key] = self._build()
+            torch.set_num_threads(max(1, self.threads))
+            _CACHE[self.key] = {"model": self.model.build(), "clients": {}}
         b = _CACHE[self.key]
         cid = int(context.node_config["partition-id"])
         if cid not in b["clients"]:
-            ds, idx = b["ds"], b["parts"][cid]
-            x, y = b["adversary"].poison_data(ds.x_train[idx], ds.y_train[idx], ds.num_classes, cid)
+            ds, idx = self.data, self.parts[cid]
+            x, y = self.adversary.poison_data(ds.x_train[idx], ds.y_train[idx], ds.num_classes, cid)
             b["clients"][cid] = ClientSetup(
-                cid, x, y, ds.num_classes, b["model"], b["trainer"], b["rule"], self.cfg["seed"]
+                cid, x, y, ds.num_classes, b["model"], self.trainer, self.rule, self.seed
             )
         return b["clients"][cid]
 
 
 class FlowerServer:
-    """The runner's view of a Flower simulation: ``round(r)``, ``get_params``, ``state_dict``."""
+    """The run loop's stepper for a Flower simulation: ``round(r)``, ``state_dict``, ..."""
 
-    def __init__(self, c: dict[str, Any], ds: Any, adversary: Adversary) -> None:
+    unit = "rounds"
+
+    def __init__(self, run: Any, stack: ExitStack) -> None:
+        c, fed, ds = run.config, run.federated, run.data
         self.c = c
         self.rounds = int(c["rounds"])
         self.every = int(c["eval_every"])
-        model = build_from(
-            c["model"], input_shape=ds.input_shape, num_classes=ds.num_classes, seed=c["seed"]
-        )
-        self.model, self.spec = model, ParamSpec.of(model)
+        model = fed.model
+        self.model, self.spec = model, fed.spec
         self.initial = model_to_arrays(model)
         self.x_test, self.y_test, self.num_classes = ds.x_test, ds.y_test, ds.num_classes
         n, per, seed = int(c["num_clients"]), int(c["clients_per_round"]), int(c["seed"])
@@ -123,10 +105,10 @@ class FlowerServer:
         def sampler(ids: np.ndarray, round_idx: int) -> np.ndarray:
             return ids[sample_clients(len(ids), per, seed, round_idx, kind)]
 
-        n_agg = adversary.inputs_per_round(per)
+        adversary = fed.adversary
         self.strategy = FlagstaffStrategy(
-            build_from(c["aggregator"], f=adversary.f, n=n_agg),
-            build_from(c["strategy"]),
+            fed.aggregator,
+            fed.strategy,  # bound to the model's layout by system.build
             attack=adversary.attack if adversary.active else None,
             byzantine=range(adversary.f),
             sampler=sampler,
@@ -134,18 +116,27 @@ class FlowerServer:
             min_train_nodes=1,
             num_clients=n,
             timeout=float(c["cluster"].get("round_deadline_s") or 3600.0),
-            model=model,
+            private=bool(fed.kinds),
+            delta=(c.get("privacy") or {}).get("delta"),
         )
         self.strategy.initialize(self.initial)
-        self.has_client_state = bool(
-            getattr(getattr(self.strategy.strategy, "client_rule", None), "client_state", ())
-        )
+        rule = fed.strategy.client_rule
+        self.has_client_state = bool(rule.client_state) if rule is not None else False
         self.start_round = 0
-        self.loader = ShardLoader(c)
+        host = fed.host
+        self.loader = ShardLoader(
+            ds, run.parts, host.model, host.trainer, host.rule, adversary, seed, host.threads
+        )
         self._requests: queue.Queue[int | None] = queue.Queue()
         self._results: queue.Queue[dict[str, Any] | BaseException] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._closed = False
+        # the simulation's Ray is the run's private one (Flower uses a Ray that is already up)
+        from system.ray_start import init_ray, shutdown_ray
+
+        if init_ray(c["cluster"]):
+            stack.callback(shutdown_ray)
 
     # -- Flower side (background thread) ---------------------------------------------------------
     def _next_request(self) -> int:
@@ -189,18 +180,12 @@ class FlowerServer:
 
         cl = self.c["cluster"]
         resources = {"num_cpus": cl["cpus_per_host"], "num_gpus": cl["gpus_per_host"]}
-        # "local": always a fresh Ray for this run unless cluster.address names one (with no
-        # address Ray would join any cluster already running on the machine)
-        init_args: dict[str, Any] = {
-            "include_dashboard": bool(cl["include_dashboard"]),
-            "address": cl.get("address") or "local",
-        }
-        try:
+        try:  # Ray is up (init_ray in __init__): Flower's backend does not start another
             run_simulation(
                 server_app=server_app,
                 client_app=make_client_app(self.loader),
                 num_supernodes=int(self.c["num_clients"]),
-                backend_config={"client_resources": resources, "init_args": init_args},
+                backend_config={"client_resources": resources},
             )
         except BaseException as err:  # noqa: BLE001 - handed to the runner's thread
             self._results.put(err)
@@ -223,25 +208,28 @@ class FlowerServer:
             raise RuntimeError(f"backend=flower failed in round {r + 1}: {out}") from out
         return out
 
-    @torch.no_grad()
-    def evaluate(self, batch: int = 4096) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """Test accuracy and loss of the global model (as ``ParameterServer.evaluate``)."""
-        p = self.spec.unflatten(self.strategy.params)
-        loss, correct, n = 0.0, 0.0, len(self.y_test)
-        lossf = loss_fn_for(self.num_classes)
-        for i in range(0, n, batch):
-            xb, yb = self.x_test[i : i + batch], self.y_test[i : i + batch]
-            out = functional_call(self.model, p, (xb,))
-            loss += float(lossf(out, yb).sum())
-            if self.num_classes > 1:
-                correct += float((out.argmax(1) == yb).sum())
-        res = {"loss": loss / n}
-        if self.num_classes > 1:
-            res["accuracy"] = correct / n
-        return res
+        return evaluate_model(
+            self.model, self.spec, self.strategy.params, self.x_test, self.y_test, self.num_classes
+        )
 
-    def get_params(self) -> torch.Tensor:
+    def final_params(self) -> torch.Tensor:
         return self.strategy.params
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Communication totals (none measured here), no hosts of Flagstaff's own, and epsilon with
+        the released mechanism for DP runs."""
+        out: dict[str, Any] = {
+            "bytes_up_total": sum(r.get("bytes_up", 0) for r in rows),
+            "bytes_down_total": sum(r.get("bytes_down", 0) for r in rows),
+            "hosts": None,
+            "host_nodes": None,
+        }
+        privacy = self.strategy.step.privacy_summary(self.strategy.state)
+        if privacy:
+            out["privacy"] = privacy
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         last = self.strategy.last_metrics.get("round", self.start_round)
@@ -260,15 +248,12 @@ class FlowerServer:
         self.strategy.round_offset = self.start_round
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
         self._requests.put(None)
         if self._thread is not None:
             self._thread.join(timeout=60)
             if self._thread.is_alive():
                 log.warning("the Flower simulation thread did not stop within 60 s")
-
-
-def start_flower(c: dict[str, Any], ds: Any, adversary: Adversary) -> tuple[FlowerServer, Any]:
-    """The runner's ``_start`` for ``backend=flower``: (server, close)."""
-    server = FlowerServer(c, ds, adversary)
-    return server, server.close

@@ -1,29 +1,33 @@
 """ClientHost: a long-lived worker that owns many virtual clients' data and trains them.
 
 A host holds its clients' samples as one contiguous tensor with per-client offsets (placed once, at
-start), builds the model once, and per round trains the requested clients from the broadcast global
-parameters, returning one stacked (K, d) update tensor. Plain Python: the ``ray`` backend wraps it
-in an actor, the ``local`` backend calls it directly.
+start), builds its copy of the model once from the run's :class:`system.build.HostSpec` (model spec,
+trainer, local rule, codec spec, seed, threads: objects and small specs, never the config dict), and
+per round trains the requested clients from the broadcast global parameters, returning one stacked
+(K, d) update tensor. Plain Python: the ``ray`` backend wraps it in an actor, the ``local`` backend
+calls it directly.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import traceback
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from clients.plan import make_plan
 from clients.trainer import ParamSpec
 from strategies.server_step import weighted_sum
 from system.codecs import build_codec
 from system.wire import from_wire, shared_from_wire, to_wire
+
+if TYPE_CHECKING:
+    from system.build import HostSpec
 
 __all__ = [
     "ClientHost",
@@ -32,7 +36,6 @@ __all__ = [
     "ClientError",
     "UnknownClientsError",
     "PRIVACY_STATE",
-    "build_from",
 ]
 
 #: the name :meth:`ClientHost.state_kinds` gives the per-client privacy accountants (DP-SGD)
@@ -124,20 +127,13 @@ class ClientHost:
         self,
         host_id: int,
         shard: HostShard,
-        model_cfg: dict[str, Any],
-        client_cfg: dict[str, Any],
-        input_shape: tuple[int, ...],
-        num_classes: int,
-        seed: int,
-        threads: int = 1,
+        spec: HostSpec,
         device: str = "cpu",
-        strategy_cfg: dict[str, Any] | None = None,
         delay_s: float = 0.0,
-        comm_cfg: dict[str, Any] | None = None,
     ) -> None:
         self.delay_s = float(delay_s)  # chaos testing (cluster.slow_hosts): a deliberate straggler
         self._incarnation = int.from_bytes(os.urandom(6), "big")
-        torch.set_num_threads(max(1, int(threads)))
+        torch.set_num_threads(max(1, int(spec.threads)))
         self.host_id = host_id
         self.device = torch.device(
             device if device != "cuda" or torch.cuda.is_available() else "cpu"
@@ -146,17 +142,17 @@ class ClientHost:
         self.x = shard.x.to(self.device)
         self.y = shard.y.to(self.device)
         self.position = {int(c): i for i, c in enumerate(shard.client_ids)}
-        self.num_classes = num_classes
-        self.seed = seed
-        self.model = build_from(
-            model_cfg, input_shape=input_shape, num_classes=num_classes, seed=seed
-        ).to(self.device)
+        self.num_classes = spec.model.num_classes
+        self.seed = seed = spec.seed
+        self.model = spec.model.build().to(self.device)
         self.spec = ParamSpec.of(self.model)
         for p in self.model.parameters():
             p.requires_grad_(
                 False
             )  # parameters are passed functionally; grads come from torch.func
-        self.trainer = build_from(client_cfg)
+        # this host's own trainer and local rule (per-client objects such as DP accountants live
+        # in the trainer: hosts in one process must not share it)
+        self.trainer = copy.deepcopy(spec.trainer)
         if shard.transform is not None and not self.trainer.accepts_transform:
             raise ValueError(
                 f"client: {type(self.trainer).__name__} does not apply the data's per-batch "
@@ -164,15 +160,15 @@ class ClientHost:
                 "client=momentum"
             )
         # the strategy's local rule and its per-client state (only for rules that keep state)
-        self.rule = getattr(build_from(strategy_cfg), "client_rule", None) if strategy_cfg else None
+        self.rule = copy.deepcopy(spec.rule)
         d, C = self.spec.numel, len(shard.client_ids)
         names = self.rule.client_state if self.rule is not None else ()
         self.client_state = {n: torch.zeros(C, d, device=self.device) for n in names}
         # compressed communication: the codec and its per-client state (error-feedback residual,
         # PowerSGD's warm-start Q), kept here and checkpointed with the rule's state
-        self.codec = build_codec(comm_cfg, self.spec, seed)
+        self.codec = build_codec(spec.comm, self.spec, seed)
         self.comm_state = self.codec.init_state(C, self.device) if self.codec else {}
-        if not getattr(self.trainer, "per_client", False):  # DP-SGD clients do not use torch.func
+        if not self.trainer.per_client:  # DP-SGD clients do not use torch.func
             self._warmup()
 
     def _warmup(self) -> None:
@@ -200,7 +196,7 @@ class ClientHost:
         the local rule's (e.g. SCAFFOLD's ``c_i``), the codec's (``comm.*``) and the DP-SGD
         accountants (:data:`PRIVACY_STATE`)."""
         kinds = [*self.client_state, *(f"comm.{n}" for n in self.comm_state)]
-        if getattr(self.trainer, "epsilon_kind", None) is not None:  # DP: per-client accountants
+        if self.trainer.epsilon_kind is not None:  # DP: per-client accountants
             kinds.append(PRIVACY_STATE)
         return kinds
 
@@ -291,7 +287,7 @@ class ClientHost:
             # trainers with per-client objects (DP-SGD: one PrivacyEngine per client) get ids, offsets
             per_client = (
                 {"client_ids": np.asarray(client_ids), "offsets": self.shard.offsets[pos]}
-                if getattr(tr, "per_client", False)
+                if tr.per_client
                 else {}
             )
             if self.shard.transform is not None:  # bound to the round: clients.augment
@@ -336,7 +332,7 @@ class ClientHost:
             res.losses.cpu(),
             time.perf_counter() - t0,
             {n: v.cpu() for n, v in res.extras.items()},
-            {n: v.cpu() for n, v in getattr(res, "metrics", {}).items()},
+            {n: v.cpu() for n, v in res.metrics.items()},
             bytes_up=_nbytes(updates) + sum(_nbytes(v) for v in res.extras.values()),
             encoded=self.codec is not None,
             incarnation=self._incarnation,
@@ -356,10 +352,10 @@ class ClientHost:
 
     def privacy_state(self) -> dict[str, Any]:
         """The trainer's accountant state ({} for a non-private trainer)."""
-        return getattr(self.trainer, "state_dict", dict)()
+        return self.trainer.state_dict()
 
     def load_privacy_state(self, state: dict[str, Any]) -> None:
-        if hasattr(self.trainer, "load_state_dict") and state:
+        if state:
             own = {int(c) for c in self.shard.client_ids}
             hist = {c: h for c, h in state.get("histories", {}).items() if int(c) in own}
             self.trainer.load_state_dict({**state, "histories": hist})
@@ -416,7 +412,11 @@ def reduce_reply(reply: HostReply) -> HostReply:
     return reply
 
 
-def build_from(cfg: dict[str, Any] | DictConfig, **kwargs: Any) -> Any:
-    """Instantiate a ``_target_`` config given as a plain dict (what travels to actors) or DictConfig."""
-    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    return hydra.utils.instantiate(node, _convert_="all", **kwargs)
+def __getattr__(name: str) -> Any:
+    """``system.host.build_from`` moved to ``system.build`` (issue 20 item 3); kept importable for
+    jobs/compress/core.py until its owner moves the import."""
+    if name == "build_from":
+        from system.build import build_from
+
+        return build_from
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

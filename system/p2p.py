@@ -34,6 +34,14 @@ so runs are reproducible and the ``local`` and ``ray`` backends give identical r
 Hosts are plain Python (``PeerHost``); ``backend=ray`` wraps them in actors, ``backend=local`` calls
 them in-process. A lost host is not recovered mid-run (its nodes' state lives only there); resume
 from the last checkpoint instead.
+
+This module keeps the peer hosts and the network; ``system.build`` builds the settings and the
+topology once (:class:`PeerTopology`: who trains, who receives what, the rule's precondition),
+and the run loop (``system.loop``) drives the :class:`PeerNetwork` like any other stepper.
+Configured with ``mode=p2p p2p=monna`` (or ``p2p=dsgd``); the older spelling ``strategy=monna`` /
+``strategy=dsgd`` still works. The groups this mode does not use (``aggregator``, ``client``,
+``strategy`` under ``mode=p2p``, a ``clients_per_round`` below ``num_clients``, a privacy budget)
+are refused with one line instead of being ignored (:func:`check_unused`).
 """
 
 from __future__ import annotations
@@ -53,12 +61,19 @@ from clients.plan import make_plan
 from clients.seeds import stream
 from clients.trainer import ParamSpec, loss_fn_for
 from strategies.peer import PeerTraining, make_topology
+from strategies.server_step import finite_rows
 from system.config import ConfigError
-from system.host import HostShard, build_from
-from system.rundir import RunDir
+from system.host import HostShard
 from system.wire import from_wire, to_wire
 
-__all__ = ["PeerHost", "PeerNetwork", "run_p2p", "consensus_distance"]
+__all__ = [
+    "PeerHost",
+    "PeerNetwork",
+    "PeerTopology",
+    "check_unused",
+    "consensus_distance",
+    "start_p2p",
+]
 
 log = logging.getLogger("flagstaff")
 
@@ -84,27 +99,25 @@ class PeerHost:
         self,
         host_id: int,
         shard: HostShard,
-        model_cfg: dict[str, Any],
-        peer_cfg: dict[str, Any],
+        model: Any,
+        settings: PeerTraining,
         f: int,
-        input_shape: tuple[int, ...],
-        num_classes: int,
         seed: int,
         x_test: torch.Tensor,
         y_test: torch.Tensor,
         threads: int = 1,
     ) -> None:
+        """``model``: the run's ``system.build.ModelSpec`` (this host builds its copy);
+        ``settings``: the peer settings (built once by ``system.build``)."""
         torch.set_num_threads(max(1, int(threads)))
         self.host_id = host_id
         self.shard = shard
         self.node_ids = np.asarray(shard.client_ids, dtype=np.int64)
-        self.cfg: PeerTraining = build_from(peer_cfg)
+        self.cfg = settings
         self.rule = self.cfg.build_rule(f)
         self.seed = int(seed)
-        self.num_classes = num_classes
-        self.model = build_from(
-            model_cfg, input_shape=input_shape, num_classes=num_classes, seed=seed
-        )
+        self.num_classes = num_classes = model.num_classes
+        self.model = model.build()
         self.spec = ParamSpec.of(self.model)
         for p in self.model.parameters():
             p.requires_grad_(False)  # parameters are passed functionally (torch.func)
@@ -178,14 +191,13 @@ class PeerHost:
         own = self.half
         assert own is not None, "mix before half_step"
         sizes = {r.shape[0] for r in R_list}
-        finite = all(bool(torch.isfinite(r).all()) for r in R_list)
-        if len(sizes) == 1 and finite:
+        keep = [finite_rows(R) for R in R_list]  # as the server step drops non-finite rows
+        if len(sizes) == 1 and all(bool(k.all()) for k in keep):
             self.params = self.rule.batch(torch.stack(R_list), own)
         else:  # different in-degrees, or non-finite vectors to drop: node by node
-            rows = []
-            for k, R in enumerate(R_list):
-                R = R[torch.isfinite(R).all(dim=1)]
-                rows.append(self.rule(R, own[k]))
+            rows = [
+                self.rule(R[k], own[i]) for i, (R, k) in enumerate(zip(R_list, keep, strict=True))
+            ]
             self.params = torch.stack(rows)
         return {"grad_evals": self.grad_evals, "train_loss": self.train_losses.clone()}
 
@@ -250,29 +262,55 @@ class _Backend:
 
         return ray.get(refs)
 
+    def close(self) -> None:
+        """End the hosts (Ray actors are killed; in-process hosts are dropped)."""
+        if self.remote:
+            import ray
 
-class PeerNetwork:
-    """The driver of the peer-to-peer mode: topology, inboxes, adversary, one ``step`` per exchange."""
+            for a in self.hosts:
+                ray.kill(a)
+        self.hosts = []
+
+
+class PeerTopology:
+    """Who trains and who receives what, decided once on the driver from the seed (no hosts): the
+    Byzantine node mask, the training nodes and their stack order, the topology and each node's
+    inbox per step; its construction checks the inputs (``f < n``, every training node holds
+    samples, the peer rule's precondition for what a node receives) so that ``system.build``
+    refuses an impossible setting before any work.
+
+    ``settings``: the peer settings; ``n``: the nodes; ``attack``: the run's attack (the
+    Byzantine nodes are its f lowest ids); ``parts``: each node's sample indices; ``group``: the
+    config group named in errors (``p2p``, or ``strategy`` in the older spelling).
+    """
 
     def __init__(
         self,
-        cfg: dict[str, Any],
-        backend: _Backend,
-        node_ids: list[np.ndarray],
+        settings: PeerTraining,
         n: int,
         attack: Any,
+        seed: int,
+        parts: list[np.ndarray],
+        group: str = "p2p",
     ) -> None:
-        self.cfg: PeerTraining = build_from(cfg["strategy"])
-        self.seed = int(cfg["seed"])
-        self.backend = backend
-        self.host_nodes = node_ids
-        self.train_ids = np.concatenate(node_ids)  # the stack order of half-steps
-        self.n = n
+        self.cfg, self.n, self.seed, self.group = settings, int(n), int(seed), group
         self.attack = attack.for_models()  # the exchanged vectors are models (adaptive FOE)
-        self.f = int(getattr(attack, "f", 0))
-        active = self.f > 0 and getattr(attack, "name", "none") != "none"
+        self.f = int(attack.f)
+        if not 0 <= self.f < self.n:
+            raise ConfigError(f"attack.f={self.f} must be in [0, num_clients={self.n})")
+        active = self.f > 0 and attack.name != "none"
+        self.active = active
         self.byzantine = np.arange(n) < self.f if active else np.zeros(n, bool)
-        self.model_attack = active and getattr(attack, "kind", "model") == "model"
+        self.model_attack = active and attack.kind == "model"
+        self.poison = active and attack.kind == "data"
+        # for a model attack the Byzantine nodes do not train (the adversary crafts their vectors)
+        self.train_ids = np.arange(self.f if self.model_attack else 0, n)
+        sizes = np.array([len(parts[c]) for c in self.train_ids.tolist()], dtype=np.int64)
+        if (sizes < 1).any():
+            raise ConfigError(
+                f"nodes {self.train_ids[sizes < 1].tolist()} hold no samples; raise "
+                "partition.alpha or lower num_clients"
+            )
         self.rule = self.cfg.build_rule(self.f)
         self.adj = make_topology(
             self.cfg.topology, n, self.seed, degree=self.cfg.degree, edge_prob=self.cfg.edge_prob
@@ -282,7 +320,6 @@ class PeerNetwork:
             [i for i, c in enumerate(self.train_ids) if not self.byzantine[c]], dtype=np.int64
         )
         self.complete_sync = self.cfg.topology == "complete" and not self.cfg.asynchronous
-        self._evals = 0  # gradient evaluations reported by the hosts so far
         self._static = self._inboxes(0) if not self.cfg.asynchronous else None
         self._check()
 
@@ -313,17 +350,39 @@ class PeerNetwork:
         return self._static if self._static is not None else self._inboxes(t)
 
     def _check(self) -> None:
-        if self.f >= self.n:
-            raise ConfigError(f"attack.f={self.f} must be < num_clients={self.n} (the nodes)")
         for rows, crafted in self._inboxes(0):
             msg = self.rule.requirement(len(rows) + crafted)
             if msg is not None:
                 raise ConfigError(
-                    f"strategy.rule={self.cfg.rule}: a node receives {len(rows) + crafted} "
+                    f"{self.group}.rule={self.cfg.rule}: a node receives {len(rows) + crafted} "
                     f"vectors (topology {self.cfg.topology}, asynchronous="
                     f"{self.cfg.asynchronous}) and the rule {msg}; use more nodes, a denser "
                     "topology or a smaller attack.f"
                 )
+
+
+class PeerNetwork:
+    """The driver of the peer-to-peer mode (a ``system.loop`` stepper): the topology's inboxes,
+    the adversary, one ``round`` (exchange) at a time over the peer hosts."""
+
+    unit = "steps"
+
+    def __init__(
+        self, topology: PeerTopology, backend: _Backend, host_nodes: list[np.ndarray]
+    ) -> None:
+        self.topology = top = topology
+        self.cfg, self.seed, self.n, self.f = top.cfg, top.seed, top.n, top.f
+        self.attack, self.rule, self.byzantine = top.attack, top.rule, top.byzantine
+        self.model_attack, self.complete_sync = top.model_attack, top.complete_sync
+        self.backend = backend
+        self.host_nodes = host_nodes
+        self.train_ids = np.concatenate(host_nodes)  # the stack order of half-steps
+        assert np.array_equal(self.train_ids, top.train_ids), "hosts hold the training nodes"
+        self.pos, self.honest_pos = top.pos, top.honest_pos
+        self.inboxes = top.inboxes
+        self._evals = 0  # gradient evaluations reported by the hosts so far
+        self._step = 0  # exchanges done (the checkpoint's round)
+        self._closed = False
 
     # -- the adversary ----------------------------------------------------------------------------
     def _craft(self, t: int, H: torch.Tensor, inbox: list[tuple[np.ndarray, int]]):
@@ -376,6 +435,10 @@ class PeerNetwork:
         return agg
 
     # -- one step ---------------------------------------------------------------------------------
+    def round(self, t: int, evaluate: bool) -> dict[str, Any]:
+        """Exchange t (the run loop's round): see :meth:`step`."""
+        return self.step(t, evaluate)
+
     def step(self, t: int, evaluate: bool) -> dict[str, Any]:
         """Exchange t: half steps, Byzantine crafting, aggregation; metrics when ``evaluate``."""
         t0 = time.perf_counter()
@@ -400,6 +463,7 @@ class PeerNetwork:
         losses = torch.cat([s["train_loss"] for s in stats])
         metrics["train_loss"] = float(losses[torch.as_tensor(self.honest_pos)].mean())
         metrics["round_time_s"] = time.perf_counter() - t0
+        self._step = t + 1
         if evaluate:
             metrics.update(self.evaluate())
         return metrics
@@ -423,198 +487,176 @@ class PeerNetwork:
         P = torch.cat(be.get([be.call(h, "get_params") for h in range(len(be.hosts))]))
         return P[torch.as_tensor(self.honest_pos)]
 
+    def final_params(self) -> torch.Tensor:
+        """The honest nodes' parameters (h, d), the run's result."""
+        return self.honest_params()
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """summary.json's peer-to-peer fields: the worst honest node's accuracy, the consensus
+        distance, nodes, Byzantine nodes, hosts."""
+        final = next((r for r in reversed(rows) if "loss" in r), {})
+        return {
+            "mode": "p2p",
+            "rule": self.cfg.rule,
+            "accuracy_worst": final.get("accuracy_worst"),
+            "consensus_distance": final.get("consensus_distance"),
+            "nodes": self.n,
+            "byzantine": self.f if self.topology.active else 0,
+            "hosts": len(self.backend.hosts),
+        }
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.backend.close()
+
     # -- checkpoints ------------------------------------------------------------------------------
-    def state_dict(self, step: int) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         be = self.backend
         parts = be.get([be.call(h, "state_dict") for h in range(len(be.hosts))])
         return {
-            "round": step,
+            "round": self._step,
             "node_ids": torch.cat([p["node_ids"] for p in parts]),
             "params": torch.cat([p["params"] for p in parts]),
             "momentum": torch.cat([p["momentum"] for p in parts]),
-            "adversary": getattr(self.attack, "state_dict", lambda: {})(),
+            "adversary": self.attack.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         be = self.backend
         be.get([be.call(h, "load_state_dict", state) for h in range(len(be.hosts))])
-        if hasattr(self.attack, "load_state_dict") and state.get("adversary"):
+        self._step = int(state["round"])
+        if state.get("adversary"):
             self.attack.load_state_dict(state["adversary"])
 
 
 # ----------------------------------------------------------------------------------------------
-# the recipe
+# starting the hosts
 # ----------------------------------------------------------------------------------------------
 
 
-def _place(parts, ds, train_ids: np.ndarray, hosts: int, attack: Any) -> list[HostShard]:
+def _place(parts, ds, topology: PeerTopology, hosts: int) -> list[HostShard]:
     """Contiguous blocks of training nodes per host; label-flip poisoning applied at placement."""
+    train_ids, attack = topology.train_ids, topology.attack
     owner = (np.arange(len(train_ids)) * hosts) // len(train_ids)
-    poison = getattr(attack, "kind", "model") == "data" and getattr(attack, "name", "") != "none"
-    seed = int(getattr(attack, "seed", 0))
     shards = []
     for h in range(hosts):
         ids = train_ids[owner == h]
         xs, ys = [], []
         for c in ids.tolist():
             x, y = ds.x_train[parts[c]], ds.y_train[parts[c]]
-            if poison and c < attack.f:
-                gen = stream(seed, c, scheme="poison")
+            if topology.poison and c < topology.f:
+                gen = stream(int(attack.seed), c, scheme="poison")
                 x, y = attack.poison(x, y, ds.num_classes, gen)
             xs.append(x)
             ys.append(y)
         sizes = np.array([len(parts[c]) for c in ids.tolist()], dtype=np.int64)
-        if (sizes < 1).any():
-            raise ConfigError(
-                f"nodes {ids[sizes < 1].tolist()} hold no samples; raise partition.alpha or "
-                "lower num_clients"
-            )
         shards.append(HostShard(ids, np.cumsum(sizes) - sizes, sizes, torch.cat(xs), torch.cat(ys)))
     return shards
 
 
-def _start(c: dict[str, Any], ds, shards: list[HostShard], f: int, stack: ExitStack) -> _Backend:
+def start_p2p(run: Any, stack: ExitStack) -> PeerNetwork:
+    """The peer network of a built run (``system.build.Run`` in mode p2p) on its backend: peer
+    hosts in-process (local) or as Ray actors (ray); a Ray it starts ends with ``stack``."""
+    c, peer, ds = run.config, run.peer, run.data
     cl = c["cluster"]
-    args = dict(
-        model_cfg=c["model"],
-        peer_cfg=c["strategy"],
-        f=f,
-        input_shape=ds.input_shape,
-        num_classes=ds.num_classes,
-        seed=c["seed"],
-        threads=cl["threads_per_host"],
-    )
-    if c["backend"] == "local":
-        torch.set_num_threads(cl["threads_per_host"])
-        hosts = [
-            PeerHost(h, s, x_test=ds.x_test, y_test=ds.y_test, **args) for h, s in enumerate(shards)
-        ]
-        return _Backend(hosts, remote=False)
-    if c["backend"] != "ray":
+    n_train = len(peer.topology.train_ids)
+    if c["backend"] not in ("local", "ray"):
         raise NotImplementedError(
             f"backend={c['backend']} has no peer-to-peer mode; use local or ray"
         )
-    import ray
+    if c["backend"] == "local":
+        hosts = min(cl["hosts"] or 1, n_train)
+    else:
+        from system.ray_start import init_ray, shutdown_ray
 
-    Host = ray.remote(PeerHost)
-    xt, yt = ray.put(ds.x_test), ray.put(ds.y_test)
-    tag = f"{os.getpid()}-{time.time_ns()}"
-    actors = [
-        Host.options(
-            name=f"flagstaff-peer-host-{h}-{tag}",
-            num_cpus=cl["cpus_per_host"],
-            num_gpus=0,
-            resources=cl["resources"] or None,
-            max_restarts=0,
-        ).remote(h, ray.put(s), x_test=xt, y_test=yt, **args)
-        for h, s in enumerate(shards)
-    ]
-    ray.get([a.ping.remote() for a in actors])
+        if init_ray(cl):  # as the federated runner: a new local Ray unless cluster.address is set
+            stack.callback(shutdown_ray)
+        import ray  # after init_ray: Ray reads its private-start settings when it is imported
 
-    def close() -> None:
-        for a in actors:
-            ray.kill(a)
-
-    stack.callback(close)
-    return _Backend(actors, remote=True)
-
-
-def _num_hosts(c: dict[str, Any], stack: ExitStack, n_train: int) -> int:
-    cl = c["cluster"]
-    if c["backend"] != "ray":
-        return min(cl["hosts"] or 1, n_train)
-    from system.ray_start import init_ray, shutdown_ray
-
-    if init_ray(cl):  # as the federated runner: a new local Ray unless cluster.address is set
-        stack.callback(shutdown_ray)
-    import ray  # after init_ray: Ray reads its private-start settings when it is imported
-
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    per = cl["cpus_per_host"]
-    hosts = cl["hosts"] or max(1, int(cpus // per) if per > 0 else int(cpus))
-    return min(hosts, n_train)
-
-
-def run_p2p(c: dict[str, Any], out: RunDir, t_start: float | None = None) -> dict[str, Any]:
-    """Decentralized training as configured (``strategy.mode: p2p``); same run directory, progress
-    bar, checkpoints and summary as the server mode. ``rounds`` counts steps (exchanges);
-    ``num_clients`` counts nodes; ``clients_per_round``, ``client`` and ``aggregator`` are unused
-    (the peer rule and its settings live in ``strategy``)."""
-    from tqdm import tqdm
-
-    from clients.partition import summarize
-    from system.loggers import make_logger
-    from system.memory import tree_memory_mb
-    from system.preflight import load_inputs
-    from system.runner import fingerprint, finish_summary
-
-    t_start = time.perf_counter() if t_start is None else t_start
-    n, steps = int(c["num_clients"]), int(c["rounds"])
-    with ExitStack() as stack:
-        torch.manual_seed(c["seed"])
-        ds, parts = load_inputs(c)  # a bad input: one line naming it (system/preflight.py)
-        labels = ds.y_train.numpy()
-        attack = build_from(c["attack"])
-        f = int(getattr(attack, "f", 0))
-        if not 0 <= f < n:
-            raise ConfigError(f"attack.f={f} must be in [0, num_clients={n})")
-        active = f > 0 and getattr(attack, "name", "none") != "none"
-        model_attack = active and getattr(attack, "kind", "model") == "model"
-        train_ids = np.arange(f if model_attack else 0, n)
-        hosts = _num_hosts(c, stack, len(train_ids))
-        shards = _place(parts, ds, train_ids, hosts, attack)
-        backend = _start(c, ds, shards, f, stack)
-        net = PeerNetwork(c, backend, [s.client_ids for s in shards], n, attack)
-        fp = fingerprint(c)
-        start = 0
-        state = out.load_checkpoint(fp) if c["resume"] else None
-        if state is not None:
-            net.load_state_dict(state)
-            start = int(state["round"])
-        out.begin(start)  # checks passed: .hydra/, metrics.jsonl cut back to the checkpoint
-        out.write_json("partition.json", summarize(parts, labels, ds.num_classes))
-        logger = make_logger(c["logger"], out.path, c)
-        stack.callback(logger.close)
-        startup_s = time.perf_counter() - t_start
-        rows = out.read_metrics()
-        every, ck = c["eval_every"], c["checkpoint_every"]
-        bar = tqdm(
-            range(start, steps),
-            desc="steps",
-            initial=start,
-            total=steps,
-            disable=not c["progress"],
-            dynamic_ncols=True,
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        per = cl["cpus_per_host"]
+        hosts = min(cl["hosts"] or max(1, int(cpus // per) if per > 0 else int(cpus)), n_train)
+    shards = _place(run.parts, ds, peer.topology, hosts)
+    args = dict(model=peer.model, settings=peer.settings, f=peer.f, seed=c["seed"])
+    args["threads"] = cl["threads_per_host"]
+    if c["backend"] == "local":
+        torch.set_num_threads(cl["threads_per_host"])
+        backend = _Backend(
+            [
+                PeerHost(h, s, x_test=ds.x_test, y_test=ds.y_test, **args)
+                for h, s in enumerate(shards)
+            ],
+            remote=False,
         )
-        for t in bar:
-            evaluate = (t + 1) % every == 0 or t + 1 == steps
-            m = net.step(t, evaluate)
-            if evaluate:
-                m["rss_mb"], m["pss_mb"] = tree_memory_mb()
-                bar.set_postfix(
-                    acc=f"{m.get('accuracy', float('nan')):.3f}",
-                    worst=f"{m.get('accuracy_worst', float('nan')):.3f}",
-                    s_per_step=f"{m['round_time_s']:.3f}",
-                )
-            out.append_metrics(m)
-            logger.log(m)
-            rows.append(m)
-            if (ck and (t + 1) % ck == 0) or t + 1 == steps:
-                out.save_checkpoint({**net.state_dict(t + 1), "fingerprint": fp})
-        bar.close()
-        params = net.honest_params()
-        final = next((r for r in reversed(rows) if "loss" in r), {})
-        summary = {
-            "mode": "p2p",
-            "rule": net.cfg.rule,
-            **finish_summary(c, rows, start, startup_s, out.path),
-            "accuracy_worst": final.get("accuracy_worst"),
-            "consensus_distance": final.get("consensus_distance"),
-            "nodes": n,
-            "byzantine": f if active else 0,
-            "hosts": hosts,
-        }
-        out.write_json("summary.json", summary)
-        out.plot_curves()
-        times = [r["round_time_s"] for r in rows]
-        return {**summary, "round_times": times, "params": params, "metrics": rows}
+    else:
+        Host = ray.remote(PeerHost)
+        xt, yt = ray.put(ds.x_test), ray.put(ds.y_test)
+        tag = f"{os.getpid()}-{time.time_ns()}"
+        actors = [
+            Host.options(
+                name=f"flagstaff-peer-host-{h}-{tag}",
+                num_cpus=cl["cpus_per_host"],
+                num_gpus=0,
+                resources=cl["resources"] or None,
+                max_restarts=0,
+            ).remote(h, ray.put(s), x_test=xt, y_test=yt, **args)
+            for h, s in enumerate(shards)
+        ]
+        ray.get([a.ping.remote() for a in actors])
+        backend = _Backend(actors, remote=True)
+    return PeerNetwork(peer.topology, backend, [s.client_ids for s in shards])
+
+
+# ----------------------------------------------------------------------------------------------
+# the groups this mode does not use
+# ----------------------------------------------------------------------------------------------
+
+
+def check_unused(c: dict[str, Any]) -> None:
+    """mode=p2p trains every node with the peer settings (``p2p.lr``, ``p2p.batch_size``,
+    ``p2p.momentum``, ``p2p.weight_decay``, ``p2p.rule``): a config that sets what this mode does
+    not use (another aggregator or client trainer, a server strategy, partial participation, a
+    privacy budget) is refused with one line instead of being ignored. The older spelling
+    (``strategy=monna``), which documented that it ignores them, logs one line naming them."""
+    unused = []
+    if c["clients_per_round"] != c["num_clients"]:
+        unused.append(f"clients_per_round={c['clients_per_round']} (every node takes every step)")
+    agg = c["aggregator"]
+    if agg.get("rule") != "mean" or agg.get("pre"):
+        unused.append(f"aggregator={agg.get('rule')} (each node aggregates with p2p.rule)")
+    if not _is_default(c["client"], "client", "sgd"):
+        unused.append("client=... (local steps use p2p.lr, p2p.batch_size, p2p.momentum)")
+    if c.get("mode") == "p2p" and not _is_default(c["strategy"], "strategy", "fedavg"):
+        unused.append("strategy=... (there is no server; the peer settings are p2p=...)")
+    if (c.get("privacy") or {}).get("target_epsilon") is not None:
+        unused.append("privacy.target_epsilon (the peer-to-peer mode has no DP)")
+    if not unused:
+        return
+    if c.get("mode") == "p2p":
+        raise ConfigError(
+            "the peer-to-peer mode does not use " + "; ".join(unused) + ": remove these settings"
+        )
+    # the older spelling (strategy=monna) documented that it ignores them: say so, once
+    name = "dsgd" if c["strategy"].get("rule") == "mean" else "monna"
+    log.warning(
+        "strategy=%s (the older spelling of mode=p2p p2p=%s) ignores %s",
+        name,
+        name,
+        "; ".join(unused),
+    )
+
+
+def _is_default(value: dict[str, Any], group: str, name: str) -> bool:
+    """Whether a composed group still has every setting of ``conf/<group>/<name>.yaml`` (keys its
+    own defaults list adds, e.g. a strategy's ``server_opt``, are not compared)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import conf
+
+    node = OmegaConf.load(Path(conf.__file__).parent / group / f"{name}.yaml")
+    default = OmegaConf.to_container(node, resolve=True)
+    default.pop("defaults", None)
+    return all(value.get(k) == v for k, v in default.items())

@@ -54,6 +54,10 @@ class LocalPool:
     def __init__(self, hosts: list[ClientHost]) -> None:
         self.hosts = hosts
 
+    def __len__(self) -> int:
+        """The number of hosts."""
+        return len(self.hosts)
+
     def place(
         self, assignment: dict[int, list[int]], round_idx: int = 0
     ) -> tuple[dict[int, list[int]], list[int]]:
@@ -145,6 +149,10 @@ class RayPool:
         self._kinds: list[str] | None = None
         self._round = -1  # the round being trained (or last trained), for log lines
         self._why_lost = ""  # why the last host counted as lost (set by _wait_alive)
+
+    def __len__(self) -> int:
+        """The number of hosts (lost ones included: host ids stay as they were)."""
+        return len(self.actors)
 
     # -- where clients train ---------------------------------------------------------------------
     def live(self) -> list[int]:

@@ -13,22 +13,32 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
-from clients.dp import privacy_kinds
 from clients.seeds import stream
 from clients.trainer import ParamSpec, loss_fn_for
 from strategies.attacks import Adversary
 from strategies.base import RoundExtras
 from strategies.server_step import HostSum, Replies, ServerStep, skip_reason
 from system.codecs import build_codec
-from system.host import HostReply, build_from
+from system.host import HostReply
 
-__all__ = ["ParameterServer", "can_reduce_on_hosts", "client_replies", "sample_clients"]
+if TYPE_CHECKING:
+    from system.build import Federated
+
+__all__ = [
+    "ParameterServer",
+    "ServerSettings",
+    "can_reduce_on_hosts",
+    "client_replies",
+    "evaluate_model",
+    "sample_clients",
+]
 
 log = logging.getLogger("flagstaff")
 
@@ -90,47 +100,102 @@ def host_sums(replies: list[HostReply]) -> list[HostSum]:
     ]
 
 
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    spec: ParamSpec,
+    params: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    num_classes: int,
+    batch: int = 4096,
+) -> dict[str, float]:
+    """Test loss (and accuracy, for classification) of ``model`` with the flat ``params``."""
+    p = spec.unflatten(params)
+    loss_fn = loss_fn_for(num_classes)
+    correct, total_loss = 0.0, 0.0
+    n = len(y_test)
+    for i in range(0, n, batch):
+        xb, yb = x_test[i : i + batch], y_test[i : i + batch]
+        out = functional_call(model, p, (xb,))
+        total_loss += float(loss_fn(out, yb).sum())
+        if num_classes > 1:
+            correct += float((out.argmax(1) == yb).sum())
+    res = {"loss": total_loss / n}
+    if num_classes > 1:
+        res["accuracy"] = correct / n
+    return res
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The few settings a parameter server reads (not the config dict): client sampling, the
+    privacy budget, the round deadline (for skipped-round reasons), host-side reduction, torch
+    threads and the codec spec (``comm`` group)."""
+
+    num_clients: int
+    clients_per_round: int
+    seed: int
+    sampling: str = "fixed"
+    target_epsilon: float | None = None
+    delta: float | None = None
+    round_deadline_s: float | None = None
+    host_reduce: bool = True
+    threads: int = 1
+    comm: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, c: dict[str, Any]) -> ServerSettings:
+        """The settings of a validated plain config."""
+        cl, privacy = c["cluster"], c.get("privacy") or {}
+        return cls(
+            num_clients=int(c["num_clients"]),
+            clients_per_round=int(c["clients_per_round"]),
+            seed=int(c["seed"]),
+            sampling=str(c.get("sampling", "fixed")),
+            target_epsilon=privacy.get("target_epsilon"),
+            delta=privacy.get("delta"),
+            round_deadline_s=cl.get("round_deadline_s"),
+            host_reduce=bool(cl.get("host_reduce", True)),
+            threads=int(cl.get("threads_per_host", 1)),
+            comm=c.get("comm"),
+        )
+
+
 class ParameterServer:
     """Holds the global parameters and strategy state; ``round(r)`` runs round r."""
 
     def __init__(
         self,
-        cfg: dict[str, Any],
+        fed: Federated,
         pool: Any,
         owner: np.ndarray,
         x_test: torch.Tensor,
         y_test: torch.Tensor,
-        input_shape: tuple[int, ...],
-        num_classes: int,
+        settings: ServerSettings,
     ) -> None:
-        torch.set_num_threads(max(1, int(cfg["cluster"].get("threads_per_host", 1))))
-        self.cfg = cfg
+        torch.set_num_threads(max(1, int(settings.threads)))
+        self.settings = settings
         self.pool = pool
         self.owner = owner
-        self.seed = int(cfg["seed"])
-        self.num_clients = int(cfg["num_clients"])
-        self.per_round = int(cfg["clients_per_round"])
-        self.sampling = str(cfg.get("sampling", "fixed"))
-        self.model = build_from(
-            cfg["model"], input_shape=input_shape, num_classes=num_classes, seed=self.seed
-        )
-        self.spec = ParamSpec.of(self.model)
+        self.seed = settings.seed
+        self.num_clients = settings.num_clients
+        self.per_round = settings.clients_per_round
+        self.sampling = settings.sampling
+        self.model, self.spec = fed.model, fed.spec
         # the trainable parameters only (a LoRA model's frozen base does not travel)
         self.params = self.spec.flatten(dict(self.model.named_parameters())).detach().clone()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.strategy = build_from(cfg["strategy"])
-        self.strategy.bind(self.model, self.spec)  # the parameter layout (FedSVD needs it)
+        self.strategy = fed.strategy  # bound to the model's layout by system.build
         self.state = self.strategy.init(self.params)
-        privacy = cfg.get("privacy") or {}
-        self.target_epsilon = privacy.get("target_epsilon")
-        self.delta = privacy.get("delta")
-        self.adversary = Adversary(build_from(cfg["attack"]), self.num_clients)
-        n_agg = self.adversary.inputs_per_round(self.per_round)
-        self.aggregator = build_from(cfg["aggregator"], f=self.adversary.f, n=n_agg)
+        self.target_epsilon = settings.target_epsilon
+        self.delta = settings.delta
+        self.adversary = fed.adversary
+        self.aggregator = fed.aggregator
         # compressed communication (system/codecs.py): hosts encode, the server decodes each
         # client's payload, so hosts cannot pre-sum (the sum of payloads is not a payload)
-        self.codec = build_codec(cfg.get("comm"), self.spec, self.seed)
+        self.codec = build_codec(settings.comm, self.spec, self.seed)
         if self.codec is not None and self.codec.payload_numel >= self.params.numel():
             log.warning(
                 "comm=%s sends %d numbers per client for %d parameters (nothing is compressed: "
@@ -146,15 +211,13 @@ class ParameterServer:
             self.aggregator,
             self.adversary,
             num_clients=self.num_clients,
-            private=bool(privacy_kinds(cfg["client"], cfg["strategy"])),
+            private=bool(fed.kinds),
             decoder=self.codec,
             delta=self.delta,
         )
-        self.reduce_on_hosts = (
-            bool(cfg["cluster"].get("host_reduce", True)) and self.step.can_reduce()
-        )
+        self.reduce_on_hosts = settings.host_reduce and self.step.can_reduce()
         self.x_test, self.y_test = x_test, y_test
-        self.loss = loss_fn_for(num_classes)
+        num_classes = fed.host.model.num_classes
         self.num_classes = num_classes
         self.round_idx = 0
 
@@ -196,7 +259,7 @@ class ParameterServer:
             res = self.step.apply(self.params, self.state, agg, extras, r)
             skipped, nonfinite = res.skipped, self._nonfinite
         if skipped:  # no usable update: keep the model, say why (the run loop stops after K)
-            deadline = self.cfg["cluster"].get("round_deadline_s")
+            deadline = self.settings.round_deadline_s
             failed = [int(c) for c in [*got.dropped, *out]]
             metrics["skipped"], metrics["skipped_clients"] = skip_reason(
                 len(sampled), [int(c) for c in got.late], failed, nonfinite.tolist(), deadline
@@ -256,8 +319,6 @@ class ParameterServer:
                     f"stopping after {r} rounds"
                 )
         after: dict[int, float] = {}
-        if not hasattr(self.pool, "call"):
-            return None
         asked = self.pool.call("epsilon_after", {h: (c,) for h, c in assignment.items()})
         for part in asked.values():
             after.update(part)
@@ -271,22 +332,11 @@ class ParameterServer:
             )
         return None
 
-    @torch.no_grad()
-    def evaluate(self, batch: int = 4096) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """Test accuracy and loss of the global model."""
-        p = self.spec.unflatten(self.params)
-        correct, total_loss = 0.0, 0.0
-        n = len(self.y_test)
-        for i in range(0, n, batch):
-            xb, yb = self.x_test[i : i + batch], self.y_test[i : i + batch]
-            out = functional_call(self.model, p, (xb,))
-            total_loss += float(self.loss(out, yb).sum())
-            if self.num_classes > 1:
-                correct += float((out.argmax(1) == yb).sum())
-        res = {"loss": total_loss / n}
-        if self.num_classes > 1:
-            res["accuracy"] = correct / n
-        return res
+        return evaluate_model(
+            self.model, self.spec, self.params, self.x_test, self.y_test, self.num_classes
+        )
 
     # -- state -----------------------------------------------------------------------------------
     def get_params(self) -> torch.Tensor:
@@ -330,8 +380,8 @@ class ParameterServer:
         self.pool.load_state_dict(state.get("clients", {}))
         self.pool.load_faults(state.get("faults", {}))
         if privacy.get("trainers"):
-            n = len(getattr(self.pool, "hosts", None) or getattr(self.pool, "actors", []))
-            self.pool.call("load_privacy_state", {h: (privacy["trainers"],) for h in range(n)})
+            trainers = privacy["trainers"]
+            self.pool.call("load_privacy_state", {h: (trainers,) for h in range(len(self.pool))})
 
     def ping(self) -> bool:
         return True

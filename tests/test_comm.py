@@ -200,7 +200,6 @@ def test_robust_aggregators_work_on_decoded_updates(tmp_path, agg) -> None:
 def test_nonfinite_payloads_are_dropped_and_counted(tmp_path) -> None:
     from system.config import to_plain
     from system.pool import LocalPool
-    from system.server import ParameterServer
 
     res = train(
         compose(*SMOKE, "comm=sketch", "clients_per_round=10", "attack=nan_vector", "attack.f=2"),
@@ -209,18 +208,19 @@ def test_nonfinite_payloads_are_dropped_and_counted(tmp_path) -> None:
     assert all(r["dropped_nonfinite"] == 2 for r in res["metrics"])
     # a payload that arrives non-finite: dropped before decoding, counted
     from clients.data import load_digits
-    from system.host import ClientHost, HostShard
+    from system.build import client_host, parameter_server
+    from system.host import HostShard
 
     cfg = to_plain(compose(*SMOKE, "comm=powersgd", "num_clients=2", "clients_per_round=2"))
     ds = load_digits()
     shard = HostShard(
         np.array([0, 1]), np.array([0, 20]), np.array([20, 20]), ds.x_train[:40], ds.y_train[:40]
     )
-    host = ClientHost(
+    host = client_host(
         0, shard, cfg["model"], cfg["client"], ds.input_shape, 10, 0, comm_cfg=cfg["comm"]
     )
     pool = LocalPool([host])
-    server = ParameterServer(
+    server = parameter_server(
         cfg, pool, np.zeros(2, dtype=int), ds.x_test, ds.y_test, ds.input_shape, 10
     )
     assert server.codec is not None and not server.reduce_on_hosts  # per-client payloads

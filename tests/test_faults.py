@@ -58,15 +58,10 @@ def _kill_host_after(ray, run: Path, rows: int, host: int, out: dict) -> threadi
 
 def _server(c: dict, stack: ExitStack):
     """The parameter server and Ray hosts of a validated config, as train() starts them."""
-    from strategies.attacks import Adversary
-    from system.host import build_from
-    from system.runner import _start
+    from system.build import build_run
+    from system.runner import start
 
-    ds = build_from(c["data"])
-    parts = build_from(c["partition"], labels=ds.y_train.numpy(), num_clients=c["num_clients"])
-    server, close = _start(c, ds, parts, Adversary(build_from(c["attack"]), c["num_clients"]), stack)
-    stack.callback(close)
-    return server
+    return start(build_run(c), stack).server
 
 
 @pytest.fixture(scope="module")

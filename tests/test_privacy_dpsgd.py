@@ -206,27 +206,21 @@ def test_resumed_server_restores_every_clients_accountant() -> None:
     epsilons and the same parameters as the uninterrupted run."""
     from contextlib import ExitStack
 
-    from strategies.attacks import Adversary
-    from system.config import validate
-    from system.host import build_from
-    from system.runner import _start
+    from system.build import build_run
+    from system.runner import start
 
-    c = validate(
-        compose(
-            "experiment=privacy_dpsgd_digits",
-            "backend=local",
-            "num_clients=4",
-            "clients_per_round=2",
-            "client.batch_size=32",
-            "cluster.hosts=2",
-            "rounds=3",
-        )
+    cfg = compose(
+        "experiment=privacy_dpsgd_digits",
+        "backend=local",
+        "num_clients=4",
+        "clients_per_round=2",
+        "client.batch_size=32",
+        "cluster.hosts=2",
+        "rounds=3",
     )
-    ds = build_from(c["data"])
-    parts = build_from(c["partition"], labels=ds.y_train.numpy(), num_clients=4)
     with ExitStack() as stack:
-        a, _ = _start(c, ds, parts, Adversary(build_from(c["attack"]), 4), stack)
-        b, _ = _start(c, ds, parts, Adversary(build_from(c["attack"]), 4), stack)
+        a = start(build_run(cfg), stack).server
+        b = start(build_run(cfg), stack).server
         a.round(0, False)
         a.round(1, False)
         state = a.state_dict()
@@ -334,21 +328,18 @@ def test_hosts_ask_the_budget_stop_with_the_rule(tmp_path) -> None:
     step: before round 1 it equals every client's epsilon after round 1 (Opacus path)."""
     from contextlib import ExitStack
 
-    from strategies.attacks import Adversary
-    from system.config import validate
-    from system.host import build_from
-    from system.runner import _start
+    from system.build import build_run
+    from system.runner import start
 
-    c = validate(
+    run = build_run(
         compose(
             "experiment=smoke", "strategy=fedsam", "client=dpsgd", "clients_per_round=10",
             "num_clients=10", "client.batch_size=32",
         )
     )  # fmt: skip
-    ds = build_from(c["data"])
-    parts = build_from(c["partition"], labels=ds.y_train.numpy(), num_clients=10)
+    parts = run.parts
     with ExitStack() as stack:
-        server, _ = _start(c, ds, parts, Adversary(build_from(c["attack"]), 10), stack)
+        server = start(run, stack).server
         asked = {}
         for part in server.pool.call("epsilon_after", {0: (list(range(10)),)}).values():
             asked.update(part)

@@ -94,10 +94,10 @@ def test_bad_config_values_fail_before_work(tmp_path) -> None:
 def test_wrong_length_updates_are_refused(tmp_path) -> None:
     """A host running a different model sends updates of the wrong length: a clear error."""
     from clients.data import load_digits
+    from system.build import client_host, parameter_server
     from system.config import to_plain
-    from system.host import ClientHost, HostShard
+    from system.host import HostShard
     from system.pool import LocalPool
-    from system.server import ParameterServer
 
     cfg = to_plain(compose("experiment=smoke", "num_clients=2", "clients_per_round=2"))
     ds = load_digits()
@@ -105,8 +105,8 @@ def test_wrong_length_updates_are_refused(tmp_path) -> None:
         np.array([0, 1]), np.array([0, 20]), np.array([20, 20]), ds.x_train[:40], ds.y_train[:40]
     )
     other = {**cfg["model"], "hidden": [8]}
-    host = ClientHost(0, shard, other, cfg["client"], ds.input_shape, 10, 0)
-    server = ParameterServer(
+    host = client_host(0, shard, other, cfg["client"], ds.input_shape, 10, 0)
+    server = parameter_server(
         cfg, LocalPool([host]), np.zeros(2, dtype=int), ds.x_test, ds.y_test, ds.input_shape, 10
     )
     with pytest.raises(ValueError, match="same model config"):
@@ -124,8 +124,8 @@ def test_sampling_is_seeded_and_bounded() -> None:
 def test_host_reduction_equals_per_client_aggregation(tmp_path) -> None:
     """With a weighted mean, hosts send sum_i w_i u_i (float64) instead of every update."""
     from strategies.attacks import Adversary
+    from system.build import build_from
     from system.config import to_plain
-    from system.host import build_from
     from system.server import can_reduce_on_hosts
 
     reduced = train(compose("experiment=smoke", "cluster.hosts=2"), run_dir=str(tmp_path / "a"))

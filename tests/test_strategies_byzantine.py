@@ -32,6 +32,7 @@ from strategies.attacks import ALIE, Adversary, ALIEAdaptive, alie_z, build_atta
 from strategies.base import ExtrasAggregation, RoundExtras
 from strategies.flower import FlagstaffStrategy
 from strategies.scaffold import SCAFFOLD
+from system.build import parameter_server
 from system.config import validate
 from system.host import HostReply
 from system.pool import LocalPool, RoundReplies
@@ -166,7 +167,7 @@ def _server(*overrides: str) -> ParameterServer:
     c = validate(compose("experiment=smoke", "model=logistic", *overrides))
     owner = np.zeros(c["num_clients"], dtype=np.int64)
     x_test, y_test = torch.zeros(2, 64), torch.zeros(2, dtype=torch.long)
-    return ParameterServer(c, LocalPool([]), owner, x_test, y_test, (64,), 10)
+    return parameter_server(c, LocalPool([]), owner, x_test, y_test, (64,), 10)
 
 
 def _replies(ids: list[int], d: int, name: str = "delta_c", seed: int = 0) -> RoundReplies:

@@ -201,14 +201,15 @@ def test_trainer_hooks_are_declared_with_defaults() -> None:
 def test_host_asks_declared_hooks_and_keeps_non_private_behaviour() -> None:
     """A host with a non-private trainer reports no privacy state and no prospective epsilon; with a
     DP trainer it lists the accountants and asks epsilon_after with its local rule."""
-    from system.host import PRIVACY_STATE, ClientHost, HostShard
+    from system.build import client_host
+    from system.host import PRIVACY_STATE, HostShard
 
     model_cfg = {"_target_": "clients.models.build_model", "kind": "mlp", "hidden": [5]}
     x, y = torch.randn(20, D_IN), torch.randint(0, NUM_CLASSES, (20,))
     shard = HostShard(np.array([0, 1]), np.array([0, 10]), np.array([10, 10]), x, y)
 
     def host(client_cfg, strategy_cfg=None):
-        return ClientHost(0, shard, model_cfg, client_cfg, (D_IN,), NUM_CLASSES, 0,
+        return client_host(0, shard, model_cfg, client_cfg, (D_IN,), NUM_CLASSES, 0,
                           strategy_cfg=strategy_cfg)  # fmt: skip
 
     plain = host({"_target_": "clients.trainer.LocalSGD"})
