@@ -72,10 +72,10 @@ REPEAT = 2  # timed rows report the best of REPEAT runs (timeit convention), bas
 LOCAL_HOSTS = 2  # local hosts (threads, one BLAS thread each); --single-core sets 1
 
 
-def timed(fn, repeat: int = REPEAT):
+def timed(fn, repeat: int | None = None):
     """(best wall time over `repeat` runs, result of that run)."""
     best, out = math.inf, None
-    for _ in range(repeat):
+    for _ in range(repeat or REPEAT):
         t0 = time.perf_counter()
         res = fn()
         el = time.perf_counter() - t0
@@ -84,8 +84,26 @@ def timed(fn, repeat: int = REPEAT):
     return best, out
 
 
+def race(cases: list[tuple[str, object]], repeat: int | None = None) -> dict[str, tuple]:
+    """Best wall time and its result per case, the cases run round-robin (case 1, 2, ..., 1, 2,
+    ...), so that each sees the same share of whatever else the machine is doing."""
+    best: dict[str, tuple] = {key: (math.inf, None) for key, _ in cases}
+    for _ in range(repeat or REPEAT):
+        for key, fn in cases:
+            t0 = time.perf_counter()
+            res = fn()
+            el = time.perf_counter() - t0
+            if el < best[key][0]:
+                best[key] = (el, res)
+    return best
+
+
 def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _where() -> str:
+    return f"local, {LOCAL_HOSTS} host" + ("s" if LOCAL_HOSTS > 1 else "")
 
 
 def _excess(r: float, opt: float) -> str:
@@ -190,66 +208,79 @@ def bench_lstsq(n: int, d: int, plain_cap: int, ray_hosts: int) -> str:
     spec = DataSpec(n=n, d=d, kind="coherent", cond=1e6, seed=0, noise=1e-2)
     A, b = _dense_rows(spec)
     rows = []
-    t_np, x_np = timed(lambda: np.linalg.lstsq(A, b, rcond=None)[0])
-    opt = float(np.linalg.norm(A @ x_np - b))
-    rows.append(
-        ["numpy.linalg.lstsq (gelsd)", f"{t_np:.2f}", "-", "-", "0 (reference)", "-", "1.00x"]
-    )
     mat = RowBlockMatrix.from_arrays(A, b, n_blocks=8, hosts=LOCAL_HOSTS)  # views of A, here
-
-    def add(name: str, t: float, sol, passes: str, m: RowBlockMatrix = mat) -> None:
-        r = residual_norm(m, sol.x)
-        split = "-"
-        if hasattr(sol, "iterate_time_s"):
-            split = f"{sol.sketch_time_s:.2f} / {sol.factor_time_s:.2f} / "
-            split += f"{sol.iterate_time_s + getattr(sol, 'cast_time_s', 0.0):.2f}"
-        bound = getattr(sol, "excess_bound", None)
-        rows.append(
-            [
-                name,
-                f"{t:.2f}",
-                split,
-                passes,
-                _excess(r, opt),
-                "-" if bound is None else f"{bound:.1e}",
-                f"{t_np / t:.2f}x",
-            ]
-        )
-
-    t0 = time.perf_counter()  # one run: it only stops at the iteration cap
-    pl = lsqr(mat, None, atol=1e-10, btol=1e-10, max_iter=plain_cap)
-    its = f"{pl.iterations}" + ("" if pl.converged else " (cap, not converged)")
-    add("LSQR, no preconditioner", time.perf_counter() - t0, pl, its)
-    t, ss = timed(lambda: sketch_and_solve(mat, Sketch.sized("countsketch", 4 * d, 1)))
-    add(f"sketch-and-solve, CountSketch s={4 * d}", t, ss, "1")
-    t, sp = timed(lambda: sketch_and_precondition(mat, Sketch.sized("sparse_sign", 4 * d, 1, 8)))
-    name = f"previous: sketch-and-precondition + LSQR (tol 1e-10, restart), sparse sign nnz 8, s={4 * d}"
-    add(name, t, sp, f"{sp.iterations + 4}")  # sketch, start, its, restart (A x0 and A^T w)
+    rmat = None
+    if ray_hosts:
+        rmat = RowBlockMatrix.generate(spec, 2 * ray_hosts, backend="ray", hosts=ray_hosts)
 
     def refine(nnz: int, gamma: int, precision: str, m: RowBlockMatrix = mat):
         sk = Sketch.sized("sparse_sign", gamma * d, 1, nnz)
         return sketch_precondition_refine(m, sk, 1e-10, precision)
 
     variants = [(4, 4, "double"), (8, 4, "double"), (4, 6, "double"), (4, 4, "mixed")]
-    for nnz, gamma, prec in variants:
-        t, sp = timed(lambda nnz=nnz, gamma=gamma, prec=prec: refine(nnz, gamma, prec))
-        default = " (default)" if (nnz, gamma, prec) == (4, 4, "double") else ""
-        name = f"refine{default}: sparse sign nnz {nnz}, s={gamma * d}, {prec}"
-        passes = f"{sp.passes_double + 1}"
-        if sp.passes_low:
-            passes = f"{sp.passes_double + 1} + {sp.passes_low} float32"
-        add(name, t, sp, passes)
-    if ray_hosts:
-        rmat = RowBlockMatrix.generate(spec, 2 * ray_hosts, backend="ray", hosts=ray_hosts)
-        try:
-            t, sp = timed(lambda: refine(4, 4, "double", rmat))
-            name = f"refine: sparse sign nnz 4, s={4 * d}, double (Ray, {ray_hosts} actors)"
-            add(name, t, sp, f"{sp.passes_double + 1}", rmat)
-        finally:
+    cases = [
+        ("numpy", lambda: np.linalg.lstsq(A, b, rcond=None)[0]),
+        ("ss", lambda: sketch_and_solve(mat, Sketch.sized("countsketch", 4 * d, 1))),
+        ("lsqr", lambda: sketch_and_precondition(mat, Sketch.sized("sparse_sign", 4 * d, 1, 8))),
+    ]
+    cases += [(v, lambda v=v: refine(*v)) for v in variants]
+    if rmat is not None:
+        cases.append(("ray", lambda: refine(4, 4, "double", rmat)))
+    try:
+        res = race(cases)
+        t_np, x_np = res["numpy"]
+        opt = float(np.linalg.norm(A @ x_np - b))
+        rows.append(
+            ["numpy.linalg.lstsq (gelsd)", f"{t_np:.2f}", "-", "-", "0 (reference)", "-", "1.00x"]
+        )
+
+        def add(name: str, t: float, sol, passes: str, m: RowBlockMatrix = mat) -> None:
+            r = residual_norm(m, sol.x)
+            split = "-"
+            if hasattr(sol, "iterate_time_s"):
+                split = f"{sol.sketch_time_s:.2f} / {sol.factor_time_s:.2f} / "
+                split += f"{sol.iterate_time_s + getattr(sol, 'cast_time_s', 0.0):.2f}"
+            bound = getattr(sol, "excess_bound", None)
+            rows.append(
+                [
+                    name,
+                    f"{t:.2f}",
+                    split,
+                    passes,
+                    _excess(r, opt),
+                    "-" if bound is None else f"{bound:.1e}",
+                    f"{t_np / t:.2f}x",
+                ]
+            )
+
+        t0 = time.perf_counter()  # one run: it only stops at the iteration cap
+        pl = lsqr(mat, None, atol=1e-10, btol=1e-10, max_iter=plain_cap)
+        its = f"{pl.iterations}" + ("" if pl.converged else " (cap, not converged)")
+        add("LSQR, no preconditioner (one run)", time.perf_counter() - t0, pl, its)
+        add(f"sketch-and-solve, CountSketch s={4 * d}", *res["ss"], "1")
+        t, sp = res["lsqr"]
+        name = (
+            "previous: sketch-and-precondition + LSQR (tol 1e-10, restart), sparse sign nnz 8, "
+            f"s={4 * d}"
+        )
+        add(name, t, sp, f"{sp.iterations + 4}")  # sketch, start, its, restart (A x0, A^T w)
+        for v in variants + (["ray"] if rmat is not None else []):
+            t, sp = res[v]
+            nnz, gamma, prec = (4, 4, "double") if v == "ray" else v
+            default = " (default)" if v == (4, 4, "double") else ""
+            where = f"Ray, {ray_hosts} actors" if v == "ray" else _where()
+            name = f"refine{default}: sparse sign nnz {nnz}, s={gamma * d}, {prec} ({where})"
+            passes = f"{sp.passes_double + 1}"
+            if sp.passes_low:
+                passes = f"{sp.passes_double + 1} + {sp.passes_low} float32"
+            add(name, t, sp, passes, rmat if v == "ray" else mat)
+    finally:
+        if rmat is not None:
             rmat.close()
     title = f"lstsq: {n} x {d}, coherent, cond 1e6 (residual excess = ||Ax-b|| / optimum - 1)"
     note = (
-        "Time: the solver's own time to solution (for numpy the lstsq call), best of 2; "
+        "Time: the solver's own time to solution (for numpy the lstsq call), best of "
+        f"{REPEAT} runs taken round-robin; "
         "split = sketch / QR of the sketch (+ warm start) / iterations; passes = passes over A "
         "(the sketch pass included; LSQR: one per iteration, one to start, two to restart; "
         "refine: one per float64 residual check and per CG step); bound = the refinement "
@@ -400,52 +431,65 @@ def bench_rsvd(n: int, d: int, k: int, ray_hosts: int, power_iters: int = 7) -> 
     )
     del U, Vt
     q = power_iters
-    t_sk, (U, s, Vt) = timed(
-        lambda: randomized_svd(A, k, n_oversamples=10, n_iter=q, random_state=0)
-    )
-    add(
-        f"scikit-learn randomized_svd (p=10, n_iter={q}, LU normalizer)",
-        t_sk,
-        s,
-        dense_err(U, s, Vt),
-    )
     At = torch.from_numpy(A)
-    for niter in (2, q):
-        torch.manual_seed(0)
-        t, (U, s, V) = timed(lambda niter=niter: torch.svd_lowrank(At, q=k + 10, niter=niter))
-        err = dense_err(U[:, :k].numpy(), s[:k].numpy(), V[:, :k].numpy().T)
-        add(f"torch.svd_lowrank (q={k + 10}, niter={niter})", t, s[:k].numpy(), err)
     mat = RowBlockMatrix.from_arrays(A, None, n_blocks=4, hosts=LOCAL_HOSTS)
+    rmat = None
+    if ray_hosts:
+        rmat = RowBlockMatrix.generate(spec, 2 * ray_hosts, backend="ray", hosts=ray_hosts)
+
+    def svd_lowrank(niter: int):
+        torch.manual_seed(0)
+        return torch.svd_lowrank(At, q=k + 10, niter=niter)
+
     variants = [
         ("mixed", "gram", q, " (default)"),
         ("double", "gram", q, ""),
         ("double", "tsqr", q, ", previous scheme"),
         ("mixed", "gram", q - 2, ""),
     ]
-    for prec, norm, it, tag in variants:
-        t, r = timed(
-            lambda prec=prec, norm=norm, it=it: rs.rsvd(mat, k, 10, it, 0, None, prec, norm)
-        )
-        where = f"local {LOCAL_HOSTS} host" + ("s" if LOCAL_HOSTS > 1 else "")
-        name = f"row-block rsvd{tag}, {where} (p=10, q={it}, {prec}, {norm})"
-        add(name, t, r.s, rs.lowrank_error(mat, r))
-    if ray_hosts:
-        rmat = RowBlockMatrix.generate(spec, 2 * ray_hosts, backend="ray", hosts=ray_hosts)
-        try:
-            for prec, norm in (("mixed", "gram"), ("double", "tsqr")):
-                t, r = timed(
-                    lambda prec=prec, norm=norm: rs.rsvd(rmat, k, 10, q, 0, None, prec, norm)
-                )
-                name = f"row-block rsvd, Ray {ray_hosts} actors (p=10, q={q}, {prec}, {norm})"
-                add(name, t, r.s, rs.lowrank_error(rmat, r))
-        finally:
+    cases = [
+        ("sklearn", lambda: randomized_svd(A, k, n_oversamples=10, n_iter=q, random_state=0)),
+        ("torch2", lambda: svd_lowrank(2)),
+        ("torch", lambda: svd_lowrank(q)),
+    ]
+    cases += [(v, lambda v=v: rs.rsvd(mat, k, 10, v[2], 0, None, v[0], v[1])) for v in variants]
+    ray_variants = [("mixed", "gram"), ("double", "tsqr")] if rmat is not None else []
+    cases += [
+        (("ray", *v), lambda v=v: rs.rsvd(rmat, k, 10, q, 0, None, v[0], v[1]))
+        for v in ray_variants
+    ]
+    try:
+        res = race(cases)
+        t_sk, (U, s, Vt) = res["sklearn"]
+        name = f"scikit-learn randomized_svd (p=10, n_iter={q}, LU normalizer)"
+        add(name, t_sk, s, dense_err(U, s, Vt))
+        for key, niter in (("torch2", 2), ("torch", q)):
+            t, (U, s, V) = res[key]
+            err = dense_err(U[:, :k].numpy(), s[:k].numpy(), V[:, :k].numpy().T)
+            add(f"torch.svd_lowrank (q={k + 10}, niter={niter})", t, s[:k].numpy(), err)
+        # U stays on the hosts and is overwritten by the next run: rerun (same seed, same
+        # result), untimed, before each error pass
+        for v in variants:
+            prec, norm, it, tag = v
+            t, r = res[v]
+            r = rs.rsvd(mat, k, 10, it, 0, None, prec, norm)
+            name = f"row-block rsvd{tag}, {_where()} (p=10, q={it}, {prec}, {norm})"
+            add(name, t, r.s, rs.lowrank_error(mat, r))
+        for v in ray_variants:
+            t, r = res[("ray", *v)]
+            r = rs.rsvd(rmat, k, 10, q, 0, None, v[0], v[1])
+            name = f"row-block rsvd, Ray {ray_hosts} actors (p=10, q={q}, {v[0]}, {v[1]})"
+            add(name, t, r.s, rs.lowrank_error(rmat, r))
+    finally:
+        if rmat is not None:
             rmat.close()
     title = (
         f"rsvd: {n} x {d}, rank {k} + noise, k = {k} (Frobenius ratio = error / optimal "
         f"rank-{k} error; sigma error = max_i |s_i - s_i*| / s_i*)"
     )
     note = (
-        "Best of 2 (numpy's full SVD: one run). Same k, oversampling p and power iterations q for "
+        f"Best of {REPEAT} runs taken round-robin (numpy's full SVD: one run). Same k, "
+        "oversampling p and power iterations q for "
         "every randomized method. Load average (1/5/15 min) before: "
         f"{t_load}; after: {load()}."
     )
@@ -470,11 +514,13 @@ TABLES = ("stream", "lstsq", "ooc", "rsvd")
 
 
 def main() -> None:
+    global LOCAL_HOSTS, REPEAT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray rows")
     ap.add_argument("--only", default=",".join(TABLES), help=f"tables to run, of {TABLES}")
     ap.add_argument("--out", default=None, help="also write the tables to this markdown file")
+    ap.add_argument("--repeat", type=int, default=REPEAT, help="runs per timed row (best)")
     ap.add_argument(
         "--single-core",
         action="store_true",
@@ -482,11 +528,13 @@ def main() -> None:
         "machine does not bias (multithreaded LAPACK/BLAS baselines thrash under load)",
     )
     args = ap.parse_args()
-    global LOCAL_HOSTS
+    REPEAT = max(1, args.repeat)
     if args.single_core:
+        import torch
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(1)
+        torch.set_num_threads(1)  # torch.svd_lowrank's baseline rows
         LOCAL_HOSTS = 1
         args.no_ray = True
     only = set(args.only.split(","))
