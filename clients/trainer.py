@@ -331,7 +331,9 @@ class LocalSGD(Trainer):
                 global_flat, {n: state[n][start : ks.stop] for n in rule.client_state}, bcast
             )
             parts.append(
-                self._train_chunk(model, spec, x, y, sub, loss, rule, ctx, lr, mask, transform)
+                self._train_chunk(
+                    model, spec, x, y, sub, loss, rule, ctx, lr, mask, transform, num_classes > 1
+                )
             )
         fin = [f for _, _, f in parts]
         return TrainResult(
@@ -355,6 +357,7 @@ class LocalSGD(Trainer):
         lr: float,
         mask: torch.Tensor | None = None,
         transform: Callable[..., torch.Tensor] | None = None,
+        cross_entropy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, Finish]:
         K = plan.idx.shape[1]
         X = ctx.x0.unsqueeze(0).expand(K, -1).clone()
@@ -364,7 +367,8 @@ class LocalSGD(Trainer):
         # gradient of their sum w.r.t. the stacked (K, d) parameters has each client's own gradient
         # in its row. (Same numbers as vmap(grad(...)), without torch.func.grad, whose first call
         # imports torch._dynamo: seconds of start-up in every host process.)
-        if _stacked(model, spec):  # its own K-client layers (clients.models.stacked), any K
+        stacked = _stacked(model, spec)
+        if stacked:  # its own K-client layers (clients.models.stacked), any K
             forward = model.forward_clients
         elif self._batchable is False:  # a model vmap cannot batch: plain calls, one client
 
@@ -379,13 +383,19 @@ class LocalSGD(Trainer):
         if penalty is not None:
             penalize = vmap(penalty) if self._batchable is not False else _first_client(penalty)
         loss_sum = torch.zeros(K, dtype=X.dtype, device=X.device)
+        counts = plan.mask.sum(2).clamp(min=1.0)  # (T, K) real samples per step, at least 1
         for t in range(plan.num_steps):
             idx, mb = plan.idx[t], plan.mask[t]
             xb, yb = x[idx] if transform is None else transform(x[idx], idx, t), y[idx]
 
             def batch_grad(
-                P: torch.Tensor, xb=xb, yb=yb, mb=mb
+                P: torch.Tensor, xb=xb, yb=yb, mb=mb, count=counts[t]
             ) -> tuple[torch.Tensor, torch.Tensor]:
+                if stacked and cross_entropy and penalty is None:  # the model's own pass, if any
+                    fast = model.loss_grad(spec.unflatten(P), xb, yb, mb / count[:, None])
+                    if fast is not None:
+                        per, grads = fast
+                        return spec.flatten(grads, lead=1), (per * mb).sum(1) / count
                 with torch.enable_grad():
                     # one leaf per parameter (views of P), gradients concatenated once: a
                     # gradient through P's slices would fill a zero (K, d) tensor per parameter
@@ -395,7 +405,7 @@ class LocalSGD(Trainer):
                     }
                     out = forward(params, xb)
                     per = loss(out.flatten(0, 1), yb.flatten(0, 1)).view(mb.shape)
-                    lval = (per * mb).sum(1) / mb.sum(1).clamp(min=1.0)
+                    lval = (per * mb).sum(1) / count
                     obj = lval if penalty is None else lval + penalize(params)
                     grads = torch.autograd.grad(
                         obj.sum(), list(params.values()), materialize_grads=True

@@ -77,6 +77,7 @@ def _plain_sgd(model: nn.Module, g0, x, y, plan, lr: float, momentum: float) -> 
 # tiny instances: the real architectures at small inputs (ResNet-18 at 8x8), 3 clients of unequal
 # size (unequal step counts, a partial last batch)
 TINY = {
+    "cnn": dict(shape=(1, 40), classes=10, kw={}),
     "resnet8": dict(shape=(3, 8, 8), classes=10, kw={}),
     "resnet20": dict(shape=(3, 8, 8), classes=10, kw={}),
     "resnet18": dict(shape=(3, 8, 8), classes=10, kw={}),
@@ -146,6 +147,30 @@ def test_native_convolution_paths_equal_a_plain_sgd_loop(kind: str, monkeypatch)
     torch.testing.assert_close(res.updates, want, atol=2e-5, rtol=1e-4)
     alone = tr.train(model, spec, g0, x, y, plan.select(2), classes, torch.as_tensor(sizes[2:]))
     assert torch.equal(alone.updates[0], res.updates[2])
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (1, 8, 8)])
+def test_small_cnn_loss_grad_equals_autograd(shape) -> None:
+    """SmallCNN's hand-written loss gradient (clients.models.stacked.conv_chain_loss_grad) equals
+    autograd through its stacked forward: weighted per-sample cross-entropy, 3 clients."""
+    torch.manual_seed(0)
+    model = build_model("cnn", shape, 10)
+    K, B = 3, 5
+    params = {
+        n: p.detach().unsqueeze(0) + 0.01 * torch.randn(K, *p.shape)
+        for n, p in model.named_parameters()
+    }
+    x, y = torch.randn(K, B, *shape), torch.randint(0, 10, (K, B))
+    weight = torch.rand(K, B)
+    per, grads = model.loss_grad(params, x, y, weight)
+    leaves = {n: v.clone().requires_grad_(True) for n, v in params.items()}
+    out = model.forward_clients(leaves, x)
+    want = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(K, B)
+    ref = torch.autograd.grad((want * weight).sum(), list(leaves.values()))
+    torch.testing.assert_close(per, want.detach())
+    assert set(grads) == set(leaves)
+    for n, r in zip(leaves, ref, strict=True):
+        torch.testing.assert_close(grads[n], r, atol=1e-6, rtol=1e-5, msg=n)
 
 
 def test_batchnorm_model_is_refused_with_one_line() -> None:

@@ -16,7 +16,14 @@ from torch import nn
 from clients.models.cnn import FedAvgCNN
 from clients.models.lstm import CharLSTM
 from clients.models.resnet import ResNet, resnet
-from clients.models.stacked import StackedModel, conv, head_weight, linear, to_channels_last
+from clients.models.stacked import (
+    StackedModel,
+    conv,
+    conv_chain_loss_grad,
+    head_weight,
+    linear,
+    to_channels_last,
+)
 
 __all__ = [
     "KINDS",
@@ -98,6 +105,16 @@ class SmallCNN(StackedModel):
         K, B, C = h.shape[0], h.shape[1], h.shape[-1]
         w = head_weight(params["head.weight"], C)
         return linear(h.reshape(K, B, -1), w, params["head.bias"])
+
+    def loss_grad(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        convs = [(f"features.{i}.weight", f"features.{i}.bias", 1, 1) for i in (0, 3)]
+        return conv_chain_loss_grad(convs, ("head.weight", "head.bias"), params, x, y, weight)
 
 
 def build_model(
