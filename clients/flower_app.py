@@ -22,7 +22,8 @@ with every reply (metric ``epsilon``, sample-level). Message layout (what ``stra
 * train instruction: ``arrays`` (global model, one array per trainable parameter), ``config``
   (``server-round``, ``flagstaff.round``), ``flagstaff.broadcast`` (server vectors, e.g. SCAFFOLD's c);
 * train reply: ``arrays`` (the update x_K - x_t in the model's layout, or the trained model for
-  plain Flower clients), ``metrics`` (``num-examples``, ``client-id``, ``train_loss``),
+  plain Flower clients), ``metrics`` (``num-examples``, ``client-id``, ``train_loss`` unless the
+  trainer is differentially private, ``epsilon`` when it is),
   ``flagstaff.reply`` (``payload = "update"``) and ``flagstaff.extras`` (per-client extra vectors).
 
 Reference: Flower 1.41 ClientApp (``@app.train``, ``@app.evaluate``, ``@app.query``).
@@ -128,19 +129,16 @@ def poison_if_byzantine(
     num_classes: int,
     seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply a data-poisoning attack to client ``client_id``'s data if it is Byzantine (id < f).
+    """Apply a data-poisoning attack (a ``clients.byzantine.Attack``, or None) to client
+    ``client_id``'s data if it is Byzantine (id < f).
 
     Uses the same generator as the Ray/local runtimes (``clients.seeds.stream(seed, client,
-    scheme="poison")``),
-    so a label-flip client trains on the same data under every backend. Model attacks: unchanged.
+    scheme="poison")``), so a label-flip client trains on the same data under every backend.
+    Model attacks: unchanged.
     """
-    f = int(getattr(attack, "f", 0) or 0)
-    if attack is None or getattr(attack, "kind", "model") != "data" or client_id >= f:
+    if attack is None or attack.kind != "data" or attack.name == "none" or client_id >= attack.f:
         return x, y
-    if getattr(attack, "name", "none") == "none":
-        return x, y
-    seed = int(getattr(attack, "seed", 0) if seed is None else seed)
-    gen = stream(seed, int(client_id), scheme="poison")
+    gen = stream(int(attack.seed if seed is None else seed), int(client_id), scheme="poison")
     return attack.poison(x, y, num_classes, gen)
 
 
@@ -149,7 +147,8 @@ def poison_if_byzantine(
 class ClientSetup:
     """What one Flagstaff client needs inside a Flower ClientApp.
 
-    ``trainer``: ``LocalSGD`` (or a trainer with its ``train`` signature); ``rule``: the strategy's
+    ``trainer``: a ``clients.trainer.Trainer`` (``LocalSGD``, a DP-SGD trainer; its declared hooks
+    are asked, not probed); ``rule``: the strategy's
     local rule (None: plain SGD); ``seed``: the run's root seed (batch plans depend on it and on the
     client id and round, so a client draws the same batches as under the ray/local backends).
     ``x_eval``/``y_eval``: data for the ``evaluate`` handler (default: the training data).
@@ -202,7 +201,7 @@ def _train(setup: ClientSetup, message: Message, context: Context) -> Message:
     state = {nm: stored.get(nm, torch.zeros(spec.numel)).unsqueeze(0) for nm in names}
     bcast = record_to_vectors(content.array_records.get(BROADCAST_KEY))
     per_client = {}
-    if getattr(tr, "per_client", False):  # DP-SGD: per-client Opacus objects and accountant
+    if tr.per_client:  # DP-SGD: per-client Opacus objects and accountant
         per_client = {"client_ids": np.array([setup.client_id]), "offsets": np.zeros(1, np.int64)}
         _restore_accountant(tr, setup.client_id, context)
     res = tr.train(
@@ -220,21 +219,18 @@ def _train(setup: ClientSetup, message: Message, context: Context) -> Message:
         round_idx=r,
         **per_client,
     )
-    if per_client:
+    if tr.epsilon_kind is not None:
         _save_accountant(tr, setup.client_id, context)
     if names:
         context.state[STATE_KEY] = vectors_to_record({nm: v[0] for nm, v in res.state.items()})
+    metrics = {"num-examples": int(n), "client-id": int(setup.client_id)}
+    if tr.epsilon_kind is None:  # under DP the un-noised loss is not covered by epsilon
+        metrics["train_loss"] = float(res.losses[0])
+    metrics.update({k: float(v[0]) for k, v in res.metrics.items()})
     reply = RecordDict(
         {
             "arrays": vector_to_arrays(res.updates[0], spec.names, spec.shapes),
-            "metrics": MetricRecord(
-                {
-                    "num-examples": int(n),
-                    "client-id": int(setup.client_id),
-                    "train_loss": float(res.losses[0]),
-                    **{k: float(v[0]) for k, v in getattr(res, "metrics", {}).items()},
-                }
-            ),
+            "metrics": MetricRecord(metrics),
             REPLY_KEY: ConfigRecord({"payload": "update"}),
         }
     )
@@ -247,18 +243,19 @@ def _restore_accountant(trainer: Any, cid: int, context: Context) -> None:
     """Give a DP trainer the client's accountant history kept in ``context.state``: the worker
     process that trains a client may change between rounds, the history must not reset."""
     rec = context.state.config_records.get(ACCOUNTANT_KEY)
-    if rec is not None and hasattr(trainer, "load_state_dict"):
+    if rec is not None:
         hist = json.loads(str(rec["history"]))
         trainer.load_state_dict({"accountant": rec["accountant"], "histories": {cid: hist}})
 
 
 def _save_accountant(trainer: Any, cid: int, context: Context) -> None:
-    if hasattr(trainer, "history"):
-        hist = [list(h) for h in trainer.history(cid)]
-        acc = str(getattr(trainer, "accountant", ""))
-        context.state[ACCOUNTANT_KEY] = ConfigRecord(
-            {"history": json.dumps(hist), "accountant": acc}
-        )
+    """Keep the client's accountant history (the trainer's declared ``state_dict``) in its node's
+    ``context.state``."""
+    state = trainer.state_dict()
+    hist = state.get("histories", {}).get(int(cid), [])
+    context.state[ACCOUNTANT_KEY] = ConfigRecord(
+        {"history": json.dumps([list(h) for h in hist]), "accountant": str(state["accountant"])}
+    )
 
 
 @torch.no_grad()

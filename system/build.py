@@ -255,6 +255,7 @@ def _with_model(
     spec = ModelSpec(c["model"], tuple(input_shape), int(num_classes), int(c["seed"]))
     with torch.random.fork_rng(devices=[]):
         model = _input("model", spec.build)
+    _input("model", p.trainer.check_model, model)  # e.g. BatchNorm refused before any work
     pspec = ParamSpec.of(model)
     _input("strategy", p.strategy.bind, model, pspec)  # the parameter layout (FedSVD, FFA-LoRA)
     host = HostSpec(
@@ -308,13 +309,18 @@ def build_run(cfg: DictConfig | dict[str, Any]) -> Run:
 def check_components(c: dict[str, Any]) -> None:
     """Construct the components that need no data (what ``system.config.validate`` checks)."""
     if mode_of(c) == "p2p":
-        from system.p2p import check_unused
-
-        check_unused(c)
+        _check_peer_unused(c)
         _group(_peer_group(c), build_from, peer_settings(c))
         _group("attack", build_from, c["attack"])
     else:
         _components(c)
+
+
+def _check_peer_unused(c: dict[str, Any]) -> None:
+    from system.p2p import check_unused
+
+    trainer = _group("client", build_from, c["client"])  # asked: is it private?
+    check_unused(c, private_client=trainer.epsilon_kind is not None)
 
 
 def _peer_group(c: dict[str, Any]) -> str:
@@ -322,9 +328,9 @@ def _peer_group(c: dict[str, Any]) -> str:
 
 
 def _peer_run(c: dict[str, Any]) -> Run:
-    from system.p2p import PeerTopology, check_unused
+    from system.p2p import PeerTopology
 
-    check_unused(c)  # mode=p2p refuses the groups it does not use instead of ignoring them
+    _check_peer_unused(c)  # mode=p2p refuses the groups it does not use instead of ignoring them
     group = _peer_group(c)
     settings = _group(group, build_from, peer_settings(c))
     attack = _group("attack", build_from, c["attack"])

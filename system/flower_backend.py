@@ -43,9 +43,10 @@ from flwr.serverapp import Grid, ServerApp
 from clients.flower_app import ClientSetup, make_client_app, model_to_arrays
 from strategies.attacks import Adversary
 from strategies.flower import FlagstaffStrategy
+from system.config import ConfigError
 from system.server import evaluate_model, sample_clients
 
-__all__ = ["FlowerServer", "ShardLoader"]
+__all__ = ["FlowerServer", "ShardLoader", "check_flower"]
 
 log = logging.getLogger("flagstaff")
 
@@ -120,8 +121,7 @@ class FlowerServer:
             delta=(c.get("privacy") or {}).get("delta"),
         )
         self.strategy.initialize(self.initial)
-        rule = fed.strategy.client_rule
-        self.has_client_state = bool(rule.client_state) if rule is not None else False
+        self.target_epsilon = (c.get("privacy") or {}).get("target_epsilon")
         self.start_round = 0
         host = fed.host
         self.loader = ShardLoader(
@@ -194,7 +194,12 @@ class FlowerServer:
 
     # -- runner side ---------------------------------------------------------------------------------
     def round(self, r: int, evaluate: bool = True) -> dict[str, Any]:
-        """Let Flower run round ``r`` and return its metrics row (blocks until it is done)."""
+        """Let Flower run round ``r`` and return its metrics row (blocks until it is done); a stop
+        row instead when the round would exceed the client-level privacy budget."""
+        st = self.strategy
+        stop = st.step.budget_stop(st.state, r, self.target_epsilon)
+        if stop:  # nothing trained: the run loop writes the final checkpoint and ends the run
+            return {"round": r + 1, "stopped": "privacy budget", "message": stop}
         if self._thread is None:
             self._thread = threading.Thread(target=self._simulate, name="flower", daemon=True)
             self._thread.start()
@@ -238,11 +243,6 @@ class FlowerServer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._thread is not None:
             raise RuntimeError("backend=flower: load_state_dict before the first round only")
-        if self.has_client_state:
-            raise RuntimeError(
-                "backend=flower keeps per-client state in Flower's node contexts, which are not "
-                "checkpointed; resume this run with backend=ray or backend=local"
-            )
         self.strategy.load_state_dict(state)
         self.start_round = int(state["round"])
         self.strategy.round_offset = self.start_round
@@ -257,3 +257,34 @@ class FlowerServer:
             self._thread.join(timeout=60)
             if self._thread.is_alive():
                 log.warning("the Flower simulation thread did not stop within 60 s")
+
+
+def check_flower(run: Any, resuming: bool) -> None:
+    """What backend=flower cannot do, refused with one line before any work: a sample-level
+    privacy budget (the clients' accountants live in the SuperNodes, so the server cannot ask
+    them what one more round would cost), and resuming a run whose clients keep state in their
+    nodes' ``context.state`` (a stateful local rule, DP-SGD accountants), which is not
+    checkpointed."""
+    c, fed = run.config, run.federated
+    dp_sgd = fed.trainer.epsilon_kind is not None
+    if dp_sgd and (c.get("privacy") or {}).get("target_epsilon") is not None:
+        raise ConfigError(
+            "backend=flower cannot stop at privacy.target_epsilon under sample-level DP (client="
+            f"{type(fed.trainer).__name__}: each client's accountant lives in its SuperNode); "
+            "set client.noise_multiplier and rounds for the epsilon you want, or use "
+            "backend=local or backend=ray"
+        )
+    if not resuming:
+        return
+    rule = fed.strategy.client_rule
+    if rule is not None and rule.client_state:
+        raise ConfigError(
+            "backend=flower keeps per-client state in Flower's node contexts, which are not "
+            "checkpointed; resume this run with backend=ray or backend=local"
+        )
+    if dp_sgd:
+        raise ConfigError(
+            "backend=flower does not checkpoint the clients' DP-SGD accountants (they live in the "
+            "SuperNodes' context.state): a resumed run would count every client's epsilon from 0; "
+            "start the run over, or train with backend=local or backend=ray, which checkpoint them"
+        )

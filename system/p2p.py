@@ -613,12 +613,21 @@ def start_p2p(run: Any, stack: ExitStack) -> PeerNetwork:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_unused(c: dict[str, Any]) -> None:
+def check_unused(c: dict[str, Any], private_client: bool = False) -> None:
     """mode=p2p trains every node with the peer settings (``p2p.lr``, ``p2p.batch_size``,
     ``p2p.momentum``, ``p2p.weight_decay``, ``p2p.rule``): a config that sets what this mode does
     not use (another aggregator or client trainer, a server strategy, partial participation, a
     privacy budget) is refused with one line instead of being ignored. The older spelling
-    (``strategy=monna``), which documented that it ignores them, logs one line naming them."""
+    (``strategy=monna``), which documented that it ignores them, logs one line naming them,
+    except for differential privacy: a private client trainer (``private_client``) or a privacy
+    budget is refused in both spellings (the mode would train without any DP)."""
+    if private_client or (c.get("privacy") or {}).get("target_epsilon") is not None:
+        what = "a differentially private client" if private_client else "privacy.target_epsilon"
+        raise ConfigError(
+            f"the peer-to-peer mode has no differential privacy: {what} would be ignored and the "
+            "nodes would train without DP; remove it, or train federated (mode=federated) with "
+            "client=dpsgd or strategy=dp_fedavg"
+        )
     unused = []
     if c["clients_per_round"] != c["num_clients"]:
         unused.append(f"clients_per_round={c['clients_per_round']} (every node takes every step)")
@@ -629,8 +638,6 @@ def check_unused(c: dict[str, Any]) -> None:
         unused.append("client=... (local steps use p2p.lr, p2p.batch_size, p2p.momentum)")
     if c.get("mode") == "p2p" and not _is_default(c["strategy"], "strategy", "fedavg"):
         unused.append("strategy=... (there is no server; the peer settings are p2p=...)")
-    if (c.get("privacy") or {}).get("target_epsilon") is not None:
-        unused.append("privacy.target_epsilon (the peer-to-peer mode has no DP)")
     if not unused:
         return
     if c.get("mode") == "p2p":

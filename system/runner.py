@@ -80,6 +80,10 @@ def train(
         stack.enter_context(out.lock())  # one live run per directory
         fp = fingerprint(c)
         state = check_resume(c, out, fp, run.checkpoint_numel)
+        if c["backend"] == "flower" and run.mode == "federated":
+            from system.flower_backend import check_flower
+
+            check_flower(run, resuming=state is not None)
         out.begin(int(state["round"]) if state is not None else 0)  # metrics cut back to it
         labels = run.data.y_train.numpy()
         # under DP without label histograms (and client sizes under client-level DP)

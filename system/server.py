@@ -310,14 +310,9 @@ class ParameterServer:
         if self.target_epsilon is None:
             return None
         target = float(self.target_epsilon)
-        eps = self.strategy.epsilon_after(self.state)
-        if eps is not None:
-            if eps > target:
-                return (
-                    f"privacy budget: round {r + 1} would raise the client-level epsilon to "
-                    f"{eps:.4g} > privacy.target_epsilon={target:g} (delta={self.delta:g}); "
-                    f"stopping after {r} rounds"
-                )
+        stop = self.step.budget_stop(self.state, r, target)  # client-level DP (the strategy's)
+        if stop:
+            return stop
         after: dict[int, float] = {}
         asked = self.pool.call("epsilon_after", {h: (c,) for h, c in assignment.items()})
         for part in asked.values():

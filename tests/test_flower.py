@@ -175,3 +175,46 @@ def test_dpsgd_client_accountant_survives_a_new_worker() -> None:
     steps, q = one_round.steps_per_round(40), one_round.sample_rate(40)
     assert eps[0] == pytest.approx(epsilon_of_history([(1.0, q, steps)], 1e-5, "rdp"))
     assert eps[1] == pytest.approx(epsilon_of_history([(1.0, q, 2 * steps)], 1e-5, "rdp"))
+
+
+def test_backend_flower_with_dpsgd_and_scaffold_equals_local(tmp_path) -> None:
+    """DP-SGD (Opacus) with SCAFFOLD's local rule on Flower's engine, 2 rounds: the clients' rule
+    state lives in their nodes, their accountants compose, the round reports their epsilon and no
+    train loss, summary.json has the privacy block, and the model is backend=local's."""
+    over = (
+        "experiment=smoke", "rounds=2", "cluster.cpus_per_host=1", "client=dpsgd",
+        "client.noise_multiplier=1.0", "client.batch_size=16", "strategy=scaffold",
+    )  # fmt: skip
+    flower = train(compose(*over, "backend=flower"), run_dir=str(tmp_path / "flower"))
+    local = train(compose(*over, "backend=local"), run_dir=str(tmp_path / "local"))
+    assert torch.allclose(flower["params"], local["params"], atol=1e-5)
+    for f, lo in zip(flower["metrics"], local["metrics"], strict=True):
+        assert f["epsilon_kind"] == "sample-level" and "train_loss" not in f
+        assert f["epsilon"] == pytest.approx(lo["epsilon"], rel=1e-12)
+    assert flower["privacy"]["epsilon"] == pytest.approx(local["privacy"]["epsilon"], rel=1e-12)
+
+
+def test_backend_flower_refuses_what_it_cannot_account(tmp_path) -> None:
+    """A sample-level budget (the accountants live in the SuperNodes) is refused before any work."""
+    from system.config import ConfigError
+
+    cfg = compose(
+        "experiment=smoke", "backend=flower", "client=dpsgd", "client.noise_multiplier=null",
+        "privacy.target_epsilon=3",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="backend=flower cannot stop at privacy.target_epsilon"):
+        train(cfg, run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_backend_flower_stops_at_the_client_level_budget(tmp_path) -> None:
+    """Client-level DP on Flower's engine stops before the round that would exceed the budget,
+    as on the parameter server (one run loop), and writes the released mechanism."""
+    over = ("experiment=privacy_dp_fedavg_digits", "rounds=8", "cluster.cpus_per_host=1",
+            "strategy.noise_multiplier=0.5", "privacy.target_epsilon=6")  # fmt: skip
+    flower = train(compose(*over, "backend=flower"), run_dir=str(tmp_path / "flower"))
+    local = train(compose(*over, "backend=local"), run_dir=str(tmp_path / "local"))
+    assert flower["stopped"] == local["stopped"] == "privacy budget"
+    assert flower["rounds_completed"] == local["rounds_completed"] < 8
+    assert flower["privacy"]["mechanism"] == local["privacy"]["mechanism"]

@@ -439,6 +439,7 @@ def test_missing_data_stops_the_cli_before_any_work(tmp_path, cli) -> None:  # n
     [
         (["client=dpsgd"], "DPSGDTrainer does not apply; use client=sgd"),
         (["backend=flower"], "backend=flower do not apply; use backend=local or backend=ray"),
+        (["mode=p2p", "p2p=dsgd", "clients_per_round=10"], "peer-to-peer runs do not apply"),
     ],
 )
 def test_uint8_images_need_hosts_whose_trainer_applies_the_transform(

@@ -48,7 +48,6 @@ def test_mode_p2p_equals_the_older_spelling(tmp_path) -> None:
         ("aggregator=median", "aggregator=median"),
         ("client.lr=0.1", "client="),
         ("strategy=scaffold", "strategy="),
-        ("privacy.target_epsilon=3", "privacy.target_epsilon"),
     ],
 )
 def test_mode_p2p_refuses_what_it_does_not_use(setting: str, named: str, tmp_path) -> None:
@@ -68,3 +67,28 @@ def test_older_spelling_names_what_it_ignores(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="flagstaff"):
         validate(compose(*NODES, "strategy=monna", "clients_per_round=4"))
     assert any("ignores clients_per_round=4" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("spelling", [("mode=p2p", "p2p=monna"), ("strategy=monna",)])
+@pytest.mark.parametrize("dp", ["client=dpsgd", "client=dpsgd_batched", "privacy.target_epsilon=3"])
+def test_p2p_refuses_dp_it_would_ignore_in_both_spellings(spelling, dp: str) -> None:
+    """The peer-to-peer mode has no DP: a DP client or a budget would train without DP."""
+    with pytest.raises(ConfigError, match="no differential privacy") as err:
+        validate(compose(*NODES, *spelling, dp))
+    assert "\n" not in str(err.value)
+
+
+def batchnorm_model(input_shape, num_classes, seed: int = 0) -> torch.nn.Module:
+    """A model the trainers refuse (``Trainer.check_model``): BatchNorm."""
+    torch.manual_seed(seed)
+    d = int(torch.tensor(input_shape).prod())
+    return torch.nn.Sequential(
+        torch.nn.Linear(d, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, num_classes)
+    )
+
+
+def test_a_model_the_trainer_refuses_fails_before_any_work(tmp_path) -> None:
+    cfg = compose("experiment=smoke", "~model", f"+model._target_={__name__}.batchnorm_model")
+    with pytest.raises(ConfigError, match="model Sequential has BatchNorm layers") as err:
+        train(cfg, run_dir=str(tmp_path / "run"))
+    assert "\n" not in str(err.value) and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -194,6 +194,25 @@ def test_killed_driver_leaves_no_process_of_its_ray(live_run) -> None:
     assert not left, [command(p)[:120] for p in left]
 
 
+def test_flower_backend_runs_on_the_runs_private_ray(tmp_path) -> None:
+    """backend=flower: Flower's simulation engine runs on the run's own Ray, started private
+    (loopback only, a fresh token; Flower would otherwise start its own, open one), and the
+    Ray ends with the driver."""
+    out = tmp_path / "flower"
+    proc = _flagstaff_train(out, "backend=flower", "rounds=200", "cluster.cpus_per_host=1")
+    try:
+        ray = _ray_of(proc, out, until_round=1)
+        socks = listening(alive(descendants(proc.pid)))
+        assert ray["port"] in {port for _, port in socks}
+        assert all(is_loopback(addr) for addr, _ in socks), socks
+        assert ray["token"]  # the GCS was started with the run's token
+        tree = descendants(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not wait_gone(tree, timeout_s=30)
+
+
 def test_run_keeps_its_token_out_of_its_files_and_output(tmp_path) -> None:
     """A complete local run works and its token appears in no file of the run directory
     (.hydra/, summary.json, metrics.jsonl, ...) nor in what it printed; no token file is written
