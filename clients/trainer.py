@@ -223,6 +223,7 @@ class LocalSGD(Trainer):
     memory_budget_mb: float = 1024.0
     _warned: bool = field(default=False, repr=False)
     _batchable: bool | None = field(default=None, repr=False)
+    _client_bytes: int | None = field(default=None, repr=False)
     accepts_transform: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -248,11 +249,35 @@ class LocalSGD(Trainer):
         if not self._can_batch(model, example) or mode == "false":
             return 1
         d = sum(p.numel() for p in model.parameters())
-        act = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-        act += example[0].numel() * 8  # rough bound on conv activations per sample
-        per_client = 4 * (6 * d + 3 * self.batch_size * act)  # params, grads, state, activations
+        if isinstance(model, StackedModel) and model.stackable():
+            per_client = 4 * 6 * d + self._saved_bytes(model, example)  # measured activations
+        else:
+            act = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+            act += example[0].numel() * 8  # rough bound on conv activations per sample
+            per_client = 4 * (6 * d + 3 * self.batch_size * act)  # params, grads, state, act.
         fit = max(1, int(self.memory_budget_mb * 2**20 // per_client))
         return num_clients if mode == "true" else min(num_clients, fit)
+
+    def _saved_bytes(self, model: StackedModel, example: torch.Tensor) -> int:
+        """Bytes autograd keeps for one client's step of a stacked model, measured once: one
+        client's batch of ``batch_size`` copies of ``example`` through ``forward_clients`` with
+        saved-tensor hooks counting what the backward would need."""
+        if self._client_bytes is None:
+            total = 0
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                nonlocal total
+                total += t.numel() * t.element_size()
+                return t
+
+            params = {
+                n: p.detach().unsqueeze(0).requires_grad_(True) for n, p in model.named_parameters()
+            }
+            xb = example[:1].expand(self.batch_size, *example.shape[1:]).unsqueeze(0)
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model.forward_clients(params, xb)
+            self._client_bytes = total
+        return self._client_bytes
 
     def _can_batch(self, model: nn.Module, example: torch.Tensor) -> bool:
         """Probe once whether the model runs under vmap; if not, say so once and train clients
