@@ -128,6 +128,10 @@ class Strategy:
       (``epsilon``, ``epsilon_after`` and ``mechanism`` then answer; by default they return None);
     * ``transforms_updates``: True when ``pre_aggregate`` changes individual updates (client-level
       DP clipping), so hosts must send every update instead of their weighted sum;
+    * ``releases_empty_rounds``: True when a round without any usable update must still run
+      ``pre_aggregate`` and ``update`` (on no rows and a zero aggregate) instead of being skipped:
+      client-level DP, whose every round is one release of the sampled Gaussian mechanism (a skip
+      would reveal that nobody was sampled or usable, outside the accounting; docs/privacy.md);
     * ``state_dict(state)`` / ``load_state(d)``: the checkpointed form of the state (a nested dict
       of tensors and numbers, readable with ``torch.load(weights_only=True)``) and back.
     """
@@ -136,6 +140,7 @@ class Strategy:
     client_rule: LocalRule | None = None
     epsilon_kind: str | None = None
     transforms_updates: bool = False
+    releases_empty_rounds: bool = False
 
     def bind(self, model: nn.Module, spec: Any) -> None:
         """Learn the parameter layout (``spec``: names and shapes of the flat vector); no-op."""

@@ -77,6 +77,7 @@ class ClientLevelDP(Strategy):
 
     epsilon_kind = "client-level"
     transforms_updates = True  # pre_aggregate clips each update: hosts cannot pre-sum
+    releases_empty_rounds = True  # a round with nobody sampled or usable is released and accounted
 
     def __init__(
         self,
@@ -94,7 +95,17 @@ class ClientLevelDP(Strategy):
         delta: float = 1e-5,
         accountant: str = "rdp",
         seed: int = 0,
+        sampling: str = "fixed",
     ) -> None:
+        sampling = str(getattr(sampling, "value", sampling))  # the config's enum or its name
+        if sampling != "bernoulli" and clients_per_round != num_clients:
+            raise ValueError(
+                f"strategy=dp_fedavg needs sampling=bernoulli, got sampling={sampling}: its "
+                "accountant analyses Poisson sampling of clients (each independently with "
+                "probability q = clients_per_round/num_clients) under adding or removing one "
+                f"client, and sampling=fixed (exactly {clients_per_round} of {num_clients} "
+                "without replacement) is another mechanism with a larger epsilon"
+            )
         if clip <= 0:
             raise ValueError(f"strategy.clip must be > 0, got {clip}")
         if not 1 <= clients_per_round <= num_clients:
@@ -137,7 +148,7 @@ class ClientLevelDP(Strategy):
             if sb <= 0 or z**-2 <= (2 * sb) ** -2:
                 raise ValueError(
                     f"adaptive clipping with noise_multiplier={z} needs strategy.count_stddev > "
-                    f"1/(2 z) = {1 / (2 * z):.3g} (got {sb}); raise count_stddev or the noise"
+                    f"z/2 = {z / 2:.3g} (got {sb}); raise count_stddev or lower the noise"
                 )
             self.update_noise_multiplier = (z**-2 - (sb / COUNT_SENSITIVITY) ** -2) ** -0.5
 
@@ -203,7 +214,8 @@ class ClientLevelDP(Strategy):
             # centred count (sensitivity 1/2), fixed expected denominator m (Andrew et al., Alg. 1)
             count = info["unclipped"] - info["n"] / 2
             count += float(torch.randn((), generator=gen)) * self.count_stddev
-            frac = count / self.m + 0.5
+            # b~ estimates a fraction: clamped to [0, 1] (post-processing, as TF-Privacy does)
+            frac = min(max(count / self.m + 0.5, 0.0), 1.0)
             clip = clip * math.exp(-self.clip_lr * (frac - self.target_quantile))
         params, inner_state = self.inner.update(params, noised, state.inner, round_idx, extras)
         used = float(state.clip)  # this round's clip (the next one is in "clip")
@@ -254,7 +266,10 @@ class ClientLevelDP(Strategy):
             "count_noise_std": self.count_stddev if self.adaptive else None,
             "count_sensitivity": COUNT_SENSITIVITY if self.adaptive else None,
             "effective_noise_multiplier": self.effective_noise_multiplier,
+            "sampling": "poisson",  # each client independently with probability sampling_rate
             "sampling_rate": self.sample_rate,
+            "adjacency": "add or remove one client",
+            "secure_rng": False,  # seeded torch generators: reproducible, not a secure RNG
             "steps": int(sum(h[2] for h in state.history)),
             "accountant": self.accountant,
             "delta": self.delta,

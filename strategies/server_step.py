@@ -18,7 +18,11 @@ docs/robustness.md):
 6. privacy metrics: the worst and mean sample-level epsilon reported by the clients
    (:class:`PrivacyLedger`) and the strategy's client-level epsilon.
 
-A round without any usable update keeps the parameters and says why (:func:`skip_reason`).
+A round without any usable update keeps the parameters and says why (:func:`skip_reason`), except
+under client-level DP (``Strategy.releases_empty_rounds``): every round is one release of the
+sampled Gaussian mechanism, so a round with nobody sampled, or no finite update, runs the noisy
+update on a zero sum and is accounted, and the metrics log the expected number of clients m and
+its bytes, not the realised ones (docs/privacy.md).
 The second entry, :meth:`ServerStep.reduced`, is the host-reduced path: when the aggregator is a
 weighted mean and nothing needs individual updates (:meth:`ServerStep.can_reduce`), each host sends
 ``sum_i w_i u_i`` in float64 (:func:`weighted_sum`) and the server adds them in host order.
@@ -319,10 +323,30 @@ class ServerStep:
         metrics["dropped_nonfinite"] += att.dropped_nonfinite  # inf/NaN attacks
         if extras.values and self.strategy.epsilon_kind == "client-level":
             raise ValueError(client_level_extras_message(self.strategy))
-        if len(U):  # e.g. client-level DP clipping
+        release = self.strategy.releases_empty_rounds  # client-level DP: every round is released
+        if len(U) or release:  # e.g. client-level DP clipping
             U, w, state = self.strategy.pre_aggregate(U, w, state, r)
         agg = self.aggregator(U, w) if len(U) else None
+        if agg is None and release:  # nobody sampled or usable: the noise on a zero sum
+            agg = torch.zeros(num_params, dtype=rep.updates.dtype)
+        if self.strategy.epsilon_kind == "client-level":
+            metrics.update(self._expected_counts(state, rep.updates, num_params))
         return Aggregated(agg, extras, state, metrics, nonfinite)
+
+    def _expected_counts(
+        self, state: State, updates: torch.Tensor, num_params: int
+    ) -> dict[str, Any]:
+        """Under client-level DP the number of sampled clients is what the fixed denominator m
+        hides: ``clients`` is m and ``bytes_up``/``bytes_down`` are what m clients move (one
+        payload up, the parameters down; such strategies broadcast nothing else), replacing the
+        runtime's realised counts (the runtimes merge the step's metrics after their own)."""
+        m = int(self.strategy.mechanism(state)["clients_per_round"])
+        size = updates.element_size()
+        return {
+            "clients": m,
+            "bytes_up": m * updates.shape[1] * size,
+            "bytes_down": m * num_params * size,
+        }
 
     def __call__(
         self,
@@ -373,8 +397,13 @@ class ServerStep:
         round_idx: int,
     ) -> StepResult:
         """Step 5's end: check the aggregate and let the strategy update the parameters and its
-        state; ``aggregate`` None (no usable update) keeps both (the caller says why)."""
+        state; ``aggregate`` None (no usable update) keeps both (the caller says why), unless the
+        strategy ``releases_empty_rounds`` (client-level DP): then it updates on a zero aggregate."""
         none = np.empty(0, np.int64)
+        if aggregate is None and self.strategy.releases_empty_rounds:  # released all the same
+            empty = params.new_zeros(0, params.numel())
+            _, _, state = self.strategy.pre_aggregate(empty, params.new_zeros(0), state, round_idx)
+            aggregate = torch.zeros_like(params)
         if aggregate is None:
             return StepResult(params, state, {}, none, skipped=True)
         if not torch.isfinite(aggregate).all():

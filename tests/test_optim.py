@@ -104,7 +104,9 @@ def test_state_dict_names_the_parts_and_round_trips() -> None:
     assert torch.equal(old.load_state({"c": st["scaffold"].c})["scaffold"].c, st["scaffold"].c)
     with pytest.raises(ValueError, match="written with another strategy"):
         FedDyn().load_state({"c": st["scaffold"].c})
-    dp = ClientLevelDP(FedAvg(server_momentum=0.9), num_clients=10, clients_per_round=5)
+    dp = ClientLevelDP(
+        FedAvg(server_momentum=0.9), num_clients=10, clients_per_round=5, sampling="bernoulli"
+    )
     dd = dp.state_dict(dp.init(x))
     assert set(dd) == {"dp", "inner"} and set(dd["inner"]) == {"momentum", "sgd"}
     assert set(dd["dp"]) == {"clip", "last_clip", "history"}
@@ -185,6 +187,7 @@ def test_config_spellings_compose_optimizers_and_dp_without_new_classes() -> Non
     assert [t.name for t in m.transform.transforms] == ["momentum", "sgd"]
     dp = built(
         "strategy=dp_fedavg",
+        "sampling=bernoulli",  # client-level DP refuses fixed-size sampling
         "strategy@strategy.inner=fedprox",
         "strategy/server_opt@strategy.inner.server_opt=adam",
     )

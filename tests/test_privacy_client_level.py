@@ -6,20 +6,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 from clients.dp import epsilon_of_history
 from strategies.dp import ClientLevelDP
 from strategies.fedavg import FedAvg
-from tests.conftest import compose
+from tests.conftest import ROOT, compose
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _dp(**kw) -> ClientLevelDP:
     args = dict(clip=1.0, noise_multiplier=1.0, num_clients=100, clients_per_round=10, seed=0)
+    args.update(sampling="bernoulli")
     args.update(kw)
     return ClientLevelDP(FedAvg(), **args)
 
@@ -88,7 +92,9 @@ def test_calibrated_noise_and_adaptive_clipping() -> None:
     params = torch.zeros(2)
     state = a.init(params)
     clips = [state.clip]
-    for r in range(30):  # all updates tiny: the clip shrinks geometrically towards their norm
+    # all updates tiny: the clip shrinks geometrically towards their norm (b~ = 1 + N(0, 0.5^2)
+    # clamped to [0, 1]: about exp(-0.06) per round)
+    for r in range(60):
         _, _, state = a.pre_aggregate(torch.full((10, 2), 1e-3), torch.ones(10), state, r)
         params, state = a.update(params, torch.zeros(2), state, r)
         clips.append(state.clip)
@@ -234,3 +240,172 @@ def test_summary_mechanism_reproduces_the_reported_epsilon(tmp_path) -> None:
     eps = acc.get_epsilon(delta=mech["delta"])
     assert rows[-1]["epsilon"] == pytest.approx(eps, rel=1e-9)
     assert summary["privacy"]["epsilon"] == pytest.approx(eps, rel=1e-9)
+
+
+# -- the sampling, empty rounds, counts and the clip update (issue 18 review REV18P, 4/5/8/11) -----
+
+
+def test_fixed_size_client_sampling_is_refused() -> None:
+    """sampling=fixed draws exactly m of N clients without replacement (replace-one adjacency,
+    sensitivity 2 S / m): not the Poisson add/remove sampled Gaussian the accountant reports
+    (43.7 against 7.52 for N 100, m 20, z 1, 20 rounds). Only m = N (every client) is the same."""
+    with pytest.raises(ValueError, match="sampling=bernoulli") as err:
+        _dp(sampling="fixed")
+    assert "\n" not in str(err.value)
+    everyone = _dp(sampling="fixed", num_clients=10, clients_per_round=10)
+    mech = everyone.mechanism(everyone.init(torch.zeros(1)))
+    assert mech["sampling"] == "poisson" and mech["sampling_rate"] == 1.0
+    assert mech["secure_rng"] is False
+
+
+def test_cli_refuses_client_level_dp_with_fixed_sampling_in_one_line(tmp_path) -> None:
+    out = tmp_path / "run"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "experiment=privacy_dp_fedavg_digits",
+            "sampling=fixed",
+            "backend=local",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 2, p.stderr
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "sampling=bernoulli" in errors[0], p.stderr
+    assert "Traceback" not in p.stderr and not (out / "metrics.jsonl").exists()
+
+
+def _step(s: ClientLevelDP):
+    from strategies.aggregators import build
+    from strategies.attacks import Adversary, NoAttack
+    from strategies.server_step import ServerStep
+
+    adversary = Adversary(NoAttack(), s.num_clients)
+    return ServerStep(s, build("mean"), adversary, num_clients=s.num_clients, delta=s.delta)
+
+
+def _rows(U: torch.Tensor, ids=None):
+    from strategies.server_step import Replies
+
+    n = len(U)
+    ids = np.arange(n) if ids is None else np.asarray(ids)
+    return Replies(ids, U, torch.ones(n), torch.zeros(n))
+
+
+def test_an_empty_round_is_released_and_accounted() -> None:
+    """Poisson sampling may sample nobody (or every update may be non-finite): skipping such a
+    round is not post-processing of the sampled Gaussian mechanism, so the round releases the
+    noise on a zero sum (denominator m) and the accountant steps."""
+    from strategies.server_step import Replies
+
+    m, d, S = 10, 50_000, 1.0
+    s = _dp(adaptive=True, count_stddev=2.0, clip=S, clients_per_round=m)
+    step = _step(s)
+    p0 = torch.zeros(d)
+    st = s.init(p0)
+    empty = step(p0, st, Replies.empty(d), 0)
+    assert not empty.skipped
+    assert empty.state.history == [[s.effective_noise_multiplier, s.sample_rate, 1]]
+    assert s.epsilon(empty.state) == pytest.approx(
+        epsilon_of_history([(s.effective_noise_multiplier, 0.1, 1)], 1e-5, "rdp"), rel=1e-12
+    )
+    assert float(empty.params.std()) == pytest.approx(s.update_noise_multiplier * S / m, rel=0.02)
+    assert "skipped" not in empty.metrics and "skipped_clients" not in empty.metrics
+    # every update non-finite: each contributes nothing, the very release of an empty round
+    nan = step(p0, st, _rows(torch.full((3, d), float("nan"))), 0)
+    assert not nan.skipped and torch.equal(nan.params, empty.params)
+    assert nan.state.clip == empty.state.clip and nan.state.history == empty.state.history
+    # a non-finite update among finite ones contributes nothing either (not to the clipped sum,
+    # not to the centred count): the release of the finite clients alone
+    U = torch.randn(4, d) * 1e-3
+    bad = torch.cat([U, torch.full((1, d), float("inf"))])
+    a = step(p0, st, _rows(U), 3)
+    b = step(p0, st, _rows(bad, [0, 1, 2, 3, 9]), 3)
+    assert torch.equal(a.params, b.params) and a.state.clip == b.state.clip
+    assert b.metrics["dropped_nonfinite"] == 1
+
+
+def test_an_empty_round_without_client_level_dp_is_still_skipped() -> None:
+    from strategies.aggregators import build
+    from strategies.attacks import Adversary, NoAttack
+    from strategies.server_step import Replies, ServerStep
+
+    step = ServerStep(FedAvg(), build("mean"), Adversary(NoAttack(), 10), num_clients=10)
+    res = step(torch.zeros(3), FedAvg().init(torch.zeros(3)), Replies.empty(3), 0)
+    assert res.skipped and torch.equal(res.params, torch.zeros(3))
+
+
+def test_an_empty_adaptive_round_releases_the_count_noise_alone() -> None:
+    """With nobody answering the centred count is 0 + N(0, sigma_b^2): b~ is 1/2 plus noise of
+    std sigma_b / m = 6e-4 here, so the clip barely moves; a count of -m/2 would move it by
+    exp(eta / 2)."""
+    from strategies.server_step import Replies
+
+    s = _dp(
+        adaptive=True, count_stddev=0.6, num_clients=10_000, clients_per_round=1000, clip_lr=0.2
+    )
+    step = _step(s)
+    res = step(torch.zeros(2), s.init(torch.zeros(2)), Replies.empty(2), 0)
+    assert not res.skipped
+    assert abs(math.log(res.state.clip / s.clip)) < 1e-3
+
+
+def test_metrics_log_the_expected_count_and_bytes_under_client_level_dp(tmp_path) -> None:
+    """The realised number of sampled clients is what the fixed denominator hides: under
+    client-level DP metrics.jsonl logs clients = m and the bytes m clients would move, in every
+    round, also in an empty one; the epsilon covers every round (the empty one included)."""
+    from opacus.accountants import RDPAccountant
+
+    from system.runner import train
+    from system.server import sample_clients
+
+    sizes = [len(sample_clients(10, 2, 0, r, "bernoulli")) for r in range(3)]
+    assert sizes == [2, 0, 1]  # seed 0: an empty round, and varying counts
+    cfg = compose(
+        "experiment=privacy_dp_fedavg_digits",
+        "backend=local",
+        "progress=false",
+        "num_clients=10",
+        "clients_per_round=2",
+        "rounds=3",
+        "seed=0",
+        "client.batch_size=32",
+        "strategy.adaptive=true",
+        "strategy.count_stddev=1.0",
+    )
+    res = train(cfg, run_dir=str(tmp_path))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(rows) == 3 and not any("skipped" in r or "skipped_clients" in r for r in rows)
+    d = res["params"].numel()
+    assert [r["clients"] for r in rows] == [2, 2, 2]
+    assert [(r["bytes_up"], r["bytes_down"]) for r in rows] == [(2 * d * 4, 2 * d * 4)] * 3
+    mech = summary["privacy"]["mechanism"]
+    assert mech["steps"] == 3 and mech["sampling"] == "poisson" and mech["secure_rng"] is False
+    acc = RDPAccountant()
+    for _ in range(mech["steps"]):
+        acc.step(noise_multiplier=mech["effective_noise_multiplier"], sample_rate=0.2)
+    eps = acc.get_epsilon(delta=1e-5)
+    assert [r["epsilon"] for r in rows][-1] == pytest.approx(eps, rel=1e-9)
+    assert summary["privacy"]["epsilon"] == pytest.approx(eps, rel=1e-9)
+
+
+def test_adaptive_clip_update_clamps_the_released_fraction() -> None:
+    """b~ = c / m + 1/2 is a noisy estimate of a fraction: clamped to [0, 1] before the geometric
+    update (TF-Privacy's QuantileEstimatorQuery; post-processing), so one round moves the clip by
+    at most exp(eta gamma) up or exp(-eta (1 - gamma)) down."""
+    eta, gamma = 0.2, 0.3
+    s = _dp(
+        adaptive=True, count_stddev=20.0, clients_per_round=10, clip_lr=eta, target_quantile=gamma
+    )
+    U = _clients(5, 5, 3, 1.0)
+    b = torch.tensor([_release(s, U, r, 1.0)[1] for r in range(200)], dtype=torch.float64)
+    assert float(b.min()) == pytest.approx(0.0, abs=1e-9)  # both ends are reached
+    assert float(b.max()) == pytest.approx(1.0, abs=1e-9)
+    assert ((b > 0.01) & (b < 0.99)).any()
