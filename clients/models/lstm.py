@@ -5,7 +5,9 @@ Embedding of 8, a 2-layer LSTM with 256 units, a linear output on the last posit
 layer (LEAF's TensorFlow cell has one: 817,872). The LSTM is written as explicit matrix products
 (Hochreiter and Schmidhuber 1997, in ``torch.nn.LSTM``'s gate order i, f, g, o and parameter names),
 because ``torch.func.vmap`` has no batching rule for ``torch.nn.LSTM``'s fused kernel: written this
-way it trains batched across clients, and equals ``torch.nn.LSTM`` given the same weights (tested).
+way it runs under vmap (per-sample gradients of DP-SGD, any vmap-batched trainer) and equals
+``torch.nn.LSTM`` given the same weights (tested). The batched host trainer runs each client through
+the fused kernel instead (:meth:`CharLSTM.forward_clients`), which measured fastest.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clients.models.stacked import StackedModel, embedding, linear
+from clients.models.stacked import StackedModel
 
 __all__ = ["LSTM", "CharLSTM"]
 
@@ -63,8 +65,8 @@ def lstm_layer(
 
 
 def recurrence(xw: torch.Tensor, w_hh: torch.Tensor) -> torch.Tensor:
-    """The LSTM recurrence over input products ``xw`` (..., T, 4H) with zero initial state;
-    ``w_hh`` (4H, H), or (K, 4H, H) for K clients' ``xw`` (K, B, T, 4H) -> (..., T, H)."""
+    """The LSTM recurrence over input products ``xw`` (..., T, 4H) with zero initial state and
+    recurrent weights ``w_hh`` (4H, H) -> outputs (..., T, H)."""
     H = w_hh.shape[-1]
     w = w_hh.transpose(-1, -2)
     h = c = xw.new_zeros(*xw.shape[:-2], H)
@@ -113,12 +115,22 @@ class CharLSTM(StackedModel):
         h = self.lstm(self.embed(x.long()))
         return self.head(h[..., -1, :])
 
-    def stacked_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        h = embedding(x.long(), params["embed.weight"])  # (K, B, T, E)
-        K, B, T, _ = h.shape
-        for k in range(self.lstm.num_layers):
-            w_ih, w_hh = params[f"lstm.weight_ih_l{k}"], params[f"lstm.weight_hh_l{k}"]
-            bias = params[f"lstm.bias_ih_l{k}"] + params[f"lstm.bias_hh_l{k}"]
-            xw = linear(h.reshape(K, B * T, -1), w_ih, bias).view(K, B, T, -1)
-            h = recurrence(xw, w_hh)
-        return linear(h[:, :, -1], params["head.weight"], params["head.bias"])
+    def forward_clients(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """K clients, each through PyTorch's fused LSTM kernel (``torch.lstm``, the same function
+        as :class:`LSTM`): per client, its 1 MB recurrent weights stay in cache over the 80
+        positions, where the recurrence batched over clients (one ``bmm`` per position) reads K
+        clients' weights from memory at every position and measured slower (docs/models.md)."""
+        L, H = self.lstm.num_layers, self.lstm.hidden_size
+        names = [
+            f"lstm.{w}_l{k}"
+            for k in range(L)
+            for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        ]
+        per = [params[n].unbind(0) for n in ("embed.weight", "head.weight", "head.bias", *names)]
+        outs = []
+        for xk, emb, hw, hb, *weights in zip(x.unbind(0), *per, strict=True):
+            h = F.embedding(xk.long(), emb)
+            zero = h.new_zeros(L, h.shape[0], H)
+            out = torch.lstm(h, (zero, zero), weights, True, L, 0.0, True, False, True)[0]
+            outs.append(F.linear(out[:, -1], hw, hb))
+        return torch.stack(outs)

@@ -12,8 +12,8 @@ channels-last, ``(K, B, *spatial, C)``, and pick per layer the form that measure
   window as contiguous blocks, so neither pass touches strided memory);
 * larger convolutions: each client's native convolution in channels-last memory (oneDNN's direct
   kernels), which beat one grouped convolution over K clients and the channels-first layout;
-* GroupNorm, pooling, ReLU, residual adds, linear layers, embeddings and the LSTM recurrence
-  batched over clients (``torch.bmm``; Wu and He 2018 for GroupNorm).
+* GroupNorm, pooling, ReLU, residual adds and linear layers batched over clients (``torch.bmm``;
+  Wu and He 2018 for GroupNorm).
 
 A client's numbers never depend on the other clients of the call (no reduction crosses clients;
 tested bit for bit), and equal the module's own forward up to float rounding (tested against a
@@ -41,7 +41,6 @@ __all__ = [
     "linear",
     "head_weight",
     "max_pool2",
-    "embedding",
     "to_channels_last",
 ]
 
@@ -266,13 +265,6 @@ def group_norm(
     y = y.movedim(1, -1).reshape(x.shape)
     shape = (K, *[1] * (len(S) + 1), C)
     return torch.addcmul(b.view(shape), y, w.view(shape))
-
-
-def embedding(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Rows of each client's table: ids (K, *idx) long, w (K, V, E) -> (K, *idx, E)."""
-    K, V, _ = w.shape
-    offset = (torch.arange(K, device=ids.device) * V).view(K, *[1] * (ids.dim() - 1))
-    return F.embedding(ids + offset, w.reshape(K * V, -1))
 
 
 class _ConvIm2col(torch.autograd.Function):
