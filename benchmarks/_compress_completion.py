@@ -142,5 +142,8 @@ if __name__ == "__main__":
     args = ap.parse_args()
     t0 = time.perf_counter()
     text = main(args.quick)
+    from _provenance import markdown, provenance  # what a rerun needs, above the tables
+
+    print(markdown(provenance()))
     print(text)
     print(f"\n(total {time.perf_counter() - t0:.0f} s)", file=sys.stderr)

@@ -357,4 +357,7 @@ if __name__ == "__main__":
     chosen = PARTS if args.part == "all" else [p.strip() for p in args.part.split(",")]
     if bad := [p for p in chosen if p not in PARTS]:
         ap.error(f"unknown part(s) {bad}; choose from {PARTS} or all")
+    from _provenance import markdown, provenance  # what a rerun needs, above the tables
+
+    print(markdown(provenance()))
     print(main(args.quick, chosen, [int(v) for v in args.seeds.split(",")]))

@@ -113,10 +113,24 @@ def run_one(
         "extra": extra,
         "name": name,
         "git": git_state(),  # the code that made this run (a rerun reuses cached runs)
+        # and the machine: threads, numerics environment, versions, CPU and its kernels
+        "provenance": {k: v for k, v in provenance().items() if k not in ("command", "git")},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row))
     return row
+
+
+def run_commits(rows: list[dict[str, Any]]) -> str:
+    """One HTML comment line naming the commits that made ``rows`` (a rerun reuses cached runs,
+    so the invocation's own commit need not be theirs)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        git = r.get("git") or {}
+        key = (git.get("commit") or "")[:12] + (" (dirty)" if git.get("dirty") else "")
+        counts[key or "not recorded"] = counts.get(key or "not recorded", 0) + 1
+    made = ", ".join(f"{k} ({n} runs)" for k, n in sorted(counts.items()))
+    return f"<!-- runs made at commit: {made}; each run's in <out>/runs/*.json -->"
 
 
 def rounds_to(curve: list[list[float]], target: float) -> int | None:
@@ -330,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
                         flush=True,
                     )
     (out / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
-    header = markdown(prov) + "\n"
+    header = markdown(prov) + "\n" + run_commits(rows) + "\n"
     if args.attacks:
         before = None
         if args.before:

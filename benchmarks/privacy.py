@@ -13,10 +13,12 @@ fixes the data split and the client sampling, so runs with one seed see the same
 Cells are mean +- std (ddof 1) over the seeds that finished, ``[n=k]`` when fewer than requested.
 Every run is ``system.runner.train`` on a composed config in its own process (so peak RSS is the
 run's own); seed 0 runs live in ``<out>/<task>_<method>_<eps>``, seed s > 0 in
-``<out>/seed<s>/...``. Finished runs are skipped, so the sweep resumes. Usage::
+``<out>/seed<s>/...``. Finished runs are skipped, so the sweep resumes. Both results files record
+what a rerun needs (command, commit, threads, versions, CPU: benchmarks/_provenance.py) and every
+run's commit. Usage::
 
     python benchmarks/privacy.py --seeds 0 1 2   # benchmarks/results/privacy.{md,json}
-    python benchmarks/privacy.py --quick         # a smoke version (minutes, in <out>/quick)
+    python benchmarks/privacy.py --quick         # benchmarks/results/privacy_quick.{md,json}
     python benchmarks/privacy.py --only text --methods FedSVD-PiSSA --eps 3 6 --seeds 0 1 2
     python benchmarks/privacy.py --seeds 0 1 2 --tables-only   # tables of what finished
 """
@@ -32,6 +34,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _provenance import markdown, pin_threads, provenance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 TEXT_METHODS = {
@@ -43,6 +49,9 @@ TEXT_METHODS = {
 }
 DIGIT_METHODS = {"DP-FedAvg (client-level)": "DP-FedAvg", "DP-SGD (sample-level)": "DP-SGD"}
 TARGET = (("FedSVD", "FedSVD (PiSSA init)"), ("FFA-LoRA", "DP-LoRA"), (3.0, 6.0))
+#: what --quick changes: 2 text rounds of 1 local step on 120 reviews, 3 digits rounds (the
+#: companion table benchmarks/results/privacy_quick.md, which tests/test_tables.py reruns)
+QUICK = {"rounds": 2, "steps": 1, "n_samples": 120, "digits_rounds": 3}
 
 
 def text_overrides(method: str, eps: float, seed: int, a: argparse.Namespace) -> list[str]:
@@ -139,10 +148,11 @@ def run_one(overrides: list[str], run_dir: Path, tables_only: bool = False) -> d
 def _read(run_dir: Path) -> dict:
     s = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    eps = [r.get("epsilon", 0.0) for r in rows]  # null: not finite (e.g. DP-FedAvg with z = 0)
     return {
         "accuracy": s["accuracy"],
         "best_accuracy": max((r.get("accuracy", 0.0) for r in rows), default=None),
-        "epsilon": max((r.get("epsilon", 0.0) for r in rows), default=0.0),
+        "epsilon": None if None in eps else max(eps, default=0.0),
         "stopped": s.get("stopped"),
         "rounds_completed": s.get("rounds_completed"),
         "startup_s": s.get("startup_s"),
@@ -151,6 +161,7 @@ def _read(run_dir: Path) -> dict:
         "run_s": (s.get("startup_s") or 0.0) + sum(r.get("round_time_s", 0.0) for r in rows),
         "peak_rss_mb": s["peak_rss_mb"],
         "run_dir": str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir),
+        "commit": s.get("versions", {}).get("git_commit"),  # the code that made this run
     }
 
 
@@ -267,7 +278,8 @@ def _method(name: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown method {name!r}; valid: {list(TEXT_METHODS)}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, with ``--quick``'s sizes (``QUICK``) applied."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", choices=["text", "digits", "all"], default="all")
     p.add_argument("--methods", nargs="+", type=_method, default=list(TEXT_METHODS))
@@ -282,14 +294,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-length", type=int, default=16)
     p.add_argument("--digits-rounds", type=int, default=10)
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench_privacy"))
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "privacy"))
-    p.add_argument("--quick", action="store_true", help="2 rounds, 1 step, 120 samples")
+    p.add_argument(
+        "--results",
+        default=None,
+        help="results path without suffix (default benchmarks/results/privacy, with --quick "
+        "benchmarks/results/privacy_quick)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="2 rounds, 1 step, 120 samples; 3 digits rounds"
+    )
     p.add_argument("--tables-only", action="store_true", help="tables of the finished runs only")
     a = p.parse_args(argv)
-    out, res = Path(a.out), Path(a.results)
-    if a.quick:  # own directories, so smoke runs never mix with (or overwrite) the real ones
-        a.rounds, a.steps, a.n_samples, a.digits_rounds = 2, 1, 120, 3
-        out, res = out / "quick", out / "quick" / "privacy"
+    if a.quick:
+        vars(a).update(QUICK)
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = options(argv)
+    pin_threads(1)  # the runs' own processes inherit it (the runner pins its hosts to 1 as well)
+    prov = provenance(None if argv is None else ["benchmarks/privacy.py", *argv])
+    out = Path(a.out)
+    name = "privacy_quick" if a.quick else "privacy"
+    res = Path(a.results) if a.results else ROOT / "benchmarks" / "results" / name
+    if a.quick:  # own run directories, so quick runs never mix with (or overwrite) the real ones
+        out = out / "quick"
     text_methods = [m for m in TEXT_METHODS if m in a.methods]
     todo = []
     if a.only in ("text", "all"):
@@ -325,9 +354,13 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n\n".join(blocks)
     print("\n" + text)
     res.parent.mkdir(parents=True, exist_ok=True)
-    res.with_suffix(".md").write_text(text + "\n")
+    commits = sorted({str(r.get("commit"))[:12] for r in results.values()})
+    head = f"<!-- runs made at commit(s) {', '.join(commits)} (each run's in the .json) -->"
+    res.with_suffix(".md").write_text(f"{markdown(prov)}\n{head}\n\n{text}\n")
     runs = [{"target_epsilon": _fmt_eps(e), **r} for (_, e, _), r in results.items()]
-    res.with_suffix(".json").write_text(json.dumps(runs, indent=1, default=str) + "\n")
+    opts = {**vars(a), "eps": [_fmt_eps(e) for e in a.eps]}
+    blob = {"provenance": prov, "options": opts, "runs": runs}
+    res.with_suffix(".json").write_text(json.dumps(blob, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":
