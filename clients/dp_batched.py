@@ -200,9 +200,7 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
         expected = torch.as_tensor(
             [max(1, int(s * r)) for s, r in zip(n, q, strict=True)], dtype=X.dtype
         )
-        gens = [
-            stream(self.seed, round_idx, int(c), 0xD15E, scheme="mix64") for c in client_ids
-        ]
+        gens = [stream(self.seed, round_idx, int(c), 0xD15E, scheme="mix64") for c in client_ids]
         noise_std = torch.tensor(sigma, dtype=X.dtype) * self.max_grad_norm
         lr = self.lr_at(round_idx)
         C = self.max_grad_norm

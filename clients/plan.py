@@ -18,6 +18,7 @@ from clients.seeds import mix64
 
 __all__ = ["BatchPlan", "make_plan", "mix64"]
 
+
 @dataclass(frozen=True)
 class BatchPlan:
     """Lockstep schedule of local steps for K clients (see module docstring)."""

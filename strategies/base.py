@@ -10,7 +10,7 @@ checkpointed through ``state_dict(state)`` / ``load_state(d)`` as a nested dict 
 * ``broadcast(params, state)``: server vectors sent with the parameters each round (SCAFFOLD's c).
 * ``update(params, aggregate, state, round_idx, extras=None)``: ``aggregate`` is the aggregator's
   output over the clients' messages; ``extras`` holds the per-client extra vectors of the round,
-  as the Byzantine clients left them (``system.adversary``). A strategy combines them only through
+  as the Byzantine clients left them (``strategies.attacks``). A strategy combines them only through
   ``RoundExtras.mean`` / ``mean_over_all`` / ``add_mean_over_all``, which use the run's aggregator
   (``ExtrasAggregation``; the plain mean when the aggregator is the mean).
 """
@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from strategies.aggregators.base import as_aggregator
 
 if TYPE_CHECKING:
     from torch import nn
@@ -53,8 +55,9 @@ class ExtrasAggregation:
     """
 
     def __init__(self, aggregator: Callable[..., torch.Tensor] | None = None) -> None:
-        self.plain = aggregator is None or bool(getattr(aggregator, "decomposable", False))
-        self._template = None if self.plain else copy.deepcopy(aggregator)
+        agg = None if aggregator is None else as_aggregator(aggregator)
+        self.plain = agg is None or agg.decomposable
+        self._template = None if self.plain else copy.deepcopy(agg)
         self.rules: dict[str, Callable[..., torch.Tensor]] = {}
 
     def rule(self, name: str) -> Callable[..., torch.Tensor]:
@@ -69,13 +72,12 @@ class ExtrasAggregation:
         return self.rule(name)(rows, None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {n: getattr(r, "state_dict", dict)() for n, r in sorted(self.rules.items())}
+        return {n: r.state_dict() for n, r in sorted(self.rules.items())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, st in (state or {}).items():
-            rule = self.rule(name)
-            if hasattr(rule, "load_state_dict"):
-                rule.load_state_dict(st)
+            if not self.plain:  # the plain mean keeps no state
+                self.rule(name).load_state_dict(st)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from strategies.aggregators.base import as_aggregator
 from strategies.attacks import Adversary
 from strategies.base import ExtrasAggregation, RoundExtras, State, Strategy
 
@@ -252,7 +253,7 @@ class ServerStep:
         delta: float | None = None,
     ) -> None:
         self.strategy = strategy
-        self.aggregator = aggregator
+        self.aggregator = as_aggregator(aggregator)  # any fn(U, weights) works, asked as a rule
         self.adversary = adversary
         self.num_clients = num_clients
         self.private = bool(private) or strategy.epsilon_kind is not None
@@ -272,7 +273,7 @@ class ServerStep:
         adv = self.adversary
         return (
             self.decoder is None
-            and bool(getattr(self.aggregator, "decomposable", False))
+            and self.aggregator.decomposable
             and not (adv.active and adv.kind == "model")
             and not self.strategy.transforms_updates
             and not (rule.client_state if rule is not None else ())
@@ -453,15 +454,14 @@ class ServerStep:
         """What the step keeps besides the strategy state: the aggregator's, the extras' rules',
         the adversary's and the clients' epsilons."""
         return {
-            "aggregator": getattr(self.aggregator, "state_dict", dict)(),
+            "aggregator": self.aggregator.state_dict(),
             "extras_aggregation": self.extras_aggregation.state_dict(),
             "adversary": self.adversary.state_dict(),
             "privacy": self.ledger.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if hasattr(self.aggregator, "load_state_dict"):
-            self.aggregator.load_state_dict(state.get("aggregator", {}))
+        self.aggregator.load_state_dict(state.get("aggregator", {}))
         self.extras_aggregation.load_state_dict(state.get("extras_aggregation", {}))
         self.adversary.load_state_dict(state.get("adversary", {}))
         self.ledger.load_state_dict(state.get("privacy") or {})

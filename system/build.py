@@ -16,19 +16,21 @@ copy (:class:`HostSpec`: model spec, trainer, local rule, codec spec, seed, thre
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from omegaconf import DictConfig
 
 from clients.dp import private_kinds
 from clients.trainer import ParamSpec
 from strategies.attacks import Adversary
 from system.config import ConfigError, check_values, mode_of
+from system.host import ClientHost
+from system.p2p import PeerTopology, check_unused
+from system.server import ParameterServer, ServerSettings
+from system.specs import Federated, HostSpec, ModelSpec, Peer, Run, build_from
 
 __all__ = [
     "Federated",
@@ -39,6 +41,7 @@ __all__ = [
     "build_from",
     "build_run",
     "check_components",
+    "validate",
     "client_host",
     "federated",
     "load_inputs",
@@ -49,97 +52,6 @@ __all__ = [
 
 # what a loader or builder raises for input it cannot use (Hydra wraps it: see _root)
 _INPUT_ERRORS = (ValueError, TypeError, OSError, EOFError, ImportError)
-
-
-def build_from(cfg: dict[str, Any] | DictConfig, **kwargs: Any) -> Any:
-    """Instantiate a ``_target_`` config given as a plain dict or DictConfig."""
-    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    return hydra.utils.instantiate(node, _convert_="all", **kwargs)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to make a copy of the run's model (hosts build their own; picklable)."""
-
-    cfg: dict[str, Any]
-    input_shape: tuple[int, ...]
-    num_classes: int
-    seed: int
-
-    def build(self) -> nn.Module:
-        return build_from(
-            self.cfg, input_shape=self.input_shape, num_classes=self.num_classes, seed=self.seed
-        )
-
-
-@dataclass(frozen=True)
-class HostSpec:
-    """What a client host needs (``system.host.ClientHost``): the model spec, the built trainer and
-    the strategy's local rule (each host works on its own copy), the codec spec (``comm`` group;
-    the codec is built against the host's model layout), the root seed and torch threads."""
-
-    model: ModelSpec
-    trainer: Any
-    rule: Any = None
-    comm: dict[str, Any] | None = None
-    seed: int = 0
-    threads: int = 1
-
-
-@dataclass
-class Federated:
-    """The server mode's components, built once: the server's model (strategy bound to it), the
-    strategy, aggregator, attack and adversary, the trainer, what hosts get, the DP kinds."""
-
-    model: nn.Module
-    spec: ParamSpec
-    strategy: Any
-    aggregator: Any
-    adversary: Adversary
-    trainer: Any
-    host: HostSpec
-    kinds: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Peer:
-    """The peer-to-peer mode's components: the peer settings, the attack, the training nodes and
-    the topology (``system.p2p.PeerTopology``, whose construction checks the rule's precondition)
-    and the model spec every peer host builds from."""
-
-    settings: Any
-    attack: Any
-    f: int
-    model: ModelSpec
-    topology: Any
-    threads: int = 1
-
-
-@dataclass
-class Run:
-    """Everything one run needs, built once: the validated plain config, the data and partition,
-    and the components of its mode (``federated`` or ``peer``)."""
-
-    config: dict[str, Any]
-    mode: str
-    data: Any
-    parts: list[np.ndarray]
-    federated: Federated | None = None
-    peer: Peer | None = None
-
-    @property
-    def kinds(self) -> list[str]:
-        """The kinds of DP of the run ("sample-level", "client-level"); empty without DP."""
-        return self.federated.kinds if self.federated is not None else []
-
-    @property
-    def checkpoint_numel(self) -> int:
-        """How many parameters a checkpoint of this run holds (checked on resume)."""
-        if self.federated is not None:
-            return self.federated.spec.numel
-        assert self.peer is not None
-        spec = ParamSpec.of(self.peer.model.build())
-        return spec.numel * len(self.peer.topology.train_ids)
 
 
 def peer_settings(c: dict[str, Any]) -> dict[str, Any]:
@@ -306,6 +218,16 @@ def build_run(cfg: DictConfig | dict[str, Any]) -> Run:
     return Run(c, mode, ds, parts, federated=fed)
 
 
+def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Check the values and construct the components that need no data (client trainer, strategy,
+    attack, adversary, aggregator; or the peer settings), as a run builds them; return the plain
+    config. For callers that hold only a config (tests, tools); a run builds once (``build_run``).
+    Raises ConfigError naming the group and the fix."""
+    c = check_values(cfg)
+    check_components(c)
+    return c
+
+
 def check_components(c: dict[str, Any]) -> None:
     """Construct the components that need no data (what ``system.config.validate`` checks)."""
     if mode_of(c) == "p2p":
@@ -317,8 +239,6 @@ def check_components(c: dict[str, Any]) -> None:
 
 
 def _check_peer_unused(c: dict[str, Any]) -> None:
-    from system.p2p import check_unused
-
     trainer = _group("client", build_from, c["client"])  # asked: is it private?
     check_unused(c, private_client=trainer.epsilon_kind is not None)
 
@@ -328,8 +248,6 @@ def _peer_group(c: dict[str, Any]) -> str:
 
 
 def _peer_run(c: dict[str, Any]) -> Run:
-    from system.p2p import PeerTopology
-
     _check_peer_unused(c)  # mode=p2p refuses the groups it does not use instead of ignoring them
     group = _peer_group(c)
     settings = _group(group, build_from, peer_settings(c))
@@ -355,8 +273,6 @@ def parameter_server(
     num_classes: int,
 ) -> Any:
     """A ``ParameterServer`` for the plain config ``c`` over ``pool`` (components built here)."""
-    from system.server import ParameterServer, ServerSettings
-
     fed = federated(c, input_shape, num_classes)
     return ParameterServer(fed, pool, owner, x_test, y_test, ServerSettings.of(c))
 
@@ -376,8 +292,6 @@ def client_host(
     comm_cfg: dict[str, Any] | None = None,
 ) -> Any:
     """A ``ClientHost`` from config groups (model, client, strategy, comm)."""
-    from system.host import ClientHost
-
     rule = build_from(strategy_cfg).client_rule if strategy_cfg else None
     spec = HostSpec(
         ModelSpec(model_cfg, tuple(input_shape), int(num_classes), int(seed)),

@@ -190,7 +190,9 @@ class PowerSGD(Codec):
         """Residuals at zero; every client's first Q is the same seeded standard normal draw."""
         state = super().init_state(rows, device)
         if self.layout.packed:
-            g = torch.Generator().manual_seed(stream(self.seed, 0xC0DEC, kind="int", scheme="sequence63"))
+            g = torch.Generator().manual_seed(
+                stream(self.seed, 0xC0DEC, kind="int", scheme="sequence63")
+            )
             q0 = torch.randn(self.q_width, generator=g)
             state["q"] = q0.to(device).expand(rows, -1).clone()
         return state
@@ -274,7 +276,9 @@ class RandKSketch(Codec):
     def indices(self, round_idx: int) -> torch.Tensor:
         """The k compressed-part coordinates of round ``round_idx`` (sorted; same on every host)."""
         if self._cached is None or self._cached[0] != round_idx:
-            g = torch.Generator().manual_seed(stream(self.seed, round_idx, 0x5EE7C4, kind="int", scheme="sequence63"))
+            g = torch.Generator().manual_seed(
+                stream(self.seed, round_idx, 0x5EE7C4, kind="int", scheme="sequence63")
+            )
             idx = torch.randperm(self.n_c, generator=g)[: self.k].sort().values
             self._cached = (round_idx, idx)
         return self._cached[1]

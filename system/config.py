@@ -4,7 +4,7 @@ The top-level schema types every key of ``conf/train.yaml`` (a typo or a wrong t
 config is composed); ``check_values`` checks the plain values (ranges, choices, the comm group);
 the components themselves are validated by constructing them, once, in ``system.build`` (an
 unknown key inside a group or an impossible value fails there before Ray starts, naming the key
-and what would work). ``validate`` is both for a caller that holds only a config (tests, tools).
+and what would work; ``system.build.validate`` does both for a caller that holds only a config).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ __all__ = [
     "check_values",
     "mode_of",
     "register",
-    "validate",
     "to_plain",
 ]
 
@@ -256,17 +255,6 @@ def check_values(cfg: DictConfig | dict) -> dict[str, Any]:
         f"mode={c.get('mode')!r}: choose federated or p2p",
     )
     _check_comm(c)
-    return c
-
-
-def validate(cfg: DictConfig | dict) -> dict[str, Any]:
-    """Check the values and construct the components that need no data (client trainer,
-    strategy, attack, adversary, aggregator; or the peer settings), as ``system.build`` does for a
-    run; return the plain config. Raises ConfigError naming the group and the fix."""
-    c = check_values(cfg)
-    from system.build import check_components
-
-    check_components(c)
     return c
 
 

@@ -15,7 +15,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,10 +24,8 @@ from clients.plan import make_plan
 from clients.trainer import ParamSpec
 from strategies.server_step import weighted_sum
 from system.codecs import build_codec
+from system.specs import HostSpec
 from system.wire import from_wire, shared_from_wire, to_wire
-
-if TYPE_CHECKING:
-    from system.build import HostSpec
 
 __all__ = [
     "ClientHost",
@@ -410,13 +408,3 @@ def reduce_reply(reply: HostReply) -> HostReply:
     reply.updates, reply.weights, reply.finite = weighted_sum(reply.updates, reply.weights)
     reply.reduced = True
     return reply
-
-
-def __getattr__(name: str) -> Any:
-    """``system.host.build_from`` moved to ``system.build`` (issue 20 item 3); kept importable for
-    jobs/compress/core.py until its owner moves the import."""
-    if name == "build_from":
-        from system.build import build_from
-
-        return build_from
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

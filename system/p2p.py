@@ -390,13 +390,13 @@ class PeerNetwork:
         none: list[torch.Tensor | None] = [None] * len(self.train_ids)
         if not self.model_attack or not any(b for _, b in inbox):
             return none
-        gen = stream(int(getattr(self.attack, "seed", 0)), t, scheme="attack")
+        gen = stream(int(self.attack.seed), t, scheme="attack")
         if self.cfg.adversary == "broadcast":  # one set of vectors for every honest node
             out = self.attack(H, aggregator=self._mean_aggregation(H), generator=gen)
             if out is None:
                 return none
             return [out[:b] if b else None for _, b in inbox]
-        adaptive = getattr(self.attack, "adaptive", False)
+        adaptive = self.attack.adaptive
         if self.complete_sync and adaptive and self.rule.centre_free:
             # every node aggregates the same vectors with the same rule: one search serves all
             # (centred on the honest mean, as the rule centres on its own vector, for precision)

@@ -506,7 +506,7 @@ def _send(x: torch.Tensor | dict[str, torch.Tensor]) -> Any:
 
     x = to_wire(x)
     arrays = x.values() if isinstance(x, dict) else [x]
-    size = sum(getattr(a, "nbytes", 0) for a in arrays)
+    size = sum(a.nbytes for a in arrays)  # to_wire gives numpy arrays
     return x if size <= INLINE_BYTES else ray.put(x)
 
 

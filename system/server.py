@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +27,7 @@ from strategies.base import RoundExtras
 from strategies.server_step import HostSum, Replies, ServerStep, skip_reason
 from system.codecs import build_codec
 from system.host import HostReply
-
-if TYPE_CHECKING:
-    from system.build import Federated
+from system.specs import Federated
 
 __all__ = [
     "ParameterServer",

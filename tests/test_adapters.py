@@ -419,8 +419,8 @@ _TINY = [
 )
 def test_adapters_run_from_the_runner(tmp_path, model, adapter, strategy, client, factors) -> None:
     from system.config import to_plain
-    from system.host import build_from
     from system.runner import train
+    from system.specs import build_from
 
     extra = ["data.image=true"] if model == "lora_cnn" else []
     cfg = compose(

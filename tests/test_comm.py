@@ -11,8 +11,9 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from clients.trainer import ParamSpec
+from system.build import validate
 from system.codecs import Layout, PowerSGD, RandKSketch, build_codec, powersgd_step
-from system.config import ConfigError, validate
+from system.config import ConfigError
 from system.runner import train
 from tests.conftest import compose
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from system.config import validate
+from system.build import validate
 from tests.conftest import ROOT, compose
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))

@@ -231,7 +231,7 @@ def test_host_lost_for_good_run_completes_on_the_survivor(ray_custom, tmp_path) 
 def test_host_lost_before_a_checkpoint_names_the_lost_client_state(ray_custom) -> None:
     """The checkpoint step gathers per-client state from the hosts; a dead host's state is gone:
     the checkpoint is written anyway and names exactly which clients' state was lost."""
-    from system.config import validate
+    from system.build import validate
 
     c = validate(compose(*RAY2, "strategy=scaffold", "cluster.max_restarts=0"))
     with ExitStack() as stack:
@@ -256,7 +256,7 @@ def test_host_lost_before_a_checkpoint_names_the_lost_client_state(ray_custom) -
 def test_host_lost_with_privacy_accountants_drops_its_clients_for_good(ray_custom, caplog) -> None:
     """DP-SGD clients whose accountants died with their host cannot train again without
     under-counting epsilon: they are dropped, with a line per round, and stay out after resume."""
-    from system.config import validate
+    from system.build import validate
 
     over = (*RAY2, "client=dpsgd_batched", "cluster.max_restarts=0")
     c = validate(compose(*over))
@@ -279,7 +279,7 @@ def test_host_lost_with_privacy_accountants_drops_its_clients_for_good(ray_custo
 
 def _local_hosts(*over: str):
     """The two in-process client hosts (and server) of a validated backend=local config."""
-    from system.config import validate
+    from system.build import validate
 
     c = validate(compose("experiment=smoke", "cluster.hosts=2", "clients_per_round=10", *over))
     with ExitStack() as stack:

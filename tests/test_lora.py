@@ -191,9 +191,9 @@ _TRAINERS = {
 
 def _changed(tmp_path, strategy: str, factors: str, trainer: str) -> set[int]:
     """Coordinates of the global vector that differ from the initial model after a runner run."""
-    from system.config import validate
-    from system.host import build_from
+    from system.build import validate
     from system.runner import train
+    from system.specs import build_from
     from tests.conftest import compose
 
     cfg = compose(

@@ -9,7 +9,8 @@ import logging
 import pytest
 import torch
 
-from system.config import ConfigError, validate
+from system.build import validate
+from system.config import ConfigError
 from system.runner import train
 from tests.conftest import compose
 

@@ -175,7 +175,7 @@ def test_config_spellings_compose_optimizers_and_dp_without_new_classes() -> Non
     """strategy/server_opt=adam gives any strategy a server Adam; dp_fedavg wraps any strategy of the
     group (strategy@strategy.inner=...), with its own server optimizer."""
     from system.config import to_plain
-    from system.host import build_from
+    from system.specs import build_from
 
     def built(*over: str):
         return build_from(to_plain(compose("experiment=smoke", *over))["strategy"])

@@ -132,7 +132,8 @@ def test_dp_fedavg_runs_from_the_runner_and_stops_on_budget(tmp_path) -> None:
 
 
 def test_dp_fedavg_needs_the_mean_aggregator() -> None:
-    from system.config import ConfigError, validate
+    from system.build import validate
+    from system.config import ConfigError
 
     with pytest.raises(ConfigError, match="aggregator=mean"):
         validate(compose("experiment=privacy_dp_fedavg_digits", "aggregator=median"))

@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from strategies.aggregators import build
 from strategies.attacks import Adversary
 from system.config import ConfigError
-from system.host import build_from
 from system.runner import train
+from system.specs import build_from
 from tests.conftest import ROOT, compose
 
 

@@ -26,8 +26,7 @@ from clients.flower_app import (
 from strategies.attacks import Adversary
 from strategies.flower import FlagstaffStrategy
 from strategies.server_step import Replies, ServerStep
-from system.build import build_from, client_host, load_inputs
-from system.config import validate
+from system.build import build_from, client_host, load_inputs, validate
 from system.runner import _shards, train
 from system.server import sample_clients
 from tests.conftest import compose

@@ -32,8 +32,7 @@ from strategies.attacks import ALIE, Adversary, ALIEAdaptive, alie_z, build_atta
 from strategies.base import ExtrasAggregation, RoundExtras
 from strategies.flower import FlagstaffStrategy
 from strategies.scaffold import SCAFFOLD
-from system.build import parameter_server
-from system.config import validate
+from system.build import parameter_server, validate
 from system.host import HostReply
 from system.pool import LocalPool, RoundReplies
 from system.runner import train

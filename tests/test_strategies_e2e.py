@@ -113,7 +113,7 @@ def test_scaffold_on_ray_equals_local(ray_cluster, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("experiment", ["hetero_digits", "hetero_mnist1d"])
 def test_hetero_experiments_compose_and_validate(experiment: str) -> None:
-    from system.config import validate
+    from system.build import validate
 
     register()
     with initialize_config_module(config_module="conf", version_base="1.3"):

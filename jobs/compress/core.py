@@ -207,7 +207,7 @@ def build_text_classifier(num_classes: int, path: str | None = None, **_: Any) -
 
 
 def _instantiate(spec: dict[str, Any], **kwargs: Any) -> Any:
-    from system.host import build_from
+    from system.specs import build_from
 
     return build_from(spec, **kwargs)
 

@@ -17,15 +17,20 @@ Validation done here for every rule, so a rule's ``aggregate`` sees clean input:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from strategies.aggregators.registry import RULES, discover
+
 __all__ = [
     "Aggregator",
+    "FunctionAggregator",
     "PreAggregator",
+    "as_aggregator",
     "check_finite_rows",
     "coordinate_median",
     "duplicate_representatives",
@@ -162,6 +167,9 @@ class Aggregator:
     name: ClassVar[str] = "aggregator"
     #: whether the rule uses the per-client ``weights`` (others ignore them)
     uses_weights: ClassVar[bool] = False
+    #: whether the rule is a weighted mean, so that sum_i w_i x_i and sum_i w_i can be formed per
+    #: host and added (the runtime's host reduction; the extras' plain mean)
+    decomposable: ClassVar[bool] = False
 
     def __init__(self, *, f: int = 0, n: int | None = None) -> None:
         self.f = _as_int("f", f, 0)
@@ -228,12 +236,31 @@ class Aggregator:
             raise ValueError(f"{self.name} is stateless; got state keys {sorted(state)}")
 
     def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._repr_args()})"
+
+    def _repr_args(self) -> str:
         keys = [k for k in vars(self) if not k.startswith("_") and k != "inner"]
-        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in keys)
-        inner = getattr(self, "inner", None)
-        if inner is not None:
-            args += f", inner={inner!r}"
-        return f"{type(self).__name__}({args})"
+        return ", ".join(f"{k}={vars(self)[k]!r}" for k in keys)
+
+
+class FunctionAggregator(Aggregator):
+    """Any ``fn(U, weights=None) -> (d,)`` as an :class:`Aggregator` (stateless, no precondition),
+    so that callers ask every rule the declared hooks instead of probing for them."""
+
+    def __init__(self, fn: Any, *, f: int = 0, n: int | None = None) -> None:
+        super().__init__(f=f, n=n)
+        if not callable(fn):
+            raise ValueError(f"an aggregator must be callable as fn(U, weights), got {fn!r}")
+        self.fn = fn
+        self.name = fn.__name__ if inspect.isfunction(fn) else type(fn).__name__
+
+    def aggregate(self, U: Tensor, weights: Tensor | None) -> Tensor:
+        return self.fn(U, weights)
+
+
+def as_aggregator(agg: Any) -> Aggregator:
+    """``agg`` itself when it is an :class:`Aggregator`, else wrapped (:class:`FunctionAggregator`)."""
+    return agg if isinstance(agg, Aggregator) else FunctionAggregator(agg)
 
 
 class PreAggregator(Aggregator):
@@ -246,13 +273,13 @@ class PreAggregator(Aggregator):
 
     def __init__(self, inner: Aggregator | None = None, *, f: int = 0, n: int | None = None):
         super().__init__(f=f, n=n)
-        if inner is None:
-            from strategies.aggregators.basic import Mean
-
-            inner = Mean(f=self.f)
+        if inner is None:  # the weighted mean, found by name (no import of the rule modules)
+            if "mean" not in RULES:
+                discover()
+            inner = RULES["mean"](f=self.f)
         if not callable(inner):
             raise ValueError(f"{self.name}: inner must be an aggregator, got {inner!r}")
-        self.inner = inner
+        self.inner = as_aggregator(inner)
 
     def output_count(self, n: int) -> int:
         """How many vectors the inner rule receives when this stage gets ``n``."""
@@ -262,12 +289,10 @@ class PreAggregator(Aggregator):
         own = self.own_requirement(n)
         if own is not None:
             return own
-        req = getattr(self.inner, "requirement", None)
         n_out = self.output_count(n)
-        msg = req(n_out) if req is not None else None
+        msg = self.inner.requirement(n_out)
         if msg is not None:
-            name = getattr(self.inner, "name", type(self.inner).__name__)
-            return f"the inner rule {name} receives {n_out} vectors and {msg}"
+            return f"the inner rule {self.inner.name} receives {n_out} vectors and {msg}"
         return None
 
     def own_requirement(self, n: int) -> str | None:
@@ -278,18 +303,16 @@ class PreAggregator(Aggregator):
 
     def aggregate(self, U: Tensor, weights: Tensor | None) -> Tensor:
         V, w = self.transform(U, weights)
-        if isinstance(self.inner, Aggregator):
-            return self.inner.aggregate(V, w)  # V is finite and the precondition was checked
-        return self.inner(V, w)
+        return self.inner.aggregate(V, w)  # V is finite and the precondition was checked
 
     def state_dict(self) -> dict[str, Any]:
-        inner = getattr(self.inner, "state_dict", None)
-        return {"inner": inner() if inner is not None else {}}
+        return {"inner": self.inner.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        inner = getattr(self.inner, "load_state_dict", None)
-        if inner is not None:
-            inner(state.get("inner", {}))
+        self.inner.load_state_dict(state.get("inner", {}))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._repr_args()}, inner={self.inner!r})"
 
 
 def binomial_exceeds(n: int, k: int, limit: float) -> bool:

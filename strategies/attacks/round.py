@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from clients.byzantine import Attack
+
 __all__ = ["AttackedRound", "adaptive_probe", "apply_model_attack", "attack_round"]
 
 
@@ -62,7 +64,7 @@ def _plain_mean(U: torch.Tensor, weights: torch.Tensor | None = None) -> torch.T
 
 
 def attack_round(
-    attack: Any,
+    attack: Attack,
     U: torch.Tensor,
     w: torch.Tensor,
     byz: torch.Tensor,
@@ -96,14 +98,14 @@ def attack_round(
 
     if int((~byz).sum()) == 0:  # nothing to compute an attack from: Byzantines send nothing
         return removed(~byz)
-    adaptive = bool(getattr(attack, "adaptive", False))
+    adaptive = bool(attack.adaptive)
     probe = adaptive_probe(aggregator, byz, w) if adaptive else None
     crafted = attack(U[~byz], aggregator=probe, generator=generator)
     if crafted is None:  # crash: the Byzantine clients send nothing
         return removed(~byz)
     U = U.clone()
     U[byz] = crafted[:nb].to(device=U.device, dtype=U.dtype)
-    craft_extra = getattr(attack, "extra", attack)
+    craft_extra = attack.extra
     for name in sorted(extras):
         E = extras[name]
         rule = extras_rule(name) if extras_rule is not None else _plain_mean
@@ -124,7 +126,7 @@ def attack_round(
 
 
 def apply_model_attack(
-    attack: Any,
+    attack: Attack,
     U: torch.Tensor,
     w: torch.Tensor,
     byz: torch.Tensor,
