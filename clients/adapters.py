@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clients.lora import _FACTORS, LoRALinear
+from clients.lora_layer import _FACTORS, LoRALinear
 
 __all__ = [
     "ADAPTERS",

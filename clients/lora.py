@@ -23,9 +23,18 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from clients.adapters import (
+    ADAPTERS,
+    FLORA_TYPES,
+    FLoRALayer,
+    OrthonormalPenalty,
+    PiSSALinear,
+    SORSALinear,
+)
+from clients.lora_layer import _FACTORS, LoRALinear
+from clients.models import build_model
 from clients.seeds import stream
 
 __all__ = [
@@ -39,67 +48,6 @@ __all__ = [
     "TextClassifier",
     "load_minilm",
 ]
-
-_FACTORS = ("A", "B")
-
-
-class LoRALinear(nn.Module):
-    """``y = base(x) + (alpha / r) * B (A x)``; ``base`` frozen, ``train`` the factors clients train."""
-
-    def __init__(
-        self,
-        base: nn.Linear,
-        rank: int,
-        alpha: float,
-        train: Sequence[str] = _FACTORS,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"model.rank must be >= 1, got {rank}")
-        if rank > min(base.in_features, base.out_features):
-            raise ValueError(
-                f"model.rank={rank} exceeds min(in, out)={min(base.in_features, base.out_features)} "
-                "of a target layer; lower the rank or change model.targets"
-            )
-        bad = [f for f in train if f not in _FACTORS]
-        if bad or not train:
-            raise ValueError(f"model.train={list(train)}: choose a non-empty subset of ['A', 'B']")
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        self.rank, self.alpha = int(rank), float(alpha)
-        self.scaling = self.alpha / self.rank
-        self.train_factors = tuple(f for f in _FACTORS if f in train)
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
-        with torch.no_grad():
-            # Kaiming-uniform A (as nn.Linear / the LoRA reference), zero B
-            bound = 1.0 / math.sqrt(base.in_features)
-            self.lora_A.weight.uniform_(-bound, bound, generator=generator)
-            self.lora_B.weight.zero_()
-
-    @property
-    def A(self) -> torch.Tensor:
-        return self.lora_A.weight
-
-    @property
-    def B(self) -> torch.Tensor:
-        return self.lora_B.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if "A" in self.train_factors:
-            h = self.lora_A(x)
-        else:
-            h = F.linear(x, self.lora_A.weight.detach())
-        if "B" in self.train_factors:
-            d = self.lora_B(h)
-        else:
-            d = F.linear(h, self.lora_B.weight.detach())
-        return self.base(x) + self.scaling * d
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, train={list(self.train_factors)}"
 
 
 def apply_lora(
@@ -126,15 +74,6 @@ def apply_lora(
     Every other parameter is frozen except those of the modules named in ``full`` (e.g. a new
     classification head), which stay fully trainable. Returns ``model`` (changed in place).
     """
-    from clients.adapters import (
-        ADAPTERS,
-        FLORA_TYPES,
-        FLoRALayer,
-        OrthonormalPenalty,
-        PiSSALinear,
-        SORSALinear,
-    )
-
     if adapter not in ADAPTERS:
         raise ValueError(f"model.adapter={adapter!r}: choose one of {list(ADAPTERS)}")
     if adapter in ("sorsa", "flora") and set(train) != set(_FACTORS):
@@ -230,8 +169,6 @@ def lora_factors(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(module name, layer) pairs of every adapter (LoRA, PiSSA, SORSA, FLoRA) in module order."""
-    from clients.adapters import FLoRALayer, SORSALinear
-
     kinds = (LoRALinear, SORSALinear, FLoRALayer)
     return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
@@ -363,8 +300,6 @@ def build_lora_model(
     module names). ``gamma``: SORSA's orthonormal-regularizer coefficient (0: no regularizer).
     ``mode_ranks``: FLoRA's per-mode Tucker ranks (see :func:`apply_lora`).
     """
-    from clients.models import build_model
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind in ("mlp", "cnn", "logistic"):
