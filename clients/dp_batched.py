@@ -51,7 +51,7 @@ from clients.dp import (
     releases_per_step,
 )
 from clients.lora import client_frozen_names, trainable_mask
-from clients.plan import BatchPlan
+from clients.plan import BatchPlan, scatter_plan
 from clients.rules import Context, LocalRule
 from clients.seeds import mix64, stream
 from clients.trainer import ParamSpec, TrainResult, loss_fn_for
@@ -69,8 +69,10 @@ def poisson_plan(
     steps: np.ndarray,
     seed: int,
     round_idx: int,
+    device: torch.device | str = "cpu",
 ) -> BatchPlan:
-    """Poisson batches: sample j of client k is in step t's batch iff u(seed, round, id, t, j) < q_k."""
+    """Poisson batches: sample j of client k is in step t's batch iff u(seed, round, id, t, j) < q_k
+    (tensors on ``device``, as ``clients.plan.scatter_plan`` makes them)."""
     K = len(sizes)
     T = int(steps.max())
     reps = sizes * steps
@@ -89,14 +91,7 @@ def poisson_plan(
     first = np.searchsorted(group, group, side="left")
     slot = np.arange(len(group)) - first
     width = max(1, int(slot.max()) + 1) if len(slot) else 1
-    idx = torch.zeros((T, K, width), dtype=torch.int64)
-    mask = torch.zeros((T, K, width), dtype=torch.float32)
-    tt, kk, ss = (torch.from_numpy(a) for a in (t_s, k_s, slot))
-    idx[tt, kk, ss] = torch.from_numpy(offsets[k_s] + j_s)
-    mask[tt, kk, ss] = 1.0
-    steps_t = torch.from_numpy(steps.astype(np.int64))
-    active = torch.arange(T)[:, None] < steps_t[None, :]
-    return BatchPlan(idx, mask, active, steps_t)
+    return scatter_plan((t_s, k_s, slot), offsets[k_s] + j_s, (T, K, width), steps, device)
 
 
 @dataclass
@@ -170,8 +165,9 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
         q = np.array([self.sample_rate(int(s)) for s in n])
         steps = np.array([self.steps_per_round(int(s)) for s in n], dtype=np.int64)
         sigma = [self.sigma_for(int(s), releases) for s in n]
+        dev = global_flat.device
         pplan = poisson_plan(
-            np.asarray(offsets), n, np.asarray(client_ids), q, steps, self.seed, round_idx
+            np.asarray(offsets), n, np.asarray(client_ids), q, steps, self.seed, round_idx, dev
         )
         K = len(n)
         loss = loss_fn_for(num_classes)
@@ -179,9 +175,9 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
         mask = trainable_mask(model, spec.names, spec.shapes)
         frozen = client_frozen_names(model) & set(spec.names)
         trained = [name for name in spec.names if name not in frozen]
-        keep = None if mask is None else torch.nonzero(mask).flatten()
         if mask is not None:
             mask = mask.to(global_flat)
+        keep = None if mask is None else torch.nonzero(mask).flatten()
 
         def sample_loss(p, fixed, xs, ys):
             out = functional_call(model, {**fixed, **p}, (xs.unsqueeze(0),))
@@ -198,13 +194,13 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
         X = global_flat.unsqueeze(0).expand(K, -1).clone()
         buf = torch.zeros_like(X) if self.momentum else None
         expected = torch.as_tensor(
-            [max(1, int(s * r)) for s, r in zip(n, q, strict=True)], dtype=X.dtype
+            [max(1, int(s * r)) for s, r in zip(n, q, strict=True)], dtype=X.dtype, device=dev
         )
         gens = [stream(self.seed, round_idx, int(c), 0xD15E, scheme="mix64") for c in client_ids]
-        noise_std = torch.tensor(sigma, dtype=X.dtype) * self.max_grad_norm
+        noise_std = torch.tensor(sigma, dtype=X.dtype, device=dev) * self.max_grad_norm
         lr = self.lr_at(round_idx)
         C = self.max_grad_norm
-        loss_sum = torch.zeros(K, dtype=X.dtype)
+        loss_sum = torch.zeros(K, dtype=X.dtype, device=dev)
         d_train = X.shape[1] if keep is None else len(keep)
         bcast = {name: v.to(global_flat) for name, v in (broadcast or {}).items()}
         ctx = Context(global_flat, {name: state[name] for name in rule.client_state}, bcast)
@@ -225,7 +221,8 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
                 norms = g.norm(dim=2)
                 factor = (C / (norms + 1e-6)).clamp(max=1.0) * mb
                 summed = torch.einsum("kb,kbd->kd", factor, g)
-                noise = torch.stack([torch.randn(d_train, generator=gen) for gen in gens])
+                # drawn from the clients' CPU streams (the same noise on any device), then moved
+                noise = torch.stack([torch.randn(d_train, generator=gen) for gen in gens]).to(dev)
                 grad_t = (summed + noise_std[:, None] * noise.to(P.dtype)) / expected[:, None]
                 if keep is not None:  # back to all d coordinates, zero on the frozen ones
                     grad_t = torch.zeros_like(P).index_copy_(1, keep, grad_t)
@@ -253,12 +250,15 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
             self._account(
                 int(cid), effective_noise_multiplier(float(s), releases), float(qq), int(st)
             )
-        eps = torch.tensor([self.epsilon(int(c)) for c in client_ids], dtype=torch.float64)
-        fin = rule.finish(X, ctx, pplan.steps.to(X.device), lr)
+        eps = torch.tensor(
+            [self.epsilon(int(c)) for c in client_ids], dtype=torch.float64, device=dev
+        )
+        steps_dev = pplan.steps.to(dev)
+        fin = rule.finish(X, ctx, steps_dev, lr)
         return TrainResult(
             fin.message,
-            sizes.to(global_flat.dtype),
-            loss_sum / pplan.steps.clamp(min=1).to(X.dtype),
+            sizes.to(dev, global_flat.dtype),
+            loss_sum / steps_dev.clamp(min=1).to(X.dtype),
             fin.state,
             fin.extras,
             metrics={"epsilon": eps},

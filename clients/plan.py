@@ -2,7 +2,9 @@
 
 A plan for K clients is three tensors: ``idx`` (T, K, B) row indices into the host's contiguous data,
 ``mask`` (T, K, B) marking real samples (partial last batches are padded), and ``active`` (T, K)
-marking the steps a client really takes (clients with fewer steps idle, gated, at the end).
+marking the steps a client really takes (clients with fewer steps idle, gated, at the end). They are
+made on the host's device (``device=``: the data they index lives there), in one copy each; ``steps``
+(K,) stays on the CPU: the Python loop over steps reads it, and a read from a GPU would wait for it.
 Shuffling uses a counter-based hash of (seed, round, client id, epoch, position), so a client's batches
 do not depend on which host trains it or which other clients share the round (STYLE.md point 10).
 """
@@ -16,21 +18,27 @@ import torch
 
 from clients.seeds import mix64
 
-__all__ = ["BatchPlan", "make_plan", "mix64"]
+__all__ = ["BatchPlan", "make_plan", "mix64", "scatter_plan"]
 
 
 @dataclass(frozen=True)
 class BatchPlan:
     """Lockstep schedule of local steps for K clients (see module docstring)."""
 
-    idx: torch.Tensor  # (T, K, B) int64
-    mask: torch.Tensor  # (T, K, B) float32
-    active: torch.Tensor  # (T, K) bool
-    steps: torch.Tensor  # (K,) int64, steps each client takes
+    idx: torch.Tensor  # (T, K, B) int64, on the host's device
+    mask: torch.Tensor  # (T, K, B) float32, on the host's device
+    active: torch.Tensor  # (T, K) bool, on the host's device
+    steps: torch.Tensor  # (K,) int64 on the CPU, steps each client takes
 
     @property
     def num_steps(self) -> int:
         return int(self.idx.shape[0])
+
+    @property
+    def full_steps(self) -> int:
+        """How many leading steps every client takes (``active[t].all()`` for t below it), read
+        from the CPU's ``steps`` so that the loop needs no value from the device."""
+        return int(self.steps.min()) if len(self.steps) else 0
 
     def select(self, k: int) -> BatchPlan:
         """The plan of client k alone, cut to its own number of steps."""
@@ -52,8 +60,10 @@ def make_plan(
     round_idx: int,
     epochs: int = 1,
     steps: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> BatchPlan:
-    """Plan ``epochs`` passes (or exactly ``steps`` steps) of shuffled mini-batches per client.
+    """Plan ``epochs`` passes (or exactly ``steps`` steps) of shuffled mini-batches per client,
+    its tensors on ``device`` (``steps`` on the CPU).
 
     Matches a DataLoader with shuffle=True, drop_last=False: each epoch is a fresh permutation
     cut into ceil(n/B) batches, the last one possibly partial.
@@ -99,11 +109,28 @@ def make_plan(
     slot = pos % B
     keep = t < total[k_s]
 
-    idx = torch.zeros((T, K, B), dtype=torch.int64)
-    mask = torch.zeros((T, K, B), dtype=torch.float32)
-    tt, kk, ss = (torch.from_numpy(a[keep]) for a in (t, k_s, slot))
-    idx[tt, kk, ss] = torch.from_numpy((offsets[k_s] + sample)[keep])
-    mask[tt, kk, ss] = 1.0
-    steps_t = torch.from_numpy(total)
-    active = torch.arange(T)[:, None] < steps_t[None, :]
-    return BatchPlan(idx, mask, active, steps_t)
+    where = (t[keep], k_s[keep], slot[keep])
+    return scatter_plan(where, (offsets[k_s] + sample)[keep], (T, K, B), total, device)
+
+
+def scatter_plan(
+    where: tuple[np.ndarray, np.ndarray, np.ndarray],
+    rows: np.ndarray,
+    shape: tuple[int, int, int],
+    steps: np.ndarray,
+    device: torch.device | str = "cpu",
+) -> BatchPlan:
+    """The plan whose batch slot ``where = (step, client, slot)`` holds data row ``rows`` (the
+    other slots are padding: row 0, mask 0); filled in numpy, copied to ``device`` once."""
+    idx = np.zeros(shape, dtype=np.int64)
+    mask = np.zeros(shape, dtype=np.float32)
+    idx[where] = rows
+    mask[where] = 1.0
+    steps = np.asarray(steps, dtype=np.int64)
+    active = np.arange(shape[0])[:, None] < steps[None, :]
+    return BatchPlan(
+        torch.as_tensor(idx, device=device),
+        torch.as_tensor(mask, device=device),
+        torch.as_tensor(active, device=device),
+        torch.as_tensor(steps, device="cpu"),
+    )

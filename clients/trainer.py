@@ -363,7 +363,7 @@ class LocalSGD(Trainer):
         fin = [f for _, _, f in parts]
         return TrainResult(
             torch.cat([f.message for f in fin]),
-            sizes.to(global_flat.dtype),
+            sizes.to(global_flat),
             torch.cat([lo for _, lo, _ in parts]),
             {n: torch.cat([f.state[n] for f in fin]) for n in fin[0].state},
             {n: torch.cat([f.extras[n] for f in fin]) for n in fin[0].extras},
@@ -409,6 +409,7 @@ class LocalSGD(Trainer):
             penalize = vmap(penalty) if self._batchable is not False else _first_client(penalty)
         loss_sum = torch.zeros(K, dtype=X.dtype, device=X.device)
         counts = plan.mask.sum(2).clamp(min=1.0)  # (T, K) real samples per step, at least 1
+        full = plan.full_steps  # steps every client takes: no gating (read on the CPU, no sync)
         for t in range(plan.num_steps):
             idx, mb = plan.idx[t], plan.mask[t]
             xb, yb = x[idx] if transform is None else transform(x[idx], idx, t), y[idx]
@@ -441,21 +442,23 @@ class LocalSGD(Trainer):
             direction, lval = rule.direction(batch_grad, X, ctx)
             act = plan.active[t]
             loss_sum += torch.where(act, lval, 0.0)
-            X, buf = self._step(X, direction, buf, act, lr, mask)
-        fin = rule.finish(X, ctx, plan.steps.to(X.device), lr)
-        return X, loss_sum / plan.steps.clamp(min=1), fin
+            X, buf = self._step(X, direction, buf, None if t < full else act, lr, mask)
+        steps = plan.steps.to(X.device)
+        fin = rule.finish(X, ctx, steps, lr)
+        return X, loss_sum / steps.clamp(min=1), fin
 
     def _step(
         self,
         X: torch.Tensor,
         direction: torch.Tensor,
         buf: torch.Tensor | None,
-        act: torch.Tensor,
+        act: torch.Tensor | None,
         lr: float,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One gated SGD step on stacked flat parameters (inactive clients keep everything;
-        coordinates outside ``mask``, the trainable ones, keep their values)."""
+        coordinates outside ``mask``, the trainable ones, keep their values); ``act`` None: every
+        client steps."""
         g = direction if mask is None else direction * mask
         if self.grad_clip > 0:
             scale = (self.grad_clip / (g.norm(dim=1) + 1e-6)).clamp(max=1.0)
@@ -464,7 +467,7 @@ class LocalSGD(Trainer):
             g = g + self.weight_decay * (X if mask is None else X * mask)
         # X and buf belong to this trainer: updated in place (the same arithmetic as X - lr * g,
         # without a fresh (K, d) allocation per operation, which costs page faults for big models)
-        if bool(act.all()):  # every client steps: no gating needed (the common case)
+        if act is None:  # every client steps: no gating needed (the common case)
             if buf is not None:
                 g = buf.mul_(self.momentum).add_(g)
             return X.sub_(lr * g), buf

@@ -41,6 +41,7 @@ __all__ = [
     "build_from",
     "build_run",
     "check_components",
+    "check_gpus",
     "validate",
     "client_host",
     "federated",
@@ -209,6 +210,10 @@ def build_run(cfg: DictConfig | dict[str, Any]) -> Run:
     """Check the config and build everything the run needs, once (see the module docstring)."""
     c = check_values(cfg)
     mode = mode_of(c)
+    cl = c["cluster"]
+    if cl["gpus_per_host"] > 0 and (c["backend"] == "local" or not cl.get("address")):
+        # this machine's GPUs; a joined cluster's are checked once Ray is up (system.runner)
+        check_gpus(cl["gpus_per_host"], torch.cuda.device_count(), "this machine")
     torch.manual_seed(c["seed"])
     if mode == "p2p":
         return _peer_run(c)
@@ -216,6 +221,20 @@ def build_run(cfg: DictConfig | dict[str, Any]) -> Run:
     ds, parts = load_inputs(c, p.trainer)
     fed = _with_model(c, p, ds.input_shape, ds.num_classes)
     return Run(c, mode, ds, parts, federated=fed)
+
+
+def check_gpus(gpus_per_host: float, gpus_found: float, where: str) -> None:
+    """ConfigError (one line naming ``cluster.gpus_per_host`` and the fix) when hosts ask for GPUs
+    and ``where`` (this machine for backend=local and a local Ray: torch's CUDA device count; a
+    joined cluster: Ray's ``GPU`` resource) has none."""
+    if gpus_per_host > 0 and gpus_found <= 0:
+        cuda = torch.version.cuda
+        raise ConfigError(
+            f"cluster.gpus_per_host={gpus_per_host:g} asks for GPUs but {where} has none "
+            f"(torch {torch.__version__}, CUDA {cuda or 'not built in'}); set "
+            "cluster.gpus_per_host=0 to run the client hosts on CPU, or run where GPUs are "
+            "(a CUDA build of torch on a machine or Ray cluster with GPUs)"
+        )
 
 
 def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:

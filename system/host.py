@@ -6,6 +6,12 @@ trainer, local rule, codec spec, seed, threads: objects and small specs, never t
 per round trains the requested clients from the broadcast global parameters, returning one stacked
 (K, d) update tensor. Plain Python: the ``ray`` backend wraps it in an actor, the ``local`` backend
 calls it directly.
+
+Everything a host keeps or makes lives on its device (:func:`host_device`: the GPU Ray assigned to
+it under ``cluster.gpus_per_host``, else the CPU): its samples (copied there once, at start), its
+model copy, the per-client state of the local rule and the codec, each round's batch plan and row
+indices, and the trainer's stacked parameters and buffers. Only counts the Python code reads
+(sample sizes, steps) stay on the CPU; replies go back to the CPU for the wire.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from system.wire import from_wire, shared_from_wire, to_wire
 __all__ = [
     "ClientHost",
     "HostShard",
+    "host_device",
+    "local_host_device",
     "HostReply",
     "ClientError",
     "UnknownClientsError",
@@ -38,6 +46,55 @@ __all__ = [
 
 #: the name :meth:`ClientHost.state_kinds` gives the per-client privacy accountants (DP-SGD)
 PRIVACY_STATE = "privacy accountant"
+
+
+def host_device(requested: str | torch.device = "cpu") -> torch.device:
+    """The device of a host asked to run on ``requested``: ``cuda`` (no index) is the GPU Ray
+    assigned to this actor (:func:`visible_index`), cuda:0 outside Ray; anything else as given
+    (``cpu``, ``cuda:1``, ``meta`` in tests). A CUDA device torch cannot see is refused."""
+    dev = torch.device(requested)
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"a client host was asked to run on {dev} but torch {torch.__version__} sees no CUDA "
+            "device here; set cluster.gpus_per_host=0 to run hosts on CPU"
+        )
+    if dev.index is not None:
+        return dev
+    return torch.device(
+        "cuda", visible_index(_ray_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    )
+
+
+def visible_index(gpu_ids: list[Any], visible: str | None) -> int:
+    """torch's index of the first GPU Ray assigned (``ray.get_gpu_ids()``): its place in
+    ``CUDA_VISIBLE_DEVICES``, which Ray sets to the assigned ids (so 0), or the id itself when the
+    variable is unset (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``); 0 without an assignment."""
+    if not gpu_ids:
+        return 0
+    gid = str(gpu_ids[0]).strip()
+    if visible:
+        ids = [v.strip() for v in visible.split(",")]
+        return ids.index(gid) if gid in ids else 0
+    return int(gid)
+
+
+def local_host_device(host_id: int, gpus_per_host: float) -> str:
+    """The device of in-process host ``host_id`` (backend=local): the CPU without GPUs, else the
+    GPU its share falls on, hosts packed ``1 / gpus_per_host`` to a GPU, round-robin past the last."""
+    if gpus_per_host <= 0:
+        return "cpu"
+    return f"cuda:{int(host_id * gpus_per_host) % max(1, torch.cuda.device_count())}"
+
+
+def _ray_gpu_ids() -> list[Any]:
+    try:
+        import ray
+
+        return list(ray.get_gpu_ids()) if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - not inside Ray
+        return []
 
 
 class ClientError(RuntimeError):
@@ -133,11 +190,9 @@ class ClientHost:
         self._incarnation = int.from_bytes(os.urandom(6), "big")
         torch.set_num_threads(max(1, int(spec.threads)))
         self.host_id = host_id
-        self.device = torch.device(
-            device if device != "cuda" or torch.cuda.is_available() else "cpu"
-        )
+        self.device = host_device(device)
         self.shard = shard
-        self.x = shard.x.to(self.device)
+        self.x = shard.x.to(self.device)  # the host's samples move to its device once, here
         self.y = shard.y.to(self.device)
         self.position = {int(c): i for i, c in enumerate(shard.client_ids)}
         self.num_classes = spec.model.num_classes
@@ -271,6 +326,7 @@ class ClientHost:
         pos = np.array([self.position[c] for c in client_ids], dtype=np.int64)
         tr = self.trainer
         rows = torch.as_tensor(pos, device=self.device)
+        sizes = torch.as_tensor(self.shard.sizes[pos], device="cpu")  # counts the trainer reads
         try:
             plan = make_plan(
                 self.shard.offsets[pos],
@@ -281,6 +337,7 @@ class ClientHost:
                 round_idx,
                 epochs=tr.epochs,
                 steps=tr.steps,
+                device=self.device,
             )
             # trainers with per-client objects (DP-SGD: one PrivacyEngine per client) get ids, offsets
             per_client = (
@@ -300,7 +357,7 @@ class ClientHost:
                 self.y,
                 plan,
                 self.num_classes,
-                torch.as_tensor(self.shard.sizes[pos]),
+                sizes,
                 rule=self.rule,
                 state={n: v[rows] for n, v in self.client_state.items()},
                 broadcast={n: v.to(self.device) for n, v in (broadcast or {}).items()},
@@ -363,7 +420,7 @@ class ClientHost:
         error-feedback residual, PowerSGD's Q), rows in client-id order."""
         return {
             # a copy: arrays of shards that came through Ray's object store are read-only
-            "client_ids": torch.tensor(self.shard.client_ids),
+            "client_ids": torch.tensor(self.shard.client_ids, device="cpu"),
             **{n: v.cpu().clone() for n, v in self.client_state.items()},
             **{f"comm.{n}": v.cpu().clone() for n, v in self.comm_state.items()},
         }
@@ -380,7 +437,7 @@ class ClientHost:
                 f"host {self.host_id}: the checkpoint holds no state for clients {missing[:5]}; "
                 "resume with the num_clients and strategy the checkpoint was written with"
             )
-        rows = torch.as_tensor([where[int(c)] for c in self.shard.client_ids])
+        rows = torch.as_tensor([where[int(c)] for c in self.shard.client_ids], device="cpu")
         for n in self.client_state:
             if n not in state:
                 raise ValueError(f"host {self.host_id}: checkpoint has no client state {n!r}")

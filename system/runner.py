@@ -25,8 +25,8 @@ from omegaconf import DictConfig
 from clients.dp import private_partition
 from clients.partition import summarize
 from strategies.attacks import Adversary
-from system.build import Run, build_run
-from system.host import ClientHost, HostShard
+from system.build import Run, build_run, check_gpus
+from system.host import ClientHost, HostShard, local_host_device
 from system.loop import NO_UPDATE, RunStopped, check_resume, fingerprint, finish_summary, run_loop
 from system.pool import LocalPool, RayPool
 from system.ray_start import check_auth_token, init_ray, shutdown_ray
@@ -183,7 +183,10 @@ def _start_local(run: Run) -> ServerRun:
     cl = c["cluster"]
     torch.set_num_threads(cl["threads_per_host"])
     owner, shards = _shards(run.parts, run.data, cl["hosts"] or 1, fed.adversary)
-    hosts = [ClientHost(h, s, fed.host) for h, s in enumerate(shards)]
+    gpus = cl["gpus_per_host"]  # > 0: hosts on this machine's GPUs (checked by build_run)
+    hosts = [
+        ClientHost(h, s, fed.host, device=local_host_device(h, gpus)) for h, s in enumerate(shards)
+    ]
     pool = LocalPool(hosts)
     ds = run.data
     server = ParameterServer(fed, pool, owner, ds.x_test, ds.y_test, ServerSettings.of(c))
@@ -203,9 +206,8 @@ def _start_ray(run: Run, stack: ExitStack) -> ServerRun:
     per = cl["cpus_per_host"]
     hosts = cl["hosts"] or max(1, int(cpus // per) if per > 0 else int(cpus))
     gpu = cl["gpus_per_host"]
-    if gpu > 0 and ray.cluster_resources().get("GPU", 0.0) == 0:
-        log.warning("cluster.gpus_per_host=%s but the cluster has no GPU: hosts run on CPU", gpu)
-        gpu = 0.0
+    if gpu > 0:  # a local Ray was checked before any work (build_run); a cluster only now
+        check_gpus(gpu, ray.cluster_resources().get("GPU", 0.0), "the Ray cluster")
     check_resources(ray.cluster_resources(), hosts, per, gpu, cl["resources"])
     owner, shards = _shards(run.parts, ds, hosts, fed.adversary)
     Host = ray.remote(ClientHost)
@@ -217,7 +219,7 @@ def _start_ray(run: Run, stack: ExitStack) -> ServerRun:
         max_task_retries=0,
         scheduling_strategy="SPREAD" if cl["placement"] == "spread" else "DEFAULT",
     )
-    device = "cuda" if gpu > 0 else "cpu"
+    device = "cuda" if gpu > 0 else "cpu"  # cuda: the GPU Ray assigns (system.host.host_device)
     tag = f"{os.getpid()}-{time.time_ns()}"
     # the driver keeps the shard references for the whole run: Ray re-runs a host's constructor
     # with them when it restarts the host (after a crash or on another node)
