@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -15,13 +16,14 @@ from torch import Tensor
 from strategies.aggregators.base import (
     Aggregator,
     coordinate_median,
+    gram,
     mean_of_rows,
     pairwise_sq_dists,
 )
 from strategies.aggregators.basic import _closest_mean
 from strategies.aggregators.registry import register
 
-__all__ = ["Krum", "MultiKrum", "Bulyan", "MDA", "krum_scores"]
+__all__ = ["Krum", "MultiKrum", "Bulyan", "MDA", "krum_scores", "krum_order"]
 
 
 def krum_scores(D: Tensor, f: int) -> Tensor:
@@ -39,6 +41,90 @@ def krum_scores(D: Tensor, f: int) -> Tensor:
     return off.topk(k, dim=1, largest=False).values.sum(dim=1)
 
 
+def _scores_and_slack(D: Tensor, sq: Tensor, f: int, unit: float) -> tuple[Tensor, Tensor]:
+    """Krum scores (as :func:`krum_scores`) and a bound on each score's rounding error: ``unit``
+    times the sum, over the ``k`` distances it adds, of ``||x_i||^2 + ||x_j||^2`` (a distance
+    from the Gram matrix, ``K_ii + K_jj - 2 K_ij``, loses precision relative to the norms)."""
+    n = D.shape[0]
+    if n == 1:
+        return D.new_zeros(1), D.new_zeros(1)
+    k = min(max(n - f - 2, 1), n - 1)
+    off = D.clone()
+    off.fill_diagonal_(float("inf"))
+    vals, idx = off.topk(k, dim=1, largest=False)
+    return vals.sum(dim=1), unit * (k * sq + sq[idx].sum(dim=1))
+
+
+def _rounding_unit(U: Tensor) -> float:
+    """``4 sqrt(d) eps``, eps of the Gram product's dtype: a generous bound (measured, REV18B:
+    equal-in-exact-arithmetic scores differ by 2 to 14 eps times the norm sum, d = 30 to 3e5); it
+    only decides which scores are recomputed directly (:func:`_direct_scores`)."""
+    dtype = U.dtype if U.element_size() >= 4 else torch.float32
+    return 4.0 * torch.finfo(dtype).eps * math.sqrt(U.shape[1])
+
+
+def _direct_scores(U: Tensor, cand: list[int], among: list[int], f: int) -> Tensor:
+    """Krum scores of the rows ``cand`` among the rows ``among``, from float64 differences
+    (``torch.cdist`` without the Gram product: no cancellation, error about eps64 of the score;
+    float32 inputs differ exactly in float64). O(len(cand) len(among) d)."""
+    V = U[among].double()
+    D = torch.cdist(U[cand].double(), V, compute_mode="donot_use_mm_for_euclid_dist").pow_(2)
+    pos = {j: p for p, j in enumerate(among)}
+    for r, i in enumerate(cand):
+        D[r, pos[i]] = math.inf
+    k = min(max(len(among) - f - 2, 1), len(among) - 1)
+    if len(among) == 1:
+        return D.new_zeros(len(cand))
+    return D.topk(k, dim=1, largest=False).values.sum(dim=1).cpu()
+
+
+def _tie_order(
+    scores: Tensor, slack: Tensor, m: int, direct: Callable[[list[int]], Tensor], d: int
+) -> list[int]:
+    """The ``m`` lowest Krum scores, in order, the lowest index first among ties.
+
+    A tie is equality in exact arithmetic. Scores within their rounding bound of the lowest
+    remaining one (``s_i - s_min <= slack_i + slack_min``) are recomputed directly
+    (``direct(candidates)``: float64 differences); among them, those within ``16 log2(d) eps64``
+    (relative) of the smallest count as tied. A loop over m <= n picks on (n,) vectors."""
+    remaining = torch.ones(scores.shape[0], dtype=torch.bool)
+    rtol = 16.0 * math.log2(max(d, 2)) * torch.finfo(torch.float64).eps
+    exact: dict[int, float] = {}
+    order: list[int] = []
+    for _ in range(m):
+        masked = torch.where(remaining, scores, torch.full_like(scores, math.inf))
+        b = int(torch.argmin(masked))
+        cand = (remaining & (scores - scores[b] <= slack + slack[b])).nonzero().flatten().tolist()
+        if len(cand) > 1:
+            todo = [i for i in cand if i not in exact]
+            if todo:
+                exact.update(zip(todo, direct(todo).tolist(), strict=True))
+            low = min(exact[i] for i in cand)
+            cand = [i for i in cand if exact[i] - low <= rtol * max(abs(low), abs(exact[i]))]
+        order.append(cand[0])  # candidates are in increasing index order
+        remaining[cand[0]] = False
+    return order
+
+
+def krum_order(U: Tensor, f: int, m: int = 1) -> list[int]:
+    """Indices of the ``m`` inputs with the lowest Krum scores, in order, ties to the lowest index.
+
+    A tie is equality in exact arithmetic: exactly equal rows get bit-identical scores
+    (:func:`pairwise_sq_dists`); distinct rows whose scores are equal in exact arithmetic (e.g.
+    symmetric configurations) differ by rounding that depends on the BLAS kernel, so scores
+    within their rounding bound are recomputed from float64 differences and compared with a
+    float64 tolerance (:func:`_tie_order`).
+    """
+    K = gram(U)
+    n = U.shape[0]
+    scores, slack = _scores_and_slack(
+        pairwise_sq_dists(U, K), K.diagonal().clone(), f, _rounding_unit(U)
+    )
+    return _tie_order(
+        scores, slack, m, lambda cand: _direct_scores(U, cand, list(range(n)), f), U.shape[1]
+    )
+
+
 def _krum_requirement(n: int, f: int) -> str | None:
     if n <= 2 * f + 2:
         return (
@@ -51,7 +137,8 @@ def _krum_requirement(n: int, f: int) -> str | None:
 @register("krum")
 class Krum(Aggregator):
     """Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017): return the input whose sum of
-    squared distances to its ``n - f - 2`` nearest neighbours is smallest (ties: lowest index).
+    squared distances to its ``n - f - 2`` nearest neighbours is smallest (ties, i.e. scores equal
+    up to their rounding error: lowest index, :func:`krum_order`).
     Needs n > 2f + 2. Ignores weights.
     """
 
@@ -65,8 +152,9 @@ class Krum(Aggregator):
         return _krum_requirement(n, self.f)
 
     def select(self, U: Tensor) -> int:
-        """Index of the input with the lowest score (the first one among exactly tied scores)."""
-        return int(torch.argmin(krum_scores(pairwise_sq_dists(U), self.f)))
+        """Index of the input with the lowest score (the lowest index among tied scores,
+        :func:`krum_order`)."""
+        return krum_order(U, self.f, 1)[0]
 
     def aggregate(self, U: Tensor, weights: Tensor | None) -> Tensor:
         return U[self.select(U)].clone()
@@ -95,11 +183,10 @@ class MultiKrum(Aggregator):
         return msg
 
     def select(self, U: Tensor) -> Tensor:
-        """Indices of the ``m`` lowest scores, in order (stable sort: ties go to the lower index,
-        like Krum's argmin)."""
+        """Indices of the ``m`` lowest scores, in order (ties go to the lower index, like Krum's
+        choice: :func:`krum_order`)."""
         m = U.shape[0] - self.f if self.m is None else self.m
-        scores = krum_scores(pairwise_sq_dists(U), self.f)
-        return torch.sort(scores, stable=True).indices[:m]
+        return torch.tensor(krum_order(U, self.f, m), dtype=torch.long)
 
     def aggregate(self, U: Tensor, weights: Tensor | None) -> Tensor:
         return mean_of_rows(U, self.select(U))
@@ -135,12 +222,19 @@ class Bulyan(Aggregator):
     def select(self, U: Tensor) -> Tensor:
         """Indices (in selection order) of the ``n - 2f`` inputs picked by iterated Krum."""
         n, f = U.shape[0], self.f
-        D = pairwise_sq_dists(U)
+        K = gram(U)
+        D, sq, unit = pairwise_sq_dists(U, K), K.diagonal().clone(), _rounding_unit(U)
         remaining = list(range(n))
         chosen: list[int] = []
         for _ in range(n - 2 * f):  # a loop over n, on n x n matrices
             sub = D[remaining][:, remaining]
-            winner = remaining[int(torch.argmin(krum_scores(sub, f)))]
+            scores, slack = _scores_and_slack(sub, sq[remaining], f, unit)
+            among = list(remaining)
+
+            def direct(cand: list[int], among: list[int] = among) -> Tensor:
+                return _direct_scores(U, [among[c] for c in cand], among, f)
+
+            winner = remaining[_tie_order(scores, slack, 1, direct, U.shape[1])[0]]
             chosen.append(winner)
             remaining.remove(winner)
         return torch.tensor(chosen, device=U.device)
@@ -159,8 +253,16 @@ class Bulyan(Aggregator):
 class MDA(Aggregator):
     """Minimum-diameter averaging (El Mhamdi, Guerraoui, Rouault 2020, "Distributed momentum for
     Byzantine-resilient learning"; Rousseeuw's minimum-volume idea): average the subset of
-    ``n - f`` inputs whose diameter (largest pairwise distance) is smallest (ties: first subset in
-    lexicographic order of the excluded indices). Needs n > 2f. Ignores weights.
+    ``n - f`` inputs whose diameter (largest pairwise distance) is smallest. Needs n > 2f.
+    Ignores weights.
+
+    Ties are generic here, not rare: a subset's diameter is one pair's distance, so all subsets
+    that keep the same farthest pair tie exactly (e.g. n = 5, f = 1 whenever the two farthest
+    pairs are disjoint). They are broken by the smallest sum of squared pairwise distances within
+    the subset (then by the first subset in lexicographic order of the excluded indices, which
+    only matters for duplicate rows), so the result does not depend on the order of the inputs.
+    ByzFL 0.0.11 and the reference code keep the first minimizer in lexicographic order of the
+    kept indices, which does (REV18B: up to 1.07 apart on Gaussian inputs, n = 5, f = 1).
 
     Exhaustive over all C(n, f) subsets (vectorized in chunks on n x n matrices), so it is meant
     for small n or f: more than ``max_subsets`` subsets raise ``ValueError``.
@@ -194,7 +296,7 @@ class MDA(Aggregator):
         D = pairwise_sq_dists(U)  # squared diameters order subsets like diameters
         subsets = itertools.combinations(range(n), f)  # excluded indices, lexicographic
         chunk = max(1, 2**22 // (n * n))
-        best_val, best_ex = math.inf, None
+        best_val, best_ex = (math.inf, math.inf), None
         while True:  # a loop over chunks of subsets (at most max_subsets), not over d
             block = list(itertools.islice(subsets, chunk))
             if not block:
@@ -202,8 +304,12 @@ class MDA(Aggregator):
             ex = torch.tensor(block, dtype=torch.long)
             keep = torch.ones(ex.shape[0], n, dtype=D.dtype)
             keep.scatter_(1, ex, 0.0)
-            diam = (keep[:, :, None] * keep[:, None, :] * D).amax(dim=(1, 2))
-            idx = int(torch.argmin(diam))  # first minimum within the chunk
-            if float(diam[idx]) < best_val:
-                best_val, best_ex = float(diam[idx]), block[idx]
+            inside = keep[:, :, None] * keep[:, None, :] * D
+            diam = inside.amax(dim=(1, 2))
+            # among the smallest diameters (exact ties: the same entry of D), the smallest sum
+            spread = torch.where(diam == diam.min(), inside.sum(dim=(1, 2)), math.inf)
+            idx = int(torch.argmin(spread))  # first minimum within the chunk
+            val = (float(diam[idx]), float(spread[idx]))
+            if val < best_val:
+                best_val, best_ex = val, block[idx]
         return mean_of_rows(U, [i for i in range(n) if i not in best_ex])
