@@ -83,6 +83,7 @@ def load_hf(
     std: Sequence[float] | None = None,
     crop_padding: int = 0,
     flip: bool = False,
+    normalize: str = "batch",
     max_length: int = 64,
     tokenizer: str | None = None,
     cache: bool = True,
@@ -96,7 +97,9 @@ def load_hf(
     ``test_split=None``: hold out a seeded ``test_fraction`` of the training split. ``max_train``,
     ``max_test``: keep the first rows only (quick runs). Images: ``channels`` (1 or 3; None: as the
     first image), ``mean``/``std`` per channel (None: measured on the training split),
-    ``crop_padding`` and ``flip`` (training augmentation). Text: ``max_length`` tokens.
+    ``crop_padding`` and ``flip`` (training augmentation), ``normalize``: ``batch`` (uint8 in memory,
+    normalized per training batch) or ``load`` (normalized once to float32, no per-batch transform:
+    for runs whose trainers take none, e.g. peer-to-peer). Text: ``max_length`` tokens.
     """
     spec = _Spec.make(locals())
     arrays = _read_cache(spec) if spec.cache_path else None
@@ -138,6 +141,13 @@ class _Spec:
                 raise ValueError(f"data.{key}={v} must be >= 1 or null")
         if s.channels not in (None, 1, 3):
             raise ValueError(f"data.channels={s.channels}: choose 1 (grayscale), 3 (RGB) or null")
+        if s.normalize not in ("batch", "load"):
+            raise ValueError(f"data.normalize={s.normalize!r}: choose batch or load")
+        if s.normalize == "load" and (s.crop_padding or s.flip):
+            raise ValueError(
+                "data.normalize=load stores the training images normalized, with no per-batch "
+                "augmentation: set data.crop_padding=0 and data.flip=false (or data.normalize=batch)"
+            )
         if (s.mean is None) != (s.std is None):
             raise ValueError("data.mean and data.std go together: set both or neither")
         if s.max_length < 2:
@@ -599,12 +609,14 @@ def _to_dataset(spec: _Spec, arrays: dict[str, Any]) -> Dataset:
             tuple(map(float, mean)), tuple(map(float, std)), int(spec.crop_padding), bool(spec.flip)
         )
         test_x = transform(torch.from_numpy(x_te))  # stored ready for evaluation
+        if spec.normalize == "load":  # float32 once, for trainers without a per-batch transform
+            x_tr, transform = _normalized(transform, x_tr), None
     else:
         test_x = torch.from_numpy(np.ascontiguousarray(x_te))
     columns = {c: arrays[f"col_{c}"] for c in spec.columns}
     columns[spec.label] = arrays["y_train"]
     return Dataset(
-        x_train=torch.from_numpy(np.ascontiguousarray(x_tr)),
+        x_train=x_tr if torch.is_tensor(x_tr) else torch.from_numpy(np.ascontiguousarray(x_tr)),
         y_train=torch.from_numpy(arrays["y_train"].astype(np.int64)),
         x_test=test_x,
         y_test=torch.from_numpy(arrays["y_test"].astype(np.int64)),
@@ -613,3 +625,12 @@ def _to_dataset(spec: _Spec, arrays: dict[str, Any]) -> Dataset:
         transform=transform,
         columns=columns,
     )
+
+
+def _normalized(transform: ImageTransform, x: np.ndarray, chunk: int = 4096) -> torch.Tensor:
+    """uint8 images (N, C, H, W) normalized to float32 by ``transform`` (no crop or flip), in
+    chunks so that only one float32 copy of the split is held."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    for start in range(0, len(x), chunk):
+        out[start : start + chunk] = transform(torch.from_numpy(x[start : start + chunk]))
+    return out
