@@ -116,12 +116,19 @@ def test_requests_that_cannot_fit_fail_before_work(ray_custom, tmp_path) -> None
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
 
 
-def test_gpu_request_falls_back_to_cpu_without_gpus(ray_custom, tmp_path) -> None:
-    res = train(
-        compose("experiment=smoke", "backend=ray", "cluster.hosts=2", "cluster.gpus_per_host=0.5"),
-        run_dir=str(tmp_path),
-    )
-    assert res["accuracy"] > 0.3
+def test_gpu_request_without_gpus_is_refused_before_any_work(tmp_path) -> None:
+    """Hosts that ask for GPUs where none exist are refused in one line before anything is
+    written (issue 22 item 5; it used to fall back to CPU silently)."""
+    from system.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cluster.gpus_per_host=0.5 asks for GPUs"):
+        train(
+            compose(
+                "experiment=smoke", "backend=ray", "cluster.hosts=2", "cluster.gpus_per_host=0.5"
+            ),
+            run_dir=str(tmp_path / "run"),
+        )
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 @pytest.mark.faults
