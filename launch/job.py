@@ -19,18 +19,31 @@ register_configs()
 
 
 @hydra.main(config_path="pkg://conf", config_name="job", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def app(cfg: DictConfig) -> float:
     """Setup (Ray, blocks), run the job, write results.json and the plot, clean up."""
-    from jobs.runner import run
     from system.config import ConfigError
+    from system.strict import check_config
 
-    out_dir = HydraConfig.get().runtime.output_dir
+    hc = HydraConfig.get()
+    out_dir = hc.runtime.output_dir
     try:
+        check_config(cfg, dict(hc.runtime.choices), hc.overrides.task, "job")  # before imports
+        from jobs.runner import run
+
         results = run(cfg, out_dir)
     except ConfigError as err:  # e.g. cluster.address without a Ray token: one line, no work
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return float(results.get("objective", results["time_s"]))
+
+
+def main() -> None:
+    """``flagstaff-job``: the command line checked first (system/strict.py: an unknown key is one
+    line and exit code 2, before Hydra starts the job), then the Hydra app."""
+    from system.strict import preflight
+
+    preflight(sys.argv[1:], "conf", "job")
+    app()
 
 
 if __name__ == "__main__":

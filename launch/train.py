@@ -52,11 +52,24 @@ def _modules_to_warm(cfg: DictConfig) -> list[str]:
     return mods
 
 
+def check(cfg: DictConfig) -> None:
+    """The job's keys, missing values and plain values (system/strict.py, system/config.py),
+    before anything heavy is imported; raises ConfigError naming the key and the fix."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from system.config import check_values
+    from system.strict import check_config
+
+    hc = HydraConfig.get()
+    check_config(cfg, dict(hc.runtime.choices), hc.overrides.task, "train", check_values)
+
+
 @hydra.main(config_path="pkg://conf", config_name="train", version_base="1.3")
 def app(cfg: DictConfig) -> float | None:
     from system.rundir import NoSpaceError, RunDirError
 
     try:
+        check(cfg)
         result = run(cfg)
     except (ConfigError, RunDirError) as err:
         # a bad input, a checkpoint that does not fit, a run directory in use: refused before
@@ -81,6 +94,10 @@ def app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from system.config import check_values
+    from system.strict import preflight
+
+    preflight(sys.argv[1:], "conf", "train", check_values)  # a bad key: one line, exit 2, < 1 s
     app()
 
 

@@ -9,7 +9,9 @@ and what would work; ``system.build.validate`` does both for a caller that holds
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -25,6 +27,7 @@ __all__ = [
     "mode_of",
     "register",
     "to_plain",
+    "unknown_key_message",
 ]
 
 
@@ -201,10 +204,39 @@ def _check_seeds(c: dict[str, Any], where: str = "") -> None:
             _check_seeds(value, f"{name}.")
 
 
+_META = {"_target_", "_convert_", "_recursive_", "_partial_", "_args_"}  # Hydra's instantiate keys
+
+
+def unknown_key_message(key: str, valid: Iterable[str], where: str) -> str:
+    """``unknown key <key> <where>; valid keys: ...; did you mean ...?`` on one line (difflib's
+    closest valid key as the hint)."""
+    valid = sorted(v for v in valid if v not in _META)
+    leaf = key.rsplit(".", 1)[-1]
+    prefix = key[: len(key) - len(leaf)]
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+    return f"unknown key {key} {where}; valid keys: {', '.join(valid) or 'none'}{hint}"
+
+
+def _check_schema_keys(c: dict[str, Any]) -> None:
+    """The top level and its typed groups (cluster, logger, privacy, comm) have no key their
+    schema lacks (``+round=50`` would otherwise be ignored; system/strict.py checks the other
+    groups against their YAML on the command line)."""
+    top = {f.name for f in fields(TrainSchema)}
+    for key in c:
+        _check(key in top, unknown_key_message(key, top, "at the top level"))
+    for name, schema in (("cluster", ClusterSchema), ("logger", LoggerSchema),
+                         ("privacy", PrivacySchema), ("comm", CommSchema)):  # fmt: skip
+        known = {f.name for f in fields(schema)}
+        for key in c.get(name) or {}:
+            _check(key in known, unknown_key_message(f"{name}.{key}", known, f"in group {name}"))
+
+
 def check_values(cfg: DictConfig | dict) -> dict[str, Any]:
     """Check the plain values (no component is built); return the plain config. Raises
     ConfigError naming the key and the fix."""
     c = to_plain(cfg)
+    _check_schema_keys(c)
     _check_seeds(c)
     _check(c["rounds"] >= 1, f"rounds={c['rounds']} must be >= 1")
     _check(c["num_clients"] >= 1, f"num_clients={c['num_clients']} must be >= 1")
