@@ -180,13 +180,15 @@ def test_bulyan_mda_against_naive_reference():
     U = torch.randn(11, 6, generator=g, dtype=torch.float64)
     U[-2:] *= 50  # two outliers
     f = 2
-    # Bulyan by hand: iterated Krum on the remaining set, then beta closest to the median
+    # Bulyan by hand: iterated Krum on the remaining set, then beta closest to the median; tied
+    # scores (one neighbour in the last picks: mutual nearest neighbours) go to the smallest sum
+    # of squared distances to the remaining set
     remaining, chosen = list(range(11)), []
     for _ in range(11 - 2 * f):
         scores = []
         for i in remaining:
             others = sorted(float(((U[i] - U[j]) ** 2).sum()) for j in remaining if j != i)
-            scores.append(sum(others[: max(len(remaining) - f - 2, 1)]))
+            scores.append((sum(others[: max(len(remaining) - f - 2, 1)]), sum(others)))
         winner = remaining[min(range(len(scores)), key=scores.__getitem__)]
         chosen.append(winner)
         remaining.remove(winner)

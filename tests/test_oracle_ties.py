@@ -27,8 +27,9 @@ def _rotations(n: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.stack([torch.roll(v, k * (d // n)) for k in range(n)])
 
 
-def _exact_scores(U: torch.Tensor, f: int, rows: list[int]) -> list[Fraction]:
-    """Krum scores of the rows ``rows`` among themselves, in exact rational arithmetic."""
+def _exact_scores(U: torch.Tensor, f: int, rows: list[int]) -> list[tuple[Fraction, Fraction]]:
+    """Krum scores of the rows ``rows`` among themselves and their sums of squared distances to
+    all of them (the documented tie-break), in exact rational arithmetic."""
     X = [[Fraction(float(x)) for x in U[i].tolist()] for i in rows]
     r = len(rows)
     D = [
@@ -36,7 +37,7 @@ def _exact_scores(U: torch.Tensor, f: int, rows: list[int]) -> list[Fraction]:
         for i in range(r)
     ]
     k = min(max(r - f - 2, 1), r - 1)
-    return [sum(sorted(D[i][j] for j in range(r) if j != i)[:k]) for i in range(r)]
+    return [(sum(sorted(D[i][j] for j in range(r) if j != i)[:k]), sum(D[i])) for i in range(r)]
 
 
 def _exact_order(U: torch.Tensor, f: int, m: int) -> list[int]:
@@ -58,7 +59,7 @@ def test_krum_multikrum_bulyan_exact_ties_of_distinct_rows_go_to_lowest_index(n,
     f, fb = (n - 3) // 2, (n - 3) // 4
     for seed in range(3):
         U = _rotations(n, 3 * n, dtype, seed)
-        assert Krum(f=f).select(U) == 0, f"seed {seed}"  # all scores tie exactly
+        assert Krum(f=f).select(U) == 0, f"seed {seed}"  # all scores (and sums) tie exactly
         assert torch.equal(Krum(f=f)(U), U[0])
         assert MultiKrum(f=f).select(U).tolist() == _exact_order(U, f, n - f), f"seed {seed}"
         assert Bulyan(f=fb).select(U).tolist() == _exact_bulyan(U, fb), f"seed {seed}"
@@ -110,3 +111,19 @@ def test_mda_matches_brute_force_definition():
 
         best = min(itertools.combinations(range(n), n - f), key=key)
         torch.testing.assert_close(MDA(f=f)(U), U[list(best)].mean(dim=0))
+
+
+@pytest.mark.parametrize("n,f", [(3, 0), (7, 1), (11, 2)])
+def test_krum_multikrum_bulyan_are_permutation_invariant(n, f):
+    # with one neighbour (Krum at n = f + 3; Bulyan's last picks of iterated Krum for f <= 2)
+    # two mutual nearest neighbours score exactly the same on generic inputs; before the fix the
+    # lower index won, so Bulyan's output moved by up to 0.95 when the inputs were permuted
+    g = torch.Generator().manual_seed(n + f)
+    for _ in range(4):
+        U = torch.randn(n, 6, generator=g, dtype=torch.float64)
+        rules = [Krum(f=f), MultiKrum(f=f)] + ([Bulyan(f=f)] if n >= 4 * f + 3 else [])
+        for rule in rules:
+            ref = rule(U)
+            for _ in range(3):
+                p = torch.randperm(n, generator=g)
+                torch.testing.assert_close(rule(U[p]), ref, rtol=0, atol=1e-12)

@@ -64,33 +64,44 @@ def _rounding_unit(U: Tensor) -> float:
 
 
 def _direct_scores(U: Tensor, cand: list[int], among: list[int], f: int) -> Tensor:
-    """Krum scores of the rows ``cand`` among the rows ``among``, from float64 differences
-    (``torch.cdist`` without the Gram product: no cancellation, error about eps64 of the score;
-    float32 inputs differ exactly in float64). O(len(cand) len(among) d)."""
+    """``(len(cand), 2)``: the Krum scores of the rows ``cand`` among the rows ``among`` and
+    their sums of squared distances to all of ``among`` (the tie-break), from float64
+    differences (``torch.cdist`` without the Gram product: no cancellation, error about eps64 of
+    the score; float32 inputs differ exactly in float64). O(len(cand) len(among) d)."""
     V = U[among].double()
     D = torch.cdist(U[cand].double(), V, compute_mode="donot_use_mm_for_euclid_dist").pow_(2)
+    if len(among) == 1:
+        return D.new_zeros(len(cand), 2)
+    total = D.sum(dim=1)
     pos = {j: p for p, j in enumerate(among)}
     for r, i in enumerate(cand):
         D[r, pos[i]] = math.inf
     k = min(max(len(among) - f - 2, 1), len(among) - 1)
-    if len(among) == 1:
-        return D.new_zeros(len(cand))
-    return D.topk(k, dim=1, largest=False).values.sum(dim=1).cpu()
+    return torch.stack([D.topk(k, dim=1, largest=False).values.sum(dim=1), total], dim=1).cpu()
 
 
 def _tie_order(
     scores: Tensor, slack: Tensor, m: int, direct: Callable[[list[int]], Tensor], d: int
 ) -> list[int]:
-    """The ``m`` lowest Krum scores, in order, the lowest index first among ties.
+    """The ``m`` lowest Krum scores, in order; among tied scores the input with the smallest sum
+    of squared distances to all the others first, then the lowest index.
 
     A tie is equality in exact arithmetic. Scores within their rounding bound of the lowest
     remaining one (``s_i - s_min <= slack_i + slack_min``) are recomputed directly
     (``direct(candidates)``: float64 differences); among them, those within ``16 log2(d) eps64``
-    (relative) of the smallest count as tied. A loop over m <= n picks on (n,) vectors."""
+    (relative) of the smallest count as tied, and the same for the sums. The sums break the
+    ties that are generic, not rare: with one neighbour (n = f + 3, and Bulyan's last picks for
+    f <= 2) two mutual nearest neighbours always score the same, and taking the lower index
+    made the result depend on the order of the inputs. A loop over m <= n picks on (n,) vectors."""
     remaining = torch.ones(scores.shape[0], dtype=torch.bool)
     rtol = 16.0 * math.log2(max(d, 2)) * torch.finfo(torch.float64).eps
-    exact: dict[int, float] = {}
+    exact: dict[int, tuple[float, float]] = {}
     order: list[int] = []
+
+    def lowest(cand: list[int], j: int) -> list[int]:
+        low = min(exact[i][j] for i in cand)
+        return [i for i in cand if exact[i][j] - low <= rtol * max(abs(low), abs(exact[i][j]))]
+
     for _ in range(m):
         masked = torch.where(remaining, scores, torch.full_like(scores, math.inf))
         b = int(torch.argmin(masked))
@@ -98,16 +109,16 @@ def _tie_order(
         if len(cand) > 1:
             todo = [i for i in cand if i not in exact]
             if todo:
-                exact.update(zip(todo, direct(todo).tolist(), strict=True))
-            low = min(exact[i] for i in cand)
-            cand = [i for i in cand if exact[i] - low <= rtol * max(abs(low), abs(exact[i]))]
+                exact.update(zip(todo, map(tuple, direct(todo).tolist()), strict=True))
+            cand = lowest(lowest(cand, 0), 1)
         order.append(cand[0])  # candidates are in increasing index order
         remaining[cand[0]] = False
     return order
 
 
 def krum_order(U: Tensor, f: int, m: int = 1) -> list[int]:
-    """Indices of the ``m`` inputs with the lowest Krum scores, in order, ties to the lowest index.
+    """Indices of the ``m`` inputs with the lowest Krum scores, in order; ties go to the smallest
+    sum of squared distances to all inputs, then to the lowest index.
 
     A tie is equality in exact arithmetic: exactly equal rows get bit-identical scores
     (:func:`pairwise_sq_dists`); distinct rows whose scores are equal in exact arithmetic (e.g.
@@ -138,7 +149,8 @@ def _krum_requirement(n: int, f: int) -> str | None:
 class Krum(Aggregator):
     """Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017): return the input whose sum of
     squared distances to its ``n - f - 2`` nearest neighbours is smallest (ties, i.e. scores equal
-    up to their rounding error: lowest index, :func:`krum_order`).
+    in exact arithmetic: the smallest sum of squared distances to all inputs, then the lowest
+    index, :func:`krum_order`).
     Needs n > 2f + 2. Ignores weights.
     """
 
@@ -152,8 +164,7 @@ class Krum(Aggregator):
         return _krum_requirement(n, self.f)
 
     def select(self, U: Tensor) -> int:
-        """Index of the input with the lowest score (the lowest index among tied scores,
-        :func:`krum_order`)."""
+        """Index of the input with the lowest score (ties: :func:`krum_order`)."""
         return krum_order(U, self.f, 1)[0]
 
     def aggregate(self, U: Tensor, weights: Tensor | None) -> Tensor:
@@ -183,8 +194,7 @@ class MultiKrum(Aggregator):
         return msg
 
     def select(self, U: Tensor) -> Tensor:
-        """Indices of the ``m`` lowest scores, in order (ties go to the lower index, like Krum's
-        choice: :func:`krum_order`)."""
+        """Indices of the ``m`` lowest scores, in order (ties as in Krum: :func:`krum_order`)."""
         m = U.shape[0] - self.f if self.m is None else self.m
         return torch.tensor(krum_order(U, self.f, m), dtype=torch.long)
 
