@@ -4,7 +4,9 @@
 Flagstaff local trainer (``clients.trainer.LocalSGD`` or any object with the same ``train``
 signature, e.g. a DP-SGD trainer) with the strategy's local rule, ``evaluate`` reports loss and
 accuracy of the received model on the client's evaluation data, and ``query`` tells the server the
-client id (Flagstaff sorts updates by client id, not by Flower's random node ids).
+client id, its partition id (asked before round 1 by ``FlagstaffStrategy(..., discover=True)``, so
+sampling and the Byzantine ids follow partition ids, not Flower's random node ids); every train and
+evaluate reply carries it too (metric ``client-id``).
 
 Byzantine behaviour in Flower (DESIGN.md "Adversary"): the Byzantine clients are the ``attack.f``
 clients with the lowest ids. Data poisoning (label flip, noisy data) happens here, in the client,

@@ -12,9 +12,17 @@ so any Flagstaff strategy (FedAvg/FedAvgM, FedProx, SCAFFOLD, FedSpeed, FedAdam,
 DP ``strategies.dp.ClientLevelDP``, ...) and any aggregator behave as under backend=local and ray.
 
 Replies from Flagstaff's ClientApp (``clients.flower_app``) carry the update itself; replies from a
-plain Flower ClientApp carry the trained model (Flower's convention) and the adapter subtracts the
-global model. Client ids come from a ``client-id`` metric (Flagstaff's ClientApp reports its
-partition id; ``discover=True`` asks every node once with a ``query`` message), else the node id.
+plain Flower ClientApp (``flwr new``'s template: ``@app.train`` / ``@app.evaluate`` only) carry the
+trained model (Flower's convention) and the adapter subtracts the global model.
+
+Client ids: nodes are found with Flower's ``grid.get_node_ids()`` and replies identified by
+``message.metadata.src_node_id``. Flower's node ids are random unsigned 64-bit integers, so they are
+never used as client ids: a node gets the next free client id 0, 1, ... when it is first seen (the
+nodes seen together in node-id order), kept for the run (:meth:`FlagstaffStrategy.client_ids`). A
+reply's ``client-id`` metric (Flagstaff's ClientApp reports its partition id) identifies the reply
+instead; with ``discover=True`` (off by default: an ordinary ClientApp has no ``query`` handler)
+every new node is asked once with a ``query`` message, and the ``client-id`` its ClientApp answers
+becomes its client id for sampling too (deterministic across runs; what backend=flower uses).
 
 Byzantine clients in Flower: the ``byzantine`` client ids (default ``0..attack.f-1``, as in the
 Ray/local runtimes) train like everyone else; this adapter replaces their replies, extras included,
@@ -28,6 +36,7 @@ Reference: Flower 1.41 ``flwr.serverapp.strategy.Strategy``; McMahan et al. 2017
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -75,7 +84,10 @@ class FlagstaffStrategy(FlowerStrategy):
     the ClientApp's); ``byzantine``: Byzantine client ids (default ``range(attack.f)``).
     ``fraction_train``/``min_train_nodes``/``min_available_nodes``: Flower-style sampling, or
     ``sampler`` for an exact rule; ``fraction_evaluate=0`` disables federated evaluation (use
-    ``start(..., evaluate_fn=...)`` for central evaluation). ``round_offset``: Flagstaff round index
+    ``start(..., evaluate_fn=...)`` for central evaluation). ``discover``: ask every new node for
+    its ``client-id`` with a ``query`` message before sampling (only for ClientApps with a ``query``
+    handler, e.g. ``clients.flower_app.make_client_app``; a node that answers with an error keeps
+    its node-order id). ``round_offset``: Flagstaff round index
     of Flower's round 1 (resumed runs). ``model``: the global model, for strategies that need
     the parameter layout (``bind``; FedSVD). ``private``: the clients or the strategy are
     differentially private (no train loss in the metrics; clients that report an ``epsilon`` make
@@ -96,7 +108,7 @@ class FlagstaffStrategy(FlowerStrategy):
         min_evaluate_nodes: int = 2,
         sampler: Sampler | None = None,
         seed: int = 0,
-        discover: bool = True,
+        discover: bool = False,
         weighted_by_key: str = "num-examples",
         num_clients: int | None = None,
         round_offset: int = 0,
@@ -207,22 +219,40 @@ class FlagstaffStrategy(FlowerStrategy):
             time.sleep(0.2)
         return nodes
 
-    def _client_ids(self, grid: Grid, nodes: list[int]) -> dict[int, int]:
-        """Client id of every node: asked once per new node (``query``), else the node id."""
-        new = [n for n in nodes if n not in self.node_to_client]
-        if new and self.discover:
-            msgs = [
-                Message(RecordDict({"config": ConfigRecord()}), n, MessageType.QUERY) for n in new
-            ]
-            for rep in grid.send_and_receive(msgs, timeout=self.timeout):
-                src = rep.metadata.src_node_id
-                if not rep.has_error():
-                    metrics = next(iter(rep.content.metric_records.values()), {})
-                    if "client-id" in metrics:
-                        self.node_to_client[src] = int(metrics["client-id"])
-        for n in new:
-            self.node_to_client.setdefault(n, n)
+    def client_ids(self, nodes: Iterable[int]) -> dict[int, int]:
+        """Client id of every node in ``nodes``: its id so far, else the next free ids 0, 1, ...
+        given to the new nodes in node-id order. Node ids stay Python ints (Flower's are unsigned
+        64-bit, beyond int64); client ids are small and stable for the run."""
+        nodes = [int(n) for n in nodes]
+        new = sorted(set(nodes) - self.node_to_client.keys())
+        if new:
+            used = set(self.node_to_client.values())
+            free = (c for c in itertools.count() if c not in used)
+            self.node_to_client.update(zip(new, free, strict=False))  # free is endless
         return {n: self.node_to_client[n] for n in nodes}
+
+    def _discover(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask the nodes not seen before for their ``client-id`` (one ``query`` message each)."""
+        new = [n for n in nodes if n not in self.node_to_client]
+        if not new:
+            return
+        msgs = [Message(RecordDict({"config": ConfigRecord()}), n, MessageType.QUERY) for n in new]
+        found: dict[int, int] = {}
+        for rep in grid.send_and_receive(msgs, timeout=self.timeout):
+            src = int(rep.metadata.src_node_id)
+            metrics = {} if rep.has_error() else _metrics(rep)
+            if "client-id" in metrics:
+                found[src] = int(metrics["client-id"])
+            else:
+                why = rep.error.reason if rep.has_error() else "no client-id in its reply"
+                log.warning("node %d: no client id (%s); it gets the next free id", src, why)
+        taken = set(self.node_to_client.values())
+        for src, cid in sorted(found.items(), key=lambda kv: kv[1]):
+            if cid in taken:
+                log.warning("node %d: client id %d is taken; it gets the next free id", src, cid)
+                continue
+            self.node_to_client[src] = cid
+            taken.add(cid)
 
     def _sample(self, mapping: dict[int, int], round_idx: int) -> list[int]:
         by_client = {c: n for n, c in mapping.items()}
@@ -247,7 +277,9 @@ class FlagstaffStrategy(FlowerStrategy):
         if self.fraction_train == 0.0:
             return []
         nodes = self._wait_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
-        chosen = self._sample(self._client_ids(grid, nodes), self.round_offset + server_round - 1)
+        if self.discover:
+            self._discover(grid, nodes)
+        chosen = self._sample(self.client_ids(nodes), self.round_offset + server_round - 1)
         record = self.train_content(server_round, config)
         self._sent = len(chosen)
         messages = [Message(record, n, MessageType.TRAIN) for n in chosen]
@@ -270,11 +302,12 @@ class FlagstaffStrategy(FlowerStrategy):
         extras and the epsilon of sample-level DP clients (in arrival order; the step sorts)."""
         assert self.params is not None
         cids, rows, weights, losses, extras, eps = [], [], [], [], [], []
+        by_node = self.client_ids(m.metadata.src_node_id for m in replies)
         for msg in replies:
             content = msg.content
-            metrics = next(iter(content.metric_records.values()), MetricRecord())
-            src = msg.metadata.src_node_id
-            cids.append(int(metrics.get("client-id", self.node_to_client.get(src, src))))
+            metrics = _metrics(msg)
+            src = int(msg.metadata.src_node_id)
+            cids.append(int(metrics.get("client-id", by_node[src])))
             weights.append(float(metrics.get(self.weighted_by_key, 1.0)))
             losses.append(float(metrics.get("train_loss", float("nan"))))
             if "epsilon" in metrics:  # sample-level DP clients report their accountant's epsilon
@@ -284,6 +317,12 @@ class FlagstaffStrategy(FlowerStrategy):
             kind = content.config_records.get(REPLY_KEY, ConfigRecord()).get("payload", "model")
             rows.append(vec if kind == "update" else vec - self.params)
             extras.append(record_to_vectors(content.array_records.get(EXTRAS_KEY)))
+        if len(set(cids)) < len(cids):
+            dup = sorted({c for c in cids if cids.count(c) > 1})
+            raise ValueError(
+                f"client ids {dup} came from more than one node in one round: a ClientApp that "
+                "reports a client-id metric must report a different one on every node"
+            )
         d = self.params.numel()
         U = torch.stack(rows) if rows else torch.empty(0, d)
         names = list(extras[0]) if extras else []
@@ -316,7 +355,7 @@ class FlagstaffStrategy(FlowerStrategy):
         metrics["dropped_failed"] = self._sent - len(ok)
         metrics.update(res.metrics)
         if res.skipped:  # no usable update: keep the model, say why
-            failed = [self.node_to_client.get(n, n) for n in failed_nodes]
+            failed = list(self.client_ids(failed_nodes).values())
             why, _ = skip_reason(self._sent, [], failed, res.nonfinite.tolist())
             metrics["skipped"] = why
         else:
@@ -354,7 +393,7 @@ class FlagstaffStrategy(FlowerStrategy):
         for msg in replies:
             if msg.has_error():
                 continue
-            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+            metrics = _metrics(msg)
             wt = float(metrics.get(self.weighted_by_key, 1.0))
             total += wt
             for k, v in metrics.items():
@@ -363,3 +402,10 @@ class FlagstaffStrategy(FlowerStrategy):
         if total == 0:
             return None
         return MetricRecord({k: v / total for k, v in sums.items()})
+
+
+def _metrics(msg: Message) -> MetricRecord:
+    """The reply's metrics: its MetricRecord named ``metrics`` (Flower's convention), else its
+    first one, else an empty one."""
+    records = msg.content.metric_records
+    return records.get("metrics") or next(iter(records.values()), MetricRecord())

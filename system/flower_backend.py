@@ -113,6 +113,7 @@ class FlowerServer:
             attack=adversary.attack if adversary.active else None,
             byzantine=range(adversary.f),
             sampler=sampler,
+            discover=True,  # Flagstaff's ClientApp answers: client id = partition id
             min_available_nodes=n,
             min_train_nodes=1,
             num_clients=n,

@@ -27,7 +27,13 @@ def main(grid: Grid, context: Context) -> None:
     pre = [p for p in str(cfg.get("pre", "")).split(",") if p]
     aggregator = build(rule=str(cfg["aggregator"]), f=atk.f, n=n, pre=pre)
     strategy = FlagstaffStrategy(
-        aggregator, FedAvg(), attack=atk, min_available_nodes=n, min_train_nodes=n, seed=seed
+        aggregator,
+        FedAvg(),
+        attack=atk,
+        min_available_nodes=n,
+        min_train_nodes=n,
+        seed=seed,
+        discover=True,  # the ClientApp's query handler tells each node's client id (partition id)
     )
     net = model(seed)
     spec = ParamSpec.of(net)
