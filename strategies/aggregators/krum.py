@@ -67,9 +67,16 @@ def _direct_scores(U: Tensor, cand: list[int], among: list[int], f: int) -> Tens
     """``(len(cand), 2)``: the Krum scores of the rows ``cand`` among the rows ``among`` and
     their sums of squared distances to all of ``among`` (the tie-break), from float64
     differences (``torch.cdist`` without the Gram product: no cancellation, error about eps64 of
-    the score; float32 inputs differ exactly in float64). O(len(cand) len(among) d)."""
-    V = U[among].double()
-    D = torch.cdist(U[cand].double(), V, compute_mode="donot_use_mm_for_euclid_dist").pow_(2)
+    the score; float32 inputs differ exactly in float64). O(len(cand) len(among) d) time, in
+    chunks of coordinates so that the float64 copies stay small (about 32 MB)."""
+    rows_c = torch.as_tensor(cand, device=U.device)
+    rows_a = torch.as_tensor(among, device=U.device)
+    step = max(1, 2**22 // len(among))
+    D = torch.zeros(len(cand), len(among), dtype=torch.float64, device=U.device)
+    for lo in range(0, U.shape[1], step):  # a loop over chunks of coordinates, not over d
+        X = U[rows_c, lo : lo + step].double()
+        V = U[rows_a, lo : lo + step].double()
+        D += torch.cdist(X, V, compute_mode="donot_use_mm_for_euclid_dist").pow_(2)
     if len(among) == 1:
         return D.new_zeros(len(cand), 2)
     total = D.sum(dim=1)
