@@ -111,6 +111,7 @@ def load_inputs(c: dict[str, Any], trainer: Any = None) -> tuple[Any, list[np.nd
     """The dataset and the clients' index arrays, as configured; ConfigError naming the group.
     Data with a per-batch transform needs hosts whose ``trainer`` applies it."""
     ds = _input("data", build_from, c["data"])
+    _check_label_ids(ds)
     if ds.transform is not None:
         _check_transform(c, ds, trainer)
     parts = _input(
@@ -122,6 +123,18 @@ def load_inputs(c: dict[str, Any], trainer: Any = None) -> tuple[Any, list[np.nd
         columns=ds.partition_columns(),  # per-sample columns: natural and Flower partitions
     )
     return ds, parts
+
+
+def _check_label_ids(ds: Any) -> None:
+    """Labels are class indices 0..K-1 (the model gets max+1 outputs): ids such as 0, 1e6, 2e6
+    would build a model with millions of outputs that trains for hours; one line instead."""
+    distinct = int(torch.unique(ds.y_train).numel())
+    if ds.num_classes > max(1000, 10 * distinct):
+        raise ConfigError(
+            f"data: {distinct} distinct labels occur, but the largest is {ds.num_classes - 1}, so "
+            f"the model would get {ds.num_classes} outputs; save the labels as class indices "
+            f"0..{distinct - 1} (numpy: np.unique(y, return_inverse=True)[1])"
+        )
 
 
 def _check_transform(c: dict[str, Any], ds: Any, trainer: Any) -> None:

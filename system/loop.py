@@ -51,6 +51,7 @@ _RESUME_FREE = (
     "resume",
     "rounds",
     "progress",
+    "verbose",  # what the console shows (launch/train.py), like progress
     "cluster",
     "logger",
     "backend",

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -52,6 +53,12 @@ log = logging.getLogger("flagstaff")
 
 LOCK_NAME = ".flagstaff.lock"
 FSYNC_EVERY_S = 1.0  # metrics.jsonl: at most one background fsync per second (append_metrics)
+# the temp files of save_checkpoint and _atomic (".<name>.<random>.tmp"): a run killed while it
+# wrote one leaves it behind, as large as what it held; begin() removes them
+_TEMP = re.compile(
+    r"\.(checkpoint|metrics\.jsonl|summary\.json|partition\.json|config\.yaml|hydra\.yaml|"
+    r"overrides\.yaml)\.\w+\.tmp"
+)
 
 # errors that mean "the disk (or this process's share of it) is full", with what to say
 _NO_SPACE = {
@@ -170,8 +177,14 @@ class RunDir:
             os.close(fd)
 
     def begin(self, start_round: int) -> None:
-        """Claim the directory once every check passed: write the pending files (``.hydra/``)
-        and cut metrics.jsonl back to ``start_round`` (0: a fresh log)."""
+        """Claim the directory once every check passed: remove the temp files a killed run left
+        (``_TEMP``; this run holds the lock, so no live writer owns them), write the pending files
+        (``.hydra/``) and cut metrics.jsonl back to ``start_round`` (0: a fresh log)."""
+        for d in (self.path, self.path / ".hydra"):
+            for f in d.iterdir() if d.is_dir() else ():
+                if _TEMP.fullmatch(f.name) and f.is_file():
+                    log.warning("removed %s, left by a run killed while it wrote it", f)
+                    f.unlink()
         for name, text in self._pending.items():
             self._atomic(name, text.encode())
         self._pending.clear()
@@ -403,7 +416,13 @@ class RunDir:
         """curves.png: what the run is about (system/report.py plot_run)."""
         from system.report import plot_run
 
-        return plot_run(self.path, rows)
+        try:
+            return plot_run(self.path, rows)
+        except OSError as err:  # a full disk: no torn image, and one line saying what is intact
+            if err.errno in _NO_SPACE:
+                (self.path / "curves.png").unlink(missing_ok=True)
+                self._raise_no_space(err, self.path / "curves.png")
+            raise
 
 
 def finite_json(obj: Any) -> tuple[Any, list[str]]:

@@ -289,3 +289,81 @@ def test_checkpoints_and_metrics_are_fsynced_in_the_right_order(tmp_path, monkey
         assert events[i + 1] == ("fsync", str(tmp_path))  # then the directory
         last_row = max(j for j, e in enumerate(events[:i]) if e == ("write", metrics))
         assert ("fsync", metrics) in events[last_row:i]  # the rows it covers are on disk
+
+
+# --- REV19b review: what the issue 19 fixes still lost -----------------------------------------
+
+
+def test_console_and_logging_switches_do_not_block_a_resume() -> None:
+    """Keys that only change what the console shows (``verbose``, like ``progress``) stay out of
+    the resume fingerprint: a run resumed with ``verbose`` toggled, or from a checkpoint written
+    before the key existed, is not refused as "a different config"."""
+    from system.loop import fingerprint
+
+    cfg = {"seed": 0, "client": {"lr": 0.1}, "progress": True}
+    assert fingerprint({**cfg, "verbose": True}) == fingerprint(cfg)
+    assert fingerprint({**cfg, "verbose": False}) == fingerprint(cfg)
+
+
+def test_a_full_disk_while_drawing_the_curves_is_one_clear_error(tmp_path) -> None:
+    """curves.png cut short by a full disk (here RLIMIT_FSIZE, in a subprocess) is a NoSpaceError
+    saying what is intact, and the torn image is removed (before: a matplotlib traceback and a
+    truncated curves.png)."""
+    import subprocess
+    import sys
+
+    rows = [{"round": r, "accuracy": 0.1 * r, "loss": 1.0 / r, "round_time_s": 0.1} for r in (1, 2)]
+    script = (
+        "import json, resource, sys\n"
+        "from system.rundir import NoSpaceError, RunDir\n"
+        "out = RunDir(sys.argv[1])\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    out.plot_curves(json.loads(sys.argv[2]))\n"
+        "except NoSpaceError as err:\n"
+        "    print('NoSpaceError:', err)\n"
+    )
+    from tests.conftest import ROOT
+
+    p = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), json.dumps(rows)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.stdout.startswith("NoSpaceError: file size limit"), p.stdout + p.stderr[-2000:]
+    assert "curves.png could not be written" in p.stdout
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_a_run_killed_mid_write_leaves_no_temp_files_after_its_resume(tmp_path) -> None:
+    """A driver killed while it wrote a checkpoint (or any atomic file) leaves a
+    ``.checkpoint.*.tmp`` as large as the model; the resumed run removes such leftovers of this
+    directory's writers (before: they stayed, and piled up on a disk that may be full)."""
+    train(compose("experiment=smoke", "rounds=2"), run_dir=str(tmp_path))
+    stale = [tmp_path / ".checkpoint.x1.tmp", tmp_path / ".summary.json.x2.tmp"]
+    stale.append(tmp_path / ".hydra" / ".config.yaml.x3.tmp")
+    (tmp_path / ".hydra").mkdir(exist_ok=True)
+    for f in stale:
+        f.write_bytes(b"\0" * 1000)
+    keep = tmp_path / ".user-notes.tmp"  # not a name this directory's writers use
+    keep.write_text("mine")
+    train(compose("experiment=smoke", "rounds=3", "resume=true"), run_dir=str(tmp_path))
+    assert not [f for f in stale if f.exists()] and keep.exists()
+    assert _rounds(tmp_path) == [1, 2, 3]
+
+
+def test_sparse_label_ids_are_refused_before_any_work(tmp_path) -> None:
+    """A user's labels that are ids, not 0..K-1 (here 0, 1e6, 2e6), would give the model two
+    million outputs (a 1 GB model and rounds of minutes: the run hung); refused in one line that
+    names the data and the fix, before the run directory exists."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 120) * 1_000_000
+    np.savez(tmp_path / "ids.npz", x=rng.normal(size=(120, 4)).astype(np.float32), y=y)
+    cfg = compose(
+        "data=user", f"data.root={tmp_path / 'ids.npz'}", "num_clients=4", "clients_per_round=2"
+    )
+    with pytest.raises(ConfigError, match=r"^data: .*3 distinct labels.*2000000.*0\.\.2"):
+        train(cfg, run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
