@@ -64,12 +64,28 @@ def check(cfg: DictConfig) -> None:
     check_config(cfg, dict(hc.runtime.choices), hc.overrides.task, "train", check_values)
 
 
+def quiet(verbose: bool) -> None:
+    """Python warnings become log records (logger ``py.warnings``), which conf/train.yaml sends to
+    the run's train.log only, as it does INFO lines; ``verbose=true`` puts both on the console
+    too. The progress bar, the final line and one-line errors are printed, not logged."""
+    logging.captureWarnings(True)
+    if not verbose:
+        return
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:  # Hydra's console handler (not the file one)
+            handler.setLevel(logging.NOTSET)
+    warn = logging.getLogger("py.warnings")
+    warn.handlers.clear()  # the root's console and file handlers take them
+    warn.propagate = True
+
+
 @hydra.main(config_path="pkg://conf", config_name="train", version_base="1.3")
 def app(cfg: DictConfig) -> float | None:
     from system.rundir import NoSpaceError, RunDirError
 
     try:
         check(cfg)
+        quiet(bool(cfg.get("verbose")))
         result = run(cfg)
     except (ConfigError, RunDirError) as err:
         # a bad input, a checkpoint that does not fit, a run directory in use: refused before

@@ -145,6 +145,7 @@ class TrainSchema:
     eval_every: int = 1
     checkpoint_every: int = 10
     progress: bool = True
+    verbose: bool = False  # log lines and library warnings on the console too (launch/train.py)
     data: Any = MISSING
     partition: Any = MISSING
     model: Any = MISSING
