@@ -113,7 +113,7 @@ def main() -> None:
     from system.config import check_values
     from system.strict import preflight
 
-    preflight(sys.argv[1:], "conf", "train", check_values)  # a bad key: one line, exit 2, < 1 s
+    preflight(sys.argv[1:], "conf", "train", check_values)  # a bad key: one line, exit 2
     app()
 
 
