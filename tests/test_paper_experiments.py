@@ -137,7 +137,7 @@ def test_normalize_at_load_gives_float_images_without_a_transform(cifar_root) ->
 
 # CIFAR-10 experiments: the fast variants take the same data path (save_to_disk folder, uint8
 # images, crop + flip per batch or normalized at load) with model=resnet8 instead of ResNet-18
-FEDSPEED = ("num_clients=4", "clients_per_round=2", "rounds=2")
+FEDSPEED = ("num_clients=4", "clients_per_round=2", "client.epochs=1", "rounds=2")
 FLAG = ("num_clients=7", "clients_per_round=7", "rounds=2")
 MONNA = ("num_clients=5", "clients_per_round=5", "attack.f=1", "p2p.batch_size=8", "rounds=2")
 
@@ -172,11 +172,24 @@ def test_cifar10_experiments_run_with_resnet18(tmp_path, cifar_root, name, sizes
     assert res["params"].shape[-1] > 11_000_000  # the experiment's own ResNet-18
 
 
+SVD = ("data.max_length=16", "num_clients=3", "clients_per_round=2", "client.batch_size=4",
+       "client.steps=2", "rounds=1")  # fmt: skip
+
+
 def test_fedsvd_sst2_runs_with_minilm_under_dp(tmp_path) -> None:
+    """Fast variant: a fixed noise multiplier and the RDP accountant (the experiment calibrates
+    the noise with PRV, tens of seconds per client size: the slow test below)."""
     root = make_glue(tmp_path / "sst2", task="sst2", n=24)
-    res = _run(tmp_path, "paper_fedsvd_sst2", f"data.path={root}", "data.max_length=16",
-               "num_clients=3", "clients_per_round=2", "client.batch_size=4", "client.steps=2",
-               "rounds=1")  # fmt: skip
+    res = _run(tmp_path, "paper_fedsvd_sst2", f"data.path={root}", *SVD,
+               "client.noise_multiplier=1.0", "privacy.accountant=rdp")  # fmt: skip
+    _ok(res, 1)
+    assert 0 < res["metrics"][-1]["epsilon"] <= 6.0
+
+
+@pytest.mark.slow
+def test_fedsvd_sst2_runs_as_configured_with_prv_calibration(tmp_path) -> None:
+    root = make_glue(tmp_path / "sst2", task="sst2", n=24)
+    res = _run(tmp_path, "paper_fedsvd_sst2", f"data.path={root}", *SVD)
     _ok(res, 1)
     assert 0 < res["metrics"][-1]["epsilon"] <= 6.0
 
