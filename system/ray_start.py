@@ -21,8 +21,10 @@ import importlib
 import logging
 import os
 import secrets
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -41,6 +43,7 @@ __all__ = [
     "init_ray",
     "lean_local_start",
     "make_ray_private",
+    "private_temp_dir",
     "shutdown_ray",
     "start_local_ray",
 ]
@@ -124,6 +127,29 @@ def _why_not_private() -> str | None:
     return None
 
 
+def private_temp_dir() -> str | None:
+    """Where a local Ray keeps its session files (Unix sockets, port files, logs): ``ray/`` in
+    a directory only this user can enter, ``<tmp>/flagstaff-ray-<uid>`` (mode 700; a fresh
+    ``mkdtemp`` when that name is taken by another user or not a plain directory). Ray makes its
+    own temp directory world-writable (``/tmp/ray`` by default), so there another local user could
+    read the run's logs, plant files in its session and replace the raylet's socket; the token
+    guards Ray's TCP ports, not its files. None where there are no uids (Windows)."""
+    if not hasattr(os, "getuid"):
+        return None
+    base = Path(tempfile.gettempdir()) / f"flagstaff-ray-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(base)
+        ours = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+        if ours and st.st_mode & 0o077:
+            os.chmod(base, 0o700)
+    except OSError:
+        ours = False
+    if not ours:
+        base = Path(tempfile.mkdtemp(prefix="flagstaff-ray-"))
+    return str(base / "ray")
+
+
 def _start_watchdog(tag: str) -> subprocess.Popen | None:
     """system/ray_watchdog.py in its own session, reading a pipe from this process: when the
     pipe closes (this process ends, or ``_release``) it ends every process of the Ray tagged
@@ -166,7 +192,8 @@ def _release() -> None:
 def start_local_ray(**init_kwargs: Any) -> None:
     """``ray.init`` a new local Ray private to this run: its servers listen on 127.0.0.1 only,
     every connection needs a fresh random token (kept in this process's environment until
-    ``shutdown_ray``, never written to a file or a log), and a watchdog ends all of its processes
+    ``shutdown_ray``, never written to a file or a log), its session files are in a directory
+    only this user can enter (``private_temp_dir``), and a watchdog ends all of its processes
     when this process ends or ``shutdown_ray`` is called. ``init_kwargs`` go to ``ray.init``."""
     make_ray_private()
     import ray
@@ -181,6 +208,8 @@ def start_local_ray(**init_kwargs: Any) -> None:
         )
     _release()  # the previous local Ray's leftovers, if its caller used a plain ray.shutdown()
     tag = secrets.token_hex(8)
+    if init_kwargs.get("_temp_dir") is None:
+        init_kwargs["_temp_dir"] = private_temp_dir()
     _current["saved"] = {"RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN")}
     _current["watchdog"] = _start_watchdog(tag)
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)

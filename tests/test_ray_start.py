@@ -181,6 +181,22 @@ def test_local_run_refuses_connections_without_its_token(live_run, tmp_path) -> 
     assert _connect(address, right) == "connected"
 
 
+def test_local_runs_session_files_are_private_to_its_user(live_run) -> None:
+    """The run's Ray session directory (its Unix sockets, port files and logs) lies below a
+    directory that only this user can enter (before: /tmp/ray/session_*, world-writable, so another
+    local user could read the logs, plant files and move the raylet's socket: tried as uid 65534)."""
+    gcs = [p for p in alive(descendants(live_run["proc"].pid)) if "gcs_server" in command(p)]
+    log_dir = next(a for a in command(gcs[0]).split() if a.startswith("--log_dir="))
+    session = Path(log_dir.partition("=")[2]).parent
+    assert (session / "sockets").is_dir(), session
+    guards = [
+        d
+        for d in session.parents
+        if d.stat().st_uid == os.getuid() and not d.stat().st_mode & 0o077
+    ]
+    assert guards, f"every directory above {session} can be entered by other users"
+
+
 def test_killed_driver_leaves_no_process_of_its_ray(live_run) -> None:
     """SIGKILL the driver mid-run: every process of its Ray (GCS, raylet, dashboard and
     runtime-env agents, workers, the host actor) ends within 30 s (Ray alone leaves its agents up
