@@ -16,6 +16,8 @@ copy (:class:`HostSpec`: model spec, trainer, local rule, codec spec, seed, thre
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,8 @@ __all__ = [
     "build_run",
     "check_components",
     "check_gpus",
+    "check_resources",
+    "ResourceError",
     "validate",
     "client_host",
     "federated",
@@ -227,6 +231,8 @@ def build_run(cfg: DictConfig | dict[str, Any]) -> Run:
     if cl["gpus_per_host"] > 0 and (c["backend"] == "local" or not cl.get("address")):
         # this machine's GPUs; a joined cluster's are checked once Ray is up (system.runner)
         check_gpus(cl["gpus_per_host"], torch.cuda.device_count(), "this machine")
+    if c["backend"] == "ray" and mode == "federated" and cl["hosts"]:
+        _check_fits(cl)
     torch.manual_seed(c["seed"])
     if mode == "p2p":
         return _peer_run(c)
@@ -234,6 +240,46 @@ def build_run(cfg: DictConfig | dict[str, Any]) -> Run:
     ds, parts = load_inputs(c, p.trainer)
     fed = _with_model(c, p, ds.input_shape, ds.num_classes)
     return Run(c, mode, ds, parts, federated=fed)
+
+
+class ResourceError(ConfigError, RuntimeError):
+    """Client hosts that cannot all be placed at once (their actors would pend forever)."""
+
+
+def _check_fits(cl: dict[str, Any]) -> None:
+    """The hosts fit, checked before anything is written where the resources are known: the Ray
+    this process already runs (``flagstaff-train`` starts it while it imports), or the CPUs of this
+    machine for a local Ray still to start; a cluster not joined yet is checked once joined."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        available = ray.cluster_resources()
+        custom = cl["resources"]
+    elif not cl.get("address"):
+        available, custom = {"CPU": float(len(os.sched_getaffinity(0)))}, None
+    else:
+        return
+    check_resources(available, cl["hosts"], cl["cpus_per_host"], 0.0, custom)
+
+
+def check_resources(
+    available: dict[str, float],
+    hosts: int,
+    cpus: float,
+    gpus: float = 0.0,
+    custom: dict[str, float] | None = None,
+) -> None:
+    """Fail before work if the cluster cannot hold every host at once (else actors pend forever):
+    one line naming what is short and the keys that fix it."""
+    need = {"CPU": hosts * cpus, "GPU": hosts * gpus}
+    need.update({k: hosts * v for k, v in (custom or {}).items()})
+    short = {k: (v, available.get(k, 0.0)) for k, v in need.items() if v > available.get(k, 0.0)}
+    if short:
+        what = ", ".join(f"{k}: need {v:g}, cluster has {a:g}" for k, (v, a) in short.items())
+        raise ResourceError(
+            f"cluster.hosts={hosts} client hosts do not fit on this Ray cluster ({what}); lower "
+            "cluster.hosts or the per-host request (cluster.cpus_per_host, e.g. 0.5, "
+            "cluster.gpus_per_host, cluster.resources), or add nodes"
+        )
 
 
 def check_gpus(gpus_per_host: float, gpus_found: float, where: str) -> None:

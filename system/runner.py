@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from clients.dp import private_partition
 from clients.partition import summarize
 from strategies.attacks import Adversary
-from system.build import Run, build_run, check_gpus
+from system.build import Run, build_run, check_gpus, check_resources
 from system.host import ClientHost, HostShard, local_host_device
 from system.loop import NO_UPDATE, RunStopped, check_resume, fingerprint, finish_summary, run_loop
 from system.pool import LocalPool, RayPool
@@ -284,22 +284,6 @@ def server_placement(cl: dict[str, Any]) -> str:
     if choice != "auto":
         return choice
     return "actor" if str(cl.get("address") or "").startswith("ray://") else "driver"
-
-
-def check_resources(
-    available: dict[str, float], hosts: int, cpus: float, gpus: float, custom: dict[str, float]
-) -> None:
-    """Fail before work if the cluster cannot hold every host at once (else actors pend forever)."""
-    need = {"CPU": hosts * cpus, "GPU": hosts * gpus}
-    need.update({k: hosts * v for k, v in (custom or {}).items()})
-    short = {k: (v, available.get(k, 0.0)) for k, v in need.items() if v > available.get(k, 0.0)}
-    if short:
-        what = ", ".join(f"{k}: need {v:g}, cluster has {a:g}" for k, (v, a) in short.items())
-        raise RuntimeError(
-            f"{hosts} client hosts do not fit on this Ray cluster ({what}); lower cluster.hosts "
-            "or the per-host request (cluster.cpus_per_host, cluster.gpus_per_host, "
-            "cluster.resources), or add nodes"
-        )
 
 
 def _hydra_dir() -> str | None:

@@ -207,3 +207,26 @@ def test_declared_keys_are_accepted_by_the_target(group: str, option: str) -> No
 
         for name, kwargs in node["pre_kwargs"].items():
             assert set(kwargs) <= set(_hparam_names(PRE_AGGREGATIONS[name])), name
+
+
+def test_hosts_that_do_not_fit_a_local_ray_are_refused_before_anything_is_written(tmp_path) -> None:
+    """cluster.hosts x cluster.cpus_per_host above this machine's CPUs: one line naming the keys
+    (issue 23 item 7: it used to fail with a traceback after Ray had started and the run directory
+    was written)."""
+    import os
+
+    from system.build import ResourceError, build_run
+
+    hosts = len(os.sched_getaffinity(0)) + 1
+    cfg = compose("experiment=smoke", "backend=ray", f"cluster.hosts={hosts}")
+    with pytest.raises(ResourceError, match=rf"cluster.hosts={hosts} client hosts do not fit"):
+        build_run(cfg)
+    # half a CPU per host fits the same machine
+    build_run(
+        compose(
+            "experiment=smoke",
+            "backend=ray",
+            f"cluster.hosts={hosts}",
+            f"cluster.cpus_per_host={1 / hosts:.3f}",
+        )
+    )
