@@ -311,7 +311,7 @@ class RunDir:
         self.sync()
         buf = io.BytesIO()
         torch.save(state, buf)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".checkpoint.", suffix=".tmp")
+        fd, tmp = _temp_file(self.path, ".checkpoint.")
         try:
             try:
                 _write_all(fd, buf.getbuffer())
@@ -372,7 +372,7 @@ class RunDir:
         rename, fsync of the directory."""
         target = self.path / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        fd, tmp = _temp_file(target.parent, f".{target.name}.")
         try:
             try:
                 _write_all(fd, data)
@@ -457,6 +457,26 @@ def _dumps(obj: Any, indent: int | None = None) -> str:
     if bad and isinstance(clean, dict):
         clean["nonfinite"] = bad
     return json.dumps(clean, indent=indent, allow_nan=False)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _temp_file(directory: Path, prefix: str) -> tuple[int, str]:
+    """A temp file to rename over a run file, with the mode a plain ``open`` would give it
+    (0666 minus the umask, as metrics.jsonl and Hydra's files get; mkstemp's is 0600, which made
+    a run's summary, config and checkpoint unreadable to the group that shares its outputs)."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

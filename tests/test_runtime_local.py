@@ -367,3 +367,18 @@ def test_sparse_label_ids_are_refused_before_any_work(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"^data: .*3 distinct labels.*2000000.*0\.\.2"):
         train(cfg, run_dir=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_run_files_get_the_mode_of_the_umask_like_metrics(tmp_path) -> None:
+    """summary.json, partition.json, checkpoint.pt and .hydra/ files are written through temp
+    files; they get 0666 minus the umask, as metrics.jsonl does (before: mkstemp's 0600, and
+    metrics.jsonl turned 0600 after a resume)."""
+    old = os.umask(0o027)
+    try:
+        train(compose("experiment=smoke", "rounds=2"), run_dir=str(tmp_path))
+        train(compose("experiment=smoke", "rounds=3", "resume=true"), run_dir=str(tmp_path))
+    finally:
+        os.umask(old)
+    names = ("summary.json", "partition.json", "checkpoint.pt", "metrics.jsonl")
+    modes = {n: oct((tmp_path / n).stat().st_mode & 0o777) for n in names}
+    assert set(modes.values()) == {oct(0o640)}, modes
