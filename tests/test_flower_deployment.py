@@ -18,6 +18,7 @@ Every wait is bounded, and all processes are killed at the end.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import json
@@ -291,6 +292,35 @@ def _stranger_attacks(d: Deployment, pub: Path) -> dict[str, str]:
     return out
 
 
+def _replay_admitted_key(d: Deployment, pub: Path, node_id: str, own_key: Path) -> list[int]:
+    """The stranger knows an admitted node's public key and id (public keys are not secret) but
+    not its private key: it claims that key on the Fleet API, signing with a key of its own, to
+    activate the node and to pull the node's messages. The HTTP status of each attempt."""
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest, PullMessagesRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    claimed = public_key_to_bytes(serialization.load_ssh_public_key(pub.read_bytes()))
+    signer = serialization.load_ssh_private_key(own_key.read_bytes(), password=None)
+    requests = {
+        "activate-node": ActivateNodeRequest(public_key=claimed, heartbeat_interval=30),
+        "pull-messages": PullMessagesRequest(node=Node(node_id=int(node_id))),
+    }
+    codes = []
+    with httpx.Client(verify=ssl.create_default_context(cafile=d.ca), timeout=30) as http:
+        for route, request in requests.items():
+            stamp = dt.datetime.now(dt.timezone.utc).isoformat()
+            headers = {
+                "content-type": "application/protobuf",
+                "flwr-public-key": base64.b64encode(claimed).decode(),
+                "flwr-timestamp": stamp,
+                "flwr-signature": base64.b64encode(sign_message(signer, stamp.encode())).decode(),
+            }
+            url = f"https://{d.public}:{d.fleet_port}/v1/fleet/{route}"
+            codes.append(http.post(url, content=request.SerializeToString(), headers=headers))
+    return [c.status_code for c in codes]
+
+
 def _assert_refused(attempts: dict[str, str]) -> None:
     assert "rc=1" in attempts["register@fleet"] and "404" in attempts["register@fleet"], attempts
     if "register@control-port" in attempts:
@@ -324,6 +354,7 @@ def test_stranger_with_the_ca_cert_cannot_register_or_join(deployment, tmp_path)
     admitted = {d.admit(node0[1])}
 
     attempts = _stranger_attacks(d, intruder[1])
+    replayed = _replay_admitted_key(d, node0[1], next(iter(admitted)), intruder[0])
     env = _intruder_env(d)
     intr = d.supernode("intruder", intruder[0], 0, env, max_retries="1", max_wait_time="20")
     d.supernode("node0", node0[0], 0)
@@ -333,6 +364,7 @@ def test_stranger_with_the_ca_cert_cannot_register_or_join(deployment, tmp_path)
     log = (d.logs / "intruder.log").read_text()
 
     _assert_refused(attempts)
+    assert replayed == [401, 401], replayed  # Flower: "Invalid SuperNode authentication"
     assert not strangers, f"nodes the operator never admitted were online: {strangers}"
     assert set(nodes) == admitted and nodes[next(iter(admitted))] == "online", nodes
     assert code is not None and code != 0, log[-2000:]
