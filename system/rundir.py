@@ -338,9 +338,8 @@ class RunDir:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
             raise CheckpointError(
-                f"{path} is not a readable Flagstaff checkpoint ({type(err).__name__}: "
-                f"{_one_line(err)}); delete it to start over, or point hydra.run.dir at the run "
-                "you want to resume"
+                f"{path} is not a readable Flagstaff checkpoint ({_load_error(err)}); delete it "
+                "to start over, or point hydra.run.dir at the run you want to resume"
             ) from err
         if not isinstance(state, dict) or "round" not in state or "params" not in state:
             raise CheckpointError(f"{path} is not a Flagstaff checkpoint (no round/params)")
@@ -496,3 +495,17 @@ def _fsync_dir(path: Path) -> None:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+def _load_error(err: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` said about a file, short: a file it refuses gets
+    only the refusal's reason (torch's text around it advises loading the file again with
+    weights_only=False, or allowlisting its globals, which would run any code a corrupt or
+    foreign file holds)."""
+    text = _one_line(err)
+    if text.startswith("Weights only load failed"):
+        reason = re.sub(r"^.*?trusted source\.|Please file an issue.*?use case:", "", text)
+        reason = reason.split("Check the documentation")[0].replace("WeightsUnpickler error:", "")
+        first = reason.strip().split(". ")[0].rstrip(". ")
+        return f"corrupt, or not saved by Flagstaff: {first or 'refused by torch.load'}"
+    return f"{type(err).__name__}: {text[:160]}"

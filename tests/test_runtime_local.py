@@ -382,3 +382,30 @@ def test_run_files_get_the_mode_of_the_umask_like_metrics(tmp_path) -> None:
     names = ("summary.json", "partition.json", "checkpoint.pt", "metrics.jsonl")
     modes = {n: oct((tmp_path / n).stat().st_mode & 0o777) for n in names}
     assert set(modes.values()) == {oct(0o640)}, modes
+
+
+def test_a_corrupt_checkpoint_is_refused_in_a_short_line_without_torchs_advice(tmp_path) -> None:
+    """Random bytes in checkpoint.pt: one short line naming the file and what to do (before: 830
+    characters of torch's text, advising to load it again with weights_only=False, which runs
+    any code a foreign file holds, and to file a PyTorch issue)."""
+    rdir = RunDir(tmp_path)
+    rdir.checkpoint_path.write_bytes(np.random.default_rng(0).bytes(1000))
+    with pytest.raises(CheckpointError) as err:
+        rdir.load_checkpoint()
+    msg = str(err.value)
+    assert msg.startswith(f"{rdir.checkpoint_path} is not a readable Flagstaff checkpoint"), msg
+    short = len(msg.replace(str(rdir.checkpoint_path), "")) < 250
+    assert "weights_only" not in msg and "file an issue" not in msg and short, msg
+    # a foreign file whose pickle calls a function: refused, named, and no advice to allow it
+    torch.save({"round": 1, "params": _CallsOsSystem()}, rdir.checkpoint_path)
+    with pytest.raises(CheckpointError, match="GLOBAL posix.system") as err:
+        rdir.load_checkpoint()
+    msg = str(err.value)
+    assert "weights_only" not in msg and len(msg.replace(str(tmp_path), "")) < 250, msg
+
+
+class _CallsOsSystem:
+    """Pickles as a call of os.system (never loaded: torch.load(weights_only=True) refuses it)."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
