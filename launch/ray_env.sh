@@ -15,6 +15,12 @@ export FLAGSTAFF_DASHBOARD_PORT=${FLAGSTAFF_DASHBOARD_PORT:-$(( 20004 + offset )
 export FLAGSTAFF_MIN_WORKER_PORT=${FLAGSTAFF_MIN_WORKER_PORT:-$(( 20005 + offset ))}
 export FLAGSTAFF_MAX_WORKER_PORT=${FLAGSTAFF_MAX_WORKER_PORT:-$(( 20019 + offset ))}
 export FLAGSTAFF_RAY_TMP="${FLAGSTAFF_RAY_TMP:-/tmp/ray-flagstaff-${SLURM_JOB_ID}}"
+# a predictable name in a shared /tmp: never follow a symlink or use another user's directory there
+if [ -L "$FLAGSTAFF_RAY_TMP" ] || { [ -e "$FLAGSTAFF_RAY_TMP" ] && [ ! -O "$FLAGSTAFF_RAY_TMP" ]; }; then
+  echo "error: FLAGSTAFF_RAY_TMP=$FLAGSTAFF_RAY_TMP is a symlink or another user's; set" \
+    "FLAGSTAFF_RAY_TMP to a new directory of yours" >&2
+  exit 2
+fi
 mkdir -p "$FLAGSTAFF_RAY_TMP"
 chmod 700 "$FLAGSTAFF_RAY_TMP"
 

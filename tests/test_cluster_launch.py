@@ -205,3 +205,27 @@ def test_hydra_submitit_launcher_composes() -> None:
     )
     assert p.returncode == 0, p.stderr
     assert "submitit" in p.stdout and "nodes: 2" in p.stdout
+
+
+def test_ray_env_refuses_a_temp_dir_another_user_could_redirect(tmp_path) -> None:
+    """$FLAGSTAFF_RAY_TMP has a predictable name (/tmp/ray-flagstaff-<job id>): a symlink there
+    (planted by anyone, /tmp is shared) is refused in one line before any `ray start`, instead of
+    being followed (Ray's sockets, logs and port files would go wherever its owner points it)."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / "ray-flagstaff-777"
+    link.symlink_to(target)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        SLURM_JOB_ID="777",
+        WORKDIR=str(tmp_path),
+        RAY_PYTHON_BIN=BIN,
+        FLAGSTAFF_RAY_TMP=str(link),
+        FLAGSTAFF_TOKEN_DIR=str(tmp_path / "tokens"),
+    )
+    out = _sh(f"source {ROOT}/launch/ray_env.sh && echo sourced", env)
+    assert out.returncode == 2 and "sourced" not in out.stdout, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: FLAGSTAFF_RAY_TMP={link} is a symlink or another user's; set FLAGSTAFF_RAY_TMP "
+        "to a new directory of yours"
+    ]
