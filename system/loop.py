@@ -111,6 +111,12 @@ def check_resume(
     if state is None:
         log.info("resume=true: no checkpoint in %s yet, starting at round 0", out.path)
         return None
+    if int(state["round"]) > c["rounds"]:
+        raise CheckpointError(
+            f"{out.checkpoint_path} holds round {state['round']} but rounds={c['rounds']}; "
+            f"resume with rounds={state['round']} or more (the checkpoint is the run's state "
+            "after that round)"
+        )
     got = state["params"].numel()
     if got != numel:
         raise CheckpointError(

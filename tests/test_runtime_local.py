@@ -409,3 +409,14 @@ class _CallsOsSystem:
 
     def __reduce__(self):
         return (os.system, ("true",))
+
+
+def test_resume_with_fewer_rounds_than_the_checkpoint_is_refused(tmp_path) -> None:
+    """rounds=2 with a checkpoint of round 3: one line before anything is written (before: it
+    ran no round, rewrote summary.json with rounds 2 and rounds_completed 3, and printed
+    'rounds=3/2')."""
+    train(compose("experiment=smoke"), run_dir=str(tmp_path))
+    before = _snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match=r"holds round 3 but rounds=2; .*rounds=3 or more"):
+        train(compose("experiment=smoke", "resume=true", "rounds=2"), run_dir=str(tmp_path))
+    assert _snapshot(tmp_path) == before
