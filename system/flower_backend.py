@@ -52,6 +52,36 @@ log = logging.getLogger("flagstaff")
 
 _CACHE: dict[str, dict[str, Any]] = {}  # per worker process: the model and the clients
 
+#: Flower's deprecation notice for ``run_simulation``, which Flagstaff calls on purpose (its
+#: in-process entry to the simulation engine; see the module docstring)
+_DEPRECATION = "`run_simulation` function is deprecated"
+
+
+def _not_deprecation(record: logging.LogRecord) -> bool:
+    return _DEPRECATION not in record.getMessage()
+
+
+def quiet_flower(verbose: bool, worker: bool = False) -> None:
+    """Flower logs to its own console handler (INFO: every round's records, twice with the root
+    logger's copy). A quiet run keeps Flower's records out of the console: they reach the run's
+    train.log through the root logger (its console handler shows WARNING and above), and the
+    deprecation notice of ``run_simulation`` is dropped. Called in the driver and in each Flower
+    worker process (where they are dropped: Ray would forward them to the driver's terminal);
+    ``verbose=true`` leaves Flower's logging as it is."""
+    flwr_log = logging.getLogger("flwr")
+    if _not_deprecation not in flwr_log.filters:
+        flwr_log.addFilter(_not_deprecation)
+    if verbose:
+        return
+    for handler in list(flwr_log.handlers):  # Flower's ConsoleHandler (a StreamHandler), not files
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            flwr_log.removeHandler(handler)
+    if worker:  # a worker's console goes to the driver's terminal (Ray forwards it): nothing there
+        flwr_log.addHandler(logging.NullHandler())
+        flwr_log.propagate = False
+
 
 class ShardLoader:
     """Picklable ``setup(context) -> ClientSetup`` for Flagstaff's ClientApp in Flower workers.
@@ -64,8 +94,9 @@ class ShardLoader:
 
     def __init__(
         self, data: Any, parts: list, model: Any, trainer: Any, rule: Any, adversary: Adversary,
-        seed: int, threads: int,
+        seed: int, threads: int, verbose: bool = False,
     ) -> None:  # fmt: skip
+        self.verbose = bool(verbose)
         self.data, self.parts, self.model = data, parts, model
         self.trainer, self.rule, self.adversary = trainer, rule, adversary
         self.seed, self.threads = int(seed), int(threads)
@@ -73,12 +104,15 @@ class ShardLoader:
 
     def __call__(self, context: Context) -> ClientSetup:
         if self.key not in _CACHE:
+            quiet_flower(self.verbose, worker=True)  # this worker's Flower logging, once
             torch.set_num_threads(max(1, self.threads))
             _CACHE[self.key] = {"model": self.model.build(), "clients": {}}
         b = _CACHE[self.key]
         cid = int(context.node_config["partition-id"])
         if cid not in b["clients"]:
-            ds, idx = self.data, self.parts[cid]
+            # the partition arrives read-only from Ray's object store: index with a copy (torch
+            # warns on non-writable arrays); the index array is small
+            ds, idx = self.data, torch.from_numpy(self.parts[cid].copy())
             x, y = self.adversary.poison_data(ds.x_train[idx], ds.y_train[idx], ds.num_classes, cid)
             b["clients"][cid] = ClientSetup(
                 cid, x, y, ds.num_classes, b["model"], self.trainer, self.rule, self.seed
@@ -126,7 +160,15 @@ class FlowerServer:
         self.start_round = 0
         host = fed.host
         self.loader = ShardLoader(
-            ds, run.parts, host.model, host.trainer, host.rule, adversary, seed, host.threads
+            ds,
+            run.parts,
+            host.model,
+            host.trainer,
+            host.rule,
+            adversary,
+            seed,
+            host.threads,
+            verbose=bool(c.get("verbose")),
         )
         self._requests: queue.Queue[int | None] = queue.Queue()
         self._results: queue.Queue[dict[str, Any] | BaseException] = queue.Queue()
@@ -167,6 +209,7 @@ class FlowerServer:
     def _simulate(self) -> None:
         from flwr.simulation import run_simulation
 
+        quiet_flower(bool(self.c.get("verbose")))
         server_app = ServerApp()
 
         @server_app.main()

@@ -46,3 +46,37 @@ def test_verbose_puts_warnings_on_the_console_too(tmp_path) -> None:
     assert p.returncode == 0, p.stderr
     assert "Optimal order is the largest alpha" in p.stdout + p.stderr
     assert "Optimal order is the largest alpha" in (tmp_path / "train.log").read_text()
+
+
+def test_flower_logs_leave_the_console_of_a_quiet_run() -> None:
+    """backend=flower: Flower's own console handler (every round's INFO records, ~60 lines for two
+    rounds, and run_simulation's deprecation notice) is removed in the driver, so the records reach
+    train.log through the root logger only; in a worker they are dropped (Ray would forward them).
+    verbose=true keeps Flower's handler."""
+    import logging
+
+    from system.flower_backend import _DEPRECATION, quiet_flower
+
+    flwr_log = logging.getLogger("flwr")
+    saved = (list(flwr_log.handlers), list(flwr_log.filters), flwr_log.propagate)
+
+    def console(lg: logging.Logger) -> list[logging.Handler]:
+        return [
+            h
+            for h in lg.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ]
+
+    try:
+        assert console(flwr_log), "Flower installs its console handler on import"
+        quiet_flower(verbose=True)
+        assert console(flwr_log)  # verbose: unchanged (only the deprecation notice is dropped)
+        record = logging.LogRecord("flwr", logging.WARNING, "", 0, f"The {_DEPRECATION}", (), None)
+        assert not flwr_log.filter(record)
+        quiet_flower(verbose=False)
+        assert not console(flwr_log) and flwr_log.propagate
+        quiet_flower(verbose=False, worker=True)
+        assert not flwr_log.propagate and flwr_log.handlers  # a NullHandler: no lastResort print
+    finally:
+        flwr_log.handlers[:], flwr_log.filters[:] = saved[0], saved[1]
+        flwr_log.propagate = saved[2]
