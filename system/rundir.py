@@ -185,6 +185,12 @@ class RunDir:
                 if _TEMP.fullmatch(f.name) and f.is_file():
                     log.warning("removed %s, left by a run killed while it wrote it", f)
                     f.unlink()
+        if start_round == 0 and self.checkpoint_path.exists():
+            log.warning(
+                "%s holds a previous run's checkpoint.pt: this run starts over and replaces it, "
+                "its metrics.jsonl and summary.json (resume=true continues a run instead)",
+                self.path,
+            )
         for name, text in self._pending.items():
             self._atomic(name, text.encode())
         self._pending.clear()

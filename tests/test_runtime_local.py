@@ -420,3 +420,18 @@ def test_resume_with_fewer_rounds_than_the_checkpoint_is_refused(tmp_path) -> No
     with pytest.raises(CheckpointError, match=r"holds round 3 but rounds=2; .*rounds=3 or more"):
         train(compose("experiment=smoke", "resume=true", "rounds=2"), run_dir=str(tmp_path))
     assert _snapshot(tmp_path) == before
+
+
+def test_a_fresh_run_over_a_previous_run_says_what_it_replaces(tmp_path, caplog) -> None:
+    """The same command again without resume=true starts over and replaces the previous run's
+    checkpoint and metrics (benchmarks rely on it); it says so, naming resume=true (before:
+    silently)."""
+    train(compose("experiment=smoke", "rounds=2"), run_dir=str(tmp_path))
+    with caplog.at_level("WARNING", logger="flagstaff"):
+        train(compose("experiment=smoke", "rounds=2"), run_dir=str(tmp_path))
+    assert f"{tmp_path} holds a previous run's checkpoint.pt" in caplog.text
+    assert "resume=true" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="flagstaff"):  # continuing it: no such warning
+        train(compose("experiment=smoke", "rounds=3", "resume=true"), run_dir=str(tmp_path))
+    assert "previous run" not in caplog.text
