@@ -30,6 +30,7 @@ from clients.plan import make_plan
 from clients.trainer import ParamSpec
 from strategies.server_step import weighted_sum
 from system.codecs import build_codec
+from system.eval import EvalPart, score
 from system.specs import HostSpec
 from system.wire import from_wire, shared_from_wire, to_wire
 
@@ -118,19 +119,28 @@ class HostShard:
     #: the data's per-batch transform (``Dataset.transform``, e.g. uint8 images -> normalized and
     #: augmented floats), applied by the trainer per step; None: samples are used as stored
     transform: Any = None
+    #: what the host evaluates (``system.eval.EvalShard``: its test-set slice, its clients'
+    #: held-out samples); None: the server evaluates in its own process
+    eval: Any = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle the samples as numpy arrays; the receiving host views them in Ray's object store
         without a copy (system/wire.py; hosts only read their samples)."""
         wire = (self.client_ids, self.offsets, self.sizes, to_wire(self.x), to_wire(self.y))
-        return (_shard_from_wire, (*wire, self.transform))
+        return (_shard_from_wire, (*wire, self.transform, self.eval))
 
 
 def _shard_from_wire(
-    client_ids: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, x: Any, y: Any, transform=None
+    client_ids: np.ndarray,
+    offsets: np.ndarray,
+    sizes: np.ndarray,
+    x: Any,
+    y: Any,
+    transform=None,
+    eval=None,  # noqa: A002 - the field's name
 ) -> HostShard:
     return HostShard(
-        client_ids, offsets, sizes, shared_from_wire(x), shared_from_wire(y), transform
+        client_ids, offsets, sizes, shared_from_wire(x), shared_from_wire(y), transform, eval
     )
 
 
@@ -194,6 +204,7 @@ class ClientHost:
         self.shard = shard
         self.x = shard.x.to(self.device)  # the host's samples move to its device once, here
         self.y = shard.y.to(self.device)
+        self.evalset = shard.eval.to(self.device) if shard.eval is not None else None
         self.position = {int(c): i for i, c in enumerate(shard.client_ids)}
         self.num_classes = spec.model.num_classes
         self.seed = seed = spec.seed
@@ -286,6 +297,9 @@ class ClientHost:
         fresh = self.codec.init_state(C, self.device) if self.codec else {}
         for n, v in self.comm_state.items():
             self.comm_state[n] = torch.cat([v, fresh[n]])
+        if shard.eval is not None:  # the lost host's test slice and held-out samples come along
+            got = shard.eval.to(self.device)
+            self.evalset = got if self.evalset is None else self.evalset.concat(got)
         return ids.tolist()
 
     def node_id(self) -> str:
@@ -393,6 +407,15 @@ class ClientHost:
             incarnation=self._incarnation,
         )
         return reduce_reply(reply) if reduce else reply
+
+    def evaluate(self, global_flat: torch.Tensor) -> EvalPart:
+        """This host's evaluation sums for the global parameters ``global_flat``: its test-set
+        slice and its clients' held-out samples, in batches, without gradients, on its device
+        (``system.eval.score``; the server adds the hosts' parts)."""
+        if self.evalset is None:
+            raise ValueError(f"host {self.host_id} was placed without evaluation data")
+        params = from_wire(global_flat).to(self.device)
+        return score(self.model, self.spec, params, self.evalset, self.num_classes)
 
     # -- privacy (sample-level DP trainers keep one accountant per client on this host) ------------
     def epsilon_after(self, client_ids: list[int]) -> dict[int, float]:

@@ -78,6 +78,10 @@ class LocalPool:
         ]
         return RoundReplies(replies)
 
+    def evaluate(self, params: torch.Tensor) -> list[Any]:
+        """Every host's evaluation sums for ``params`` (``ClientHost.evaluate``)."""
+        return [h.evaluate(params) for h in self.hosts]
+
     def take_events(self) -> dict[str, list[int]]:
         return {}
 
@@ -448,6 +452,18 @@ class RayPool:
         self.out_of_run.update({int(c): why for c in state.get("out_of_run", [])})
 
     # -- calls on every host -----------------------------------------------------------------------
+    def evaluate(self, params: torch.Tensor) -> list[Any]:
+        """Every live host's evaluation sums for ``params`` (``ClientHost.evaluate``), the
+        parameters sent once; asked again when a host was lost meanwhile (the host that took its
+        clients over now holds its test slice)."""
+        ref = _send(params)
+        for _ in range(2):
+            lost = len(self.lost)
+            parts = self.call("evaluate", {h: (ref,) for h in self.live()})
+            if len(self.lost) == lost:
+                break
+        return list(parts.values())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The actors' per-client state, fetched and merged over all clients."""
 

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from clients.dp import private_partition
 from clients.partition import summarize
 from strategies.attacks import Adversary
 from system.build import Run, build_run, check_gpus, check_resources
+from system.eval import attach_eval, split_for_eval
 from system.host import ClientHost, HostShard, local_host_device
 from system.loop import NO_UPDATE, RunStopped, check_resume, fingerprint, finish_summary, run_loop
 from system.pool import LocalPool, RayPool
@@ -182,14 +183,17 @@ def _start_local(run: Run) -> ServerRun:
     c, fed = run.config, run.federated
     cl = c["cluster"]
     torch.set_num_threads(cl["threads_per_host"])
-    owner, shards = _shards(run.parts, run.data, cl["hosts"] or 1, fed.adversary)
+    parts, held = split_for_eval(c, run.parts)  # natural partitions: a held-out share per client
+    owner, shards = _shards(parts, run.data, cl["hosts"] or 1, fed.adversary)
+    attach_eval(shards, owner, run.data, held)  # the hosts evaluate (system/eval.py)
     gpus = cl["gpus_per_host"]  # > 0: hosts on this machine's GPUs (checked by build_run)
     hosts = [
         ClientHost(h, s, fed.host, device=local_host_device(h, gpus)) for h, s in enumerate(shards)
     ]
     pool = LocalPool(hosts)
     ds = run.data
-    server = ParameterServer(fed, pool, owner, ds.x_test, ds.y_test, ServerSettings.of(c))
+    settings = replace(ServerSettings.of(c), host_eval=True)
+    server = ParameterServer(fed, pool, owner, ds.x_test, ds.y_test, settings)
     return ServerRun(server, pool.close, len(hosts), ["local"] * len(hosts))
 
 
@@ -209,7 +213,9 @@ def _start_ray(run: Run, stack: ExitStack) -> ServerRun:
     if gpu > 0:  # a local Ray was checked before any work (build_run); a cluster only now
         check_gpus(gpu, ray.cluster_resources().get("GPU", 0.0), "the Ray cluster")
     check_resources(ray.cluster_resources(), hosts, per, gpu, cl["resources"])
-    owner, shards = _shards(run.parts, ds, hosts, fed.adversary)
+    parts, held = split_for_eval(c, run.parts)  # natural partitions: a held-out share per client
+    owner, shards = _shards(parts, ds, hosts, fed.adversary)
+    attach_eval(shards, owner, ds, held)  # the hosts evaluate (system/eval.py)
     Host = ray.remote(ClientHost)
     opts = dict(
         num_cpus=per,
@@ -244,7 +250,7 @@ def _start_ray(run: Run, stack: ExitStack) -> ServerRun:
         owner=owner,
     )
     where = server_placement(cl)
-    settings = ServerSettings.of(c)
+    settings = replace(ServerSettings.of(c), host_eval=True)
     if where == "driver":  # the server is a plain object in this process, on the driver's node
         server: Any = ParameterServer(fed, pool, owner, ds.x_test, ds.y_test, settings)
         pings = [a.ping.remote() for a in actors]

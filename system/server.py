@@ -26,6 +26,7 @@ from strategies.attacks import Adversary
 from strategies.base import RoundExtras
 from strategies.server_step import HostSum, Replies, ServerStep, skip_reason
 from system.codecs import build_codec
+from system.eval import combine
 from system.host import HostReply
 from system.specs import Federated
 
@@ -141,6 +142,9 @@ class ServerSettings:
     host_reduce: bool = True
     threads: int = 1
     comm: dict[str, Any] | None = None
+    #: the hosts hold the test set (and, for natural partitions, their clients' held-out samples)
+    #: and evaluate on it (system/eval.py); False: ``evaluate_model`` in the server's process
+    host_eval: bool = False
 
     @classmethod
     def of(cls, c: dict[str, Any]) -> ServerSettings:
@@ -217,6 +221,7 @@ class ParameterServer:
         self.x_test, self.y_test = x_test, y_test
         num_classes = fed.host.model.num_classes
         self.num_classes = num_classes
+        self.private = bool(fed.kinds)  # per-client accuracies are not covered by epsilon
         self.round_idx = 0
 
     # -- one round -------------------------------------------------------------------------------
@@ -326,7 +331,15 @@ class ParameterServer:
         return None
 
     def evaluate(self) -> dict[str, float]:
-        """Test accuracy and loss of the global model."""
+        """Test accuracy and loss of the global model: the hosts' sums (system/eval.py) where they
+        hold the test set, with the per-client accuracy distribution where they hold held-out
+        samples (not under DP: epsilon does not cover it, docs/privacy.md); else in this process,
+        also when a lost host's test slice is gone."""
+        if self.settings.host_eval:
+            parts = self.pool.evaluate(self.params)
+            if sum(p.count for p in parts) == len(self.y_test):
+                return combine(parts, self.num_classes, per_client=not self.private)
+            log.warning("part of the test set was lost with a host: evaluating in the server")
         return evaluate_model(
             self.model, self.spec, self.params, self.x_test, self.y_test, self.num_classes
         )
