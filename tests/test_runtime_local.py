@@ -341,7 +341,7 @@ def test_a_run_killed_mid_write_leaves_no_temp_files_after_its_resume(tmp_path) 
     """A driver killed while it wrote a checkpoint (or any atomic file) leaves a
     ``.checkpoint.*.tmp`` as large as the model; the resumed run removes such leftovers of this
     directory's writers (before: they stayed, and piled up on a disk that may be full)."""
-    train(compose("experiment=smoke", "rounds=2"), run_dir=str(tmp_path))
+    train(compose("experiment=smoke", "rounds=1"), run_dir=str(tmp_path))
     stale = [tmp_path / ".checkpoint.x1.tmp", tmp_path / ".summary.json.x2.tmp"]
     stale.append(tmp_path / ".hydra" / ".config.yaml.x3.tmp")
     (tmp_path / ".hydra").mkdir(exist_ok=True)
@@ -349,9 +349,9 @@ def test_a_run_killed_mid_write_leaves_no_temp_files_after_its_resume(tmp_path) 
         f.write_bytes(b"\0" * 1000)
     keep = tmp_path / ".user-notes.tmp"  # not a name this directory's writers use
     keep.write_text("mine")
-    train(compose("experiment=smoke", "rounds=3", "resume=true"), run_dir=str(tmp_path))
+    train(compose("experiment=smoke", "rounds=2", "resume=true"), run_dir=str(tmp_path))
     assert not [f for f in stale if f.exists()] and keep.exists()
-    assert _rounds(tmp_path) == [1, 2, 3]
+    assert _rounds(tmp_path) == [1, 2]
 
 
 def test_sparse_label_ids_are_refused_before_any_work(tmp_path) -> None:
@@ -375,8 +375,8 @@ def test_run_files_get_the_mode_of_the_umask_like_metrics(tmp_path) -> None:
     metrics.jsonl turned 0600 after a resume)."""
     old = os.umask(0o027)
     try:
-        train(compose("experiment=smoke", "rounds=2"), run_dir=str(tmp_path))
-        train(compose("experiment=smoke", "rounds=3", "resume=true"), run_dir=str(tmp_path))
+        train(compose("experiment=smoke", "rounds=1"), run_dir=str(tmp_path))
+        train(compose("experiment=smoke", "rounds=2", "resume=true"), run_dir=str(tmp_path))
     finally:
         os.umask(old)
     names = ("summary.json", "partition.json", "checkpoint.pt", "metrics.jsonl")
@@ -412,13 +412,13 @@ class _CallsOsSystem:
 
 
 def test_resume_with_fewer_rounds_than_the_checkpoint_is_refused(tmp_path) -> None:
-    """rounds=2 with a checkpoint of round 3: one line before anything is written (before: it
-    ran no round, rewrote summary.json with rounds 2 and rounds_completed 3, and printed
-    'rounds=3/2')."""
-    train(compose("experiment=smoke"), run_dir=str(tmp_path))
+    """rounds=1 with a checkpoint of round 2: one line before anything is written (before: it
+    ran no round, rewrote summary.json with rounds 1 and rounds_completed 2, and printed
+    'rounds=2/1')."""
+    train(compose("experiment=smoke", "rounds=2"), run_dir=str(tmp_path))
     before = _snapshot(tmp_path)
-    with pytest.raises(CheckpointError, match=r"holds round 3 but rounds=2; .*rounds=3 or more"):
-        train(compose("experiment=smoke", "resume=true", "rounds=2"), run_dir=str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"holds round 2 but rounds=1; .*rounds=2 or more"):
+        train(compose("experiment=smoke", "resume=true", "rounds=1"), run_dir=str(tmp_path))
     assert _snapshot(tmp_path) == before
 
 
@@ -426,12 +426,12 @@ def test_a_fresh_run_over_a_previous_run_says_what_it_replaces(tmp_path, caplog)
     """The same command again without resume=true starts over and replaces the previous run's
     checkpoint and metrics (benchmarks rely on it); it says so, naming resume=true (before:
     silently)."""
-    train(compose("experiment=smoke", "rounds=2"), run_dir=str(tmp_path))
+    train(compose("experiment=smoke", "rounds=1"), run_dir=str(tmp_path))
     with caplog.at_level("WARNING", logger="flagstaff"):
-        train(compose("experiment=smoke", "rounds=2"), run_dir=str(tmp_path))
+        train(compose("experiment=smoke", "rounds=1"), run_dir=str(tmp_path))
     assert f"{tmp_path} holds a previous run's checkpoint.pt" in caplog.text
     assert "resume=true" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="flagstaff"):  # continuing it: no such warning
-        train(compose("experiment=smoke", "rounds=3", "resume=true"), run_dir=str(tmp_path))
+        train(compose("experiment=smoke", "rounds=2", "resume=true"), run_dir=str(tmp_path))
     assert "previous run" not in caplog.text
