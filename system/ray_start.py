@@ -136,7 +136,11 @@ def private_temp_dir() -> str | None:
     guards Ray's TCP ports, not its files. None where there are no uids (Windows)."""
     if not hasattr(os, "getuid"):
         return None
-    base = Path(tempfile.gettempdir()) / f"flagstaff-ray-{os.getuid()}"
+    try:  # where Ray itself would put /tmp/ray (RAY_TMPDIR; /tmp on macOS, short socket paths)
+        from ray._common.utils import get_default_system_temp_dir as system_temp_dir
+    except ImportError:
+        system_temp_dir = tempfile.gettempdir
+    base = Path(system_temp_dir()) / f"flagstaff-ray-{os.getuid()}"
     try:
         base.mkdir(mode=0o700, exist_ok=True)
         st = os.lstat(base)
@@ -146,7 +150,7 @@ def private_temp_dir() -> str | None:
     except OSError:
         ours = False
     if not ours:
-        base = Path(tempfile.mkdtemp(prefix="flagstaff-ray-"))
+        base = Path(tempfile.mkdtemp(prefix="flagstaff-ray-", dir=base.parent))
     return str(base / "ray")
 
 

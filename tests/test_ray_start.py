@@ -296,3 +296,20 @@ def test_a_ray_imported_before_flagstaff_could_make_it_private_is_refused(tmp_pa
     )
     assert p.returncode != 0
     assert "call system.ray_start.make_ray_private() before importing ray" in p.stderr
+
+
+def test_private_temp_dir_never_uses_a_name_planted_by_someone_else(tmp_path, monkeypatch) -> None:
+    """<Ray's temp base>/flagstaff-ray-<uid> is predictable: a symlink planted there is not
+    followed; the local Ray gets a fresh directory of mode 700 beside it instead."""
+    from system.ray_start import private_temp_dir
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o777)
+    (tmp_path / f"flagstaff-ray-{os.getuid()}").symlink_to(elsewhere)
+    got = Path(private_temp_dir())
+    assert got.name == "ray" and got.parent.parent == tmp_path and elsewhere not in got.parents
+    assert got.parent.stat().st_mode & 0o777 == 0o700 and not got.parent.is_symlink()
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "fresh"))
+    (tmp_path / "fresh").mkdir()
+    assert private_temp_dir() == str(tmp_path / "fresh" / f"flagstaff-ray-{os.getuid()}" / "ray")
