@@ -135,9 +135,14 @@ def test_held_out_samples_are_not_trained_on(tmp_path) -> None:
         stepper.close()
 
 
-def test_dp_runs_do_not_write_per_client_accuracies(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "dp",
+    [("client=dpsgd",), ("strategy=dp_fedavg", "sampling=bernoulli")],
+    ids=["sample-level", "client-level"],
+)
+def test_dp_runs_do_not_write_per_client_accuracies(tmp_path, dp) -> None:
     """Per-client accuracies are not covered by epsilon (docs/privacy.md): not written under DP."""
-    res = train(_natural("client=dpsgd", "rounds=1", "eval_every=1"), run_dir=str(tmp_path))
+    res = train(_natural(*dp, "rounds=1", "eval_every=1"), run_dir=str(tmp_path))
     last = res["metrics"][-1]
     assert "accuracy" in last and not any(k.startswith("accuracy_client") for k in last)
 
