@@ -1,4 +1,4 @@
-"""Shared workload definitions for the simulation benchmark (W1, W2, W3, CNN, RESNET8, tiny).
+"""Shared workload definitions for the simulation benchmark (W1, W2, W3, W4, CNN, RESNET8, tiny).
 
 Every implementation compared by ``benchmarks/simulation.py`` (Flower, the plain loop, Flagstaff)
 must train the *same* model on the *same* data, so everything that decides the arithmetic lives
@@ -43,6 +43,7 @@ __all__ = [
     "W1",
     "W2",
     "W3",
+    "W4",
     "CNN",
     "RESNET8",
     "TINY",
@@ -157,6 +158,10 @@ MODELS = ("mlp", "cnn", "resnet8")
 W1 = Workload("w1", 100, 100, None, 20, experiment="sim_w1")
 W2 = Workload("w2", 1_000, 100, 40, 10, experiment="sim_w2")
 W3 = Workload("w3", 10_000, 1_000, 40, 5, experiment="sim_w3")
+#: scale (issue 22 item 4): W3's round (1,000 clients of 40 samples) out of 100,000 clients, so the
+#: per-round cost per sampled client should match W3's while data, per-client state and partition
+#: grow 10x (peak PSS target < 3 GB; docs/cluster.md "Scale")
+W4 = Workload("w4", 100_000, 1_000, 40, 5, experiment="sim_w4")
 #: mnist1d (4000 train samples, generated offline) with the small CNN, 100 IID clients, 20 per
 #: round: the per-client arithmetic is convolutional, not a few tiny matmuls
 CNN = Workload(
@@ -179,7 +184,7 @@ RESNET8 = Workload(
 #: A workload that finishes in seconds, for tests and smoke runs (not part of the benchmark).
 TINY = Workload("tiny", 10, 10, None, 2, experiment="smoke")
 
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (W1, W2, W3, CNN, RESNET8, TINY)}
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (W1, W2, W3, W4, CNN, RESNET8, TINY)}
 
 
 def get_workload(name: str) -> Workload:

@@ -146,7 +146,12 @@ DEFAULT_SKIPS: dict[str, dict[str, str]] = {
         "flower": "skipped: Flower 1.41 with 10,000 SuperNodes and 1,000 messages per round is "
         "too slow for this benchmark's budget (its engine polls every node's queue every 0.1 s); "
         "pass --force to run it",
-    }
+    },
+    "w4": {
+        "flower": "skipped: Flower 1.41 with 100,000 SuperNodes is too slow for this benchmark's "
+        "budget (see w3); pass --force to run it",
+        "flagstaff-ray-seq": "skipped: the per-client path is measured on w3; pass --force to run it",
+    },
 }
 
 
@@ -921,7 +926,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workload",
         default="w1",
-        help="comma-separated: w1,w2,w3,cnn,resnet8 (or tiny); 'all' = w1,w2,w3",
+        help="comma-separated: w1,w2,w3,w4,cnn,resnet8 (or tiny); 'all' = w1,w2,w3",
     )
     parser.add_argument(
         "--impl", default=",".join(RUNNERS), help=f"comma-separated subset of {','.join(RUNNERS)}"

@@ -29,6 +29,7 @@ import torch
 from clients.plan import make_plan
 from clients.trainer import ParamSpec
 from strategies.server_step import weighted_sum
+from system.client_state import ClientStateStore
 from system.codecs import build_codec
 from system.eval import EvalPart, score
 from system.specs import HostSpec
@@ -109,7 +110,14 @@ class UnknownClientsError(ValueError):
 
 @dataclass
 class HostShard:
-    """The data of a host's clients: contiguous samples plus per-client offsets and sizes."""
+    """The data of a host's clients: contiguous samples plus per-client offsets and sizes.
+
+    With ``index`` (clients that share samples, e.g. ``partition=with_replacement``: 100,000
+    clients of 40 samples from 1,437), ``x``/``y`` are the whole train set, stored once, and each
+    client's samples are the rows ``index[offsets[i] : offsets[i] + sizes[i]]`` of it; a round
+    gathers only its clients' rows (:meth:`rows`). Without it, ``x``/``y`` hold each client's
+    samples contiguously at ``offsets``.
+    """
 
     client_ids: np.ndarray  # (C,) global ids, sorted (within each block a host adopted)
     offsets: np.ndarray  # (C,)
@@ -122,12 +130,25 @@ class HostShard:
     #: what the host evaluates (``system.eval.EvalShard``: its test-set slice, its clients'
     #: held-out samples); None: the server evaluates in its own process
     eval: Any = None
+    #: per-client rows of ``x``/``y`` (see above); None: ``x``/``y`` are the clients' own samples
+    index: np.ndarray | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle the samples as numpy arrays; the receiving host views them in Ray's object store
         without a copy (system/wire.py; hosts only read their samples)."""
         wire = (self.client_ids, self.offsets, self.sizes, to_wire(self.x), to_wire(self.y))
-        return (_shard_from_wire, (*wire, self.transform, self.eval))
+        return (_shard_from_wire, (*wire, self.transform, self.eval, self.index))
+
+    def rows(self, pos: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """For the clients at positions ``pos``: the rows of ``x`` that hold their samples, one
+        client after the other (None: they already lie at ``offsets``), and each client's offset
+        into those gathered rows (its offset in ``x`` when the rows are None)."""
+        offsets, sizes = self.offsets[pos], self.sizes[pos]
+        if self.index is None:
+            return None, offsets
+        starts = np.cumsum(sizes) - sizes  # where each client begins among the gathered rows
+        at = np.repeat(offsets - starts, sizes) + np.arange(int(sizes.sum()))
+        return self.index[at].astype(np.int64), starts
 
 
 def _shard_from_wire(
@@ -138,9 +159,17 @@ def _shard_from_wire(
     y: Any,
     transform=None,
     eval=None,  # noqa: A002 - the field's name
+    index: np.ndarray | None = None,
 ) -> HostShard:
     return HostShard(
-        client_ids, offsets, sizes, shared_from_wire(x), shared_from_wire(y), transform, eval
+        client_ids,
+        offsets,
+        sizes,
+        shared_from_wire(x),
+        shared_from_wire(y),
+        transform,
+        eval,
+        index,
     )
 
 
@@ -227,7 +256,9 @@ class ClientHost:
         self.rule = copy.deepcopy(spec.rule)
         d, C = self.spec.numel, len(shard.client_ids)
         names = self.rule.client_state if self.rule is not None else ()
-        self.client_state = {n: torch.zeros(C, d, device=self.device) for n in names}
+        # rows only for clients that have state; mapped to a file in the run directory when the
+        # dense table would be large (system/client_state.py, docs/cluster.md "Scale")
+        self.client_state = ClientStateStore(names, C, d, self.device, spec.state_dir)
         # compressed communication: the codec and its per-client state (error-feedback residual,
         # PowerSGD's warm-start Q), kept here and checkpointed with the rule's state
         self.codec = build_codec(spec.comm, self.spec, seed)
@@ -278,10 +309,15 @@ class ClientHost:
         ids = np.asarray(shard.client_ids, dtype=np.int64)
         if len(ids) == 0 or int(ids[0]) in self.position:
             return []
-        base = self.x.shape[0]
-        self.x = torch.cat([self.x, shard.x.to(self.device)])
-        self.y = torch.cat([self.y, shard.y.to(self.device)])
         old = self.shard
+        if (old.index is None) != (shard.index is None):
+            raise ValueError(f"host {self.host_id}: the shard to adopt is laid out differently")
+        if old.index is not None:  # both index the same train set: only the row lists join
+            base, index = len(old.index), np.concatenate([old.index, shard.index])
+        else:
+            base, index = self.x.shape[0], None
+            self.x = torch.cat([self.x, shard.x.to(self.device)])
+            self.y = torch.cat([self.y, shard.y.to(self.device)])
         self.shard = HostShard(
             np.concatenate([old.client_ids, ids]),
             np.concatenate([old.offsets, np.asarray(shard.offsets) + base]),
@@ -289,11 +325,11 @@ class ClientHost:
             self.x,
             self.y,
             old.transform,
+            index=index,
         )
         self.position.update({int(c): len(old.client_ids) + i for i, c in enumerate(ids)})
-        d, C = self.spec.numel, len(ids)
-        for n, v in self.client_state.items():
-            self.client_state[n] = torch.cat([v, torch.zeros(C, d, device=self.device)])
+        C = len(ids)
+        self.client_state.extend(C)  # fresh clients hold no state (zeros)
         fresh = self.codec.init_state(C, self.device) if self.codec else {}
         for n, v in self.comm_state.items():
             self.comm_state[n] = torch.cat([v, fresh[n]])
@@ -341,9 +377,14 @@ class ClientHost:
         tr = self.trainer
         rows = torch.as_tensor(pos, device=self.device)
         sizes = torch.as_tensor(self.shard.sizes[pos], device="cpu")  # counts the trainer reads
+        take, offsets = self.shard.rows(pos)  # shared samples: gather this round's rows only
+        x, y = self.x, self.y
+        if take is not None:
+            at = torch.as_tensor(take, device=self.device)
+            x, y = x[at], y[at]
         try:
             plan = make_plan(
-                self.shard.offsets[pos],
+                offsets,
                 self.shard.sizes[pos],
                 np.asarray(client_ids),
                 tr.batch_size,
@@ -355,31 +396,29 @@ class ClientHost:
             )
             # trainers with per-client objects (DP-SGD: one PrivacyEngine per client) get ids, offsets
             per_client = (
-                {"client_ids": np.asarray(client_ids), "offsets": self.shard.offsets[pos]}
-                if tr.per_client
-                else {}
+                {"client_ids": np.asarray(client_ids), "offsets": offsets} if tr.per_client else {}
             )
             if self.shard.transform is not None:  # bound to the round: clients.augment
                 per_client["transform"] = self.shard.transform.bind(
-                    self.seed, round_idx, client_ids, self.shard.offsets[pos]
+                    self.seed, round_idx, client_ids, offsets
                 )
             res = tr.train(
                 self.model,
                 self.spec,
                 global_flat.to(self.device),
-                self.x,
-                self.y,
+                x,
+                y,
                 plan,
                 self.num_classes,
                 sizes,
                 rule=self.rule,
-                state={n: v[rows] for n, v in self.client_state.items()},
+                state=self.client_state.gather(pos),
                 broadcast={n: v.to(self.device) for n, v in (broadcast or {}).items()},
                 round_idx=round_idx,
                 **per_client,
             )
-            for n, v in res.state.items():
-                self.client_state[n][rows] = v
+            if res.state:
+                self.client_state.scatter(pos, res.state)
             updates = res.updates
             if self.codec is not None:  # encode after local training; the server decodes
                 updates, new = self.codec.encode(
@@ -441,10 +480,13 @@ class ClientHost:
     def state_dict(self) -> dict[str, Any]:
         """Per-client state of the local rule (e.g. SCAFFOLD's c_i) and of the codec (``comm.*``:
         error-feedback residual, PowerSGD's Q), rows in client-id order."""
+        if not self.comm_state:  # only the clients that have state (the others hold zeros)
+            return self.client_state.state_dict(self.shard.client_ids)
+        every = np.arange(len(self.shard.client_ids))
         return {
             # a copy: arrays of shards that came through Ray's object store are read-only
             "client_ids": torch.tensor(self.shard.client_ids, device="cpu"),
-            **{n: v.cpu().clone() for n, v in self.client_state.items()},
+            **{n: v.cpu().clone() for n, v in self.client_state.gather(every).items()},
             **{f"comm.{n}": v.cpu().clone() for n, v in self.comm_state.items()},
         }
 
@@ -452,19 +494,27 @@ class ClientHost:
         """Restore this host's rows from a state over any set of clients (any host layout)."""
         if not self.client_state and not self.comm_state:
             return
-        ids = np.asarray(state.get("client_ids", np.empty(0, np.int64)))
-        where = {int(c): i for i, c in enumerate(ids)}
-        missing = [int(c) for c in self.shard.client_ids if int(c) not in where]
-        if missing:
-            raise ValueError(
-                f"host {self.host_id}: the checkpoint holds no state for clients {missing[:5]}; "
-                "resume with the num_clients and strategy the checkpoint was written with"
-            )
-        rows = torch.as_tensor([where[int(c)] for c in self.shard.client_ids], device="cpu")
+        ids = np.asarray(state.get("client_ids", np.empty(0, np.int64)), dtype=np.int64)
+        own = np.asarray(self.shard.client_ids, dtype=np.int64)
+        # a checkpoint holds the clients that had state; the others held zeros (client_state.py)
+        order = np.argsort(ids, kind="stable")
+        at = np.searchsorted(ids[order], own) if len(ids) else np.zeros(len(own), np.int64)
+        found = (at < len(ids)) & (ids[order][np.minimum(at, max(len(ids) - 1, 0))] == own)
+        if not len(ids):
+            found[:] = False
+        pos = np.flatnonzero(found)  # this host's positions the checkpoint has rows for
+        src = torch.as_tensor(order[at[pos]], device="cpu")
         for n in self.client_state:
             if n not in state:
                 raise ValueError(f"host {self.host_id}: checkpoint has no client state {n!r}")
-            self.client_state[n] = state[n][rows].to(self.device).clone()
+        self.client_state.load(pos, {n: state[n][src] for n in self.client_state})
+        if self.comm_state and not found.all():
+            missing = own[~found].tolist()
+            raise ValueError(
+                f"host {self.host_id}: the checkpoint holds no state for clients {missing[:5]}; "
+                "resume with the num_clients and comm config the checkpoint was written with"
+            )
+        rows = torch.as_tensor(order[at], device="cpu") if self.comm_state else None
         for n in self.comm_state:
             if f"comm.{n}" not in state:
                 raise ValueError(

@@ -47,9 +47,17 @@ log = logging.getLogger("flagstaff")
 
 
 def _shards(parts, ds, hosts: int, adversary: Adversary) -> tuple[np.ndarray, list[HostShard]]:
-    """Contiguous client-id blocks per host; Byzantine data poisoning applied at placement."""
+    """Contiguous client-id blocks per host; Byzantine data poisoning applied at placement.
+
+    Clients that share samples (more samples over all clients than the train set holds, e.g.
+    ``partition=with_replacement``) get the train set once per host plus their row indices
+    (``HostShard.index``: 4 bytes per sample of a client instead of a copy of the sample)."""
     n = len(parts)
     owner = (np.arange(n) * hosts) // n
+    sizes_all = np.fromiter((len(p) for p in parts), dtype=np.int64, count=n)
+    poisoned = adversary.active and adversary.kind == "data"  # per-client copies then
+    if not poisoned and int(sizes_all.sum()) > len(ds.y_train):
+        return owner, _index_shards(parts, sizes_all, ds, owner, hosts)
     shards = []
     for h in range(hosts):
         ids = np.flatnonzero(owner == h)
@@ -64,6 +72,23 @@ def _shards(parts, ds, hosts: int, adversary: Adversary) -> tuple[np.ndarray, li
         offsets = np.cumsum(sizes) - sizes
         shards.append(HostShard(ids, offsets, sizes, torch.cat(xs), torch.cat(ys), ds.transform))
     return owner, shards
+
+
+def _index_shards(
+    parts, sizes_all: np.ndarray, ds, owner: np.ndarray, hosts: int
+) -> list[HostShard]:
+    """Per host: the whole train set and its clients' row indices (int32 where they fit)."""
+    dtype = np.int32 if len(ds.y_train) < 2**31 else np.int64
+    shards = []
+    for h in range(hosts):
+        ids = np.flatnonzero(owner == h)
+        sizes = sizes_all[ids]
+        index = np.concatenate([parts[c] for c in ids] or [np.empty(0, dtype)]).astype(dtype)
+        offsets = np.cumsum(sizes) - sizes
+        shards.append(
+            HostShard(ids, offsets, sizes, ds.x_train, ds.y_train, ds.transform, index=index)
+        )
+    return shards
 
 
 def train(
@@ -90,6 +115,8 @@ def train(
         # under DP without label histograms (and client sizes under client-level DP)
         part = private_partition(summarize(run.parts, labels, run.data.num_classes), run.kinds)
         out.write_json("partition.json", part)
+        if run.federated is not None:  # large per-client state maps into the run directory
+            run.federated.host = replace(run.federated.host, state_dir=str(out.path))
         stepper = start(run, stack)
         return run_loop(c, stepper, out, fp, state, t_start)
 

@@ -55,6 +55,8 @@ class HostSpec:
     comm: dict[str, Any] | None = None
     seed: int = 0
     threads: int = 1
+    #: where hosts map large per-client state tables (the run directory; system/client_state.py)
+    state_dir: str | None = None
 
 
 @dataclass
