@@ -179,3 +179,33 @@ def test_a_host_that_takes_over_a_lost_hosts_clients_evaluates_its_slice_too() -
     alone = survivor.evaluate(params)
     assert alone.count == len(ds.y_test) and alone.client_ids.tolist() == list(range(10))
     assert combine([alone], 10) == pytest.approx(combine(both, 10), rel=1e-6)
+
+
+def test_femnist_by_writer_scores_held_out_images_normalized(tmp_path) -> None:
+    """FEMNIST's layout (uint8 images, a per-step transform, one client per writer): the held-out
+    images are normalized without augmentation on the hosts, and the distribution is written."""
+    from tests.test_hf_data import make_femnist
+
+    root = make_femnist(tmp_path / "femnist", writers=6, per_writer=12)
+    cfg = compose("experiment=smoke", "data=femnist", f"data.path={root}", "model=mlp",
+                  "partition=natural", "num_clients=6", "clients_per_round=3", "rounds=1",
+                  "cluster.hosts=2")  # fmt: skip
+    res = train(cfg, run_dir=str(tmp_path / "run"))
+    last = res["metrics"][-1]
+    run = build_run(cfg)
+    ds, fed = run.data, run.federated
+    held = holdout(run.parts, 0)[1]
+    acc = [
+        evaluate_model(
+            fed.model,
+            fed.spec,
+            res["params"],
+            ds.transform(ds.x_train[h]),
+            ds.y_train[h],
+            ds.num_classes,
+        )["accuracy"]
+        for h in held
+    ]
+    assert last["accuracy_client_mean"] == pytest.approx(np.mean(acc), abs=1e-12)
+    assert last["accuracy_client_worst"] == pytest.approx(min(acc), abs=1e-12)
+    _same(last, _reference(cfg, res["params"]))
