@@ -38,6 +38,7 @@ from system.wire import from_wire, shared_from_wire, to_wire
 __all__ = [
     "ClientHost",
     "HostShard",
+    "ShardRef",
     "host_device",
     "local_host_device",
     "HostReply",
@@ -173,6 +174,38 @@ def _shard_from_wire(
     )
 
 
+class ShardRef:
+    """A host's shard as a Ray object reference inside a plain (inline) constructor argument.
+
+    Ray re-runs an actor's constructor with the same arguments when it restarts the actor, so a
+    restarted host fetches the same shard (the driver keeps the reference for the whole run). A
+    shard passed as a top-level reference would be a constructor argument in the object store, which
+    Ray's core worker reports on the console for every actor with ``max_restarts > 0``
+    (github.com/ray-project/ray/issues/53727); a reference nested in an argument is not."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: Any) -> None:
+        import ray
+
+        # serialized out of band, so Ray sees bytes, not a reference, in the constructor's
+        # arguments; Ray then pins the shard until its owner (the driver) ends, a little longer
+        # than the run's own reference (docs.ray.io, ray-core/patterns/out-of-band-object-ref-
+        # serialization). Where that is turned off (RAY_allow_out_of_band_object_ref_serialization
+        # =0) the reference goes as it is (and Ray logs its line).
+        try:
+            self.ref = ray.cloudpickle.dumps(ref)
+        except Exception:  # noqa: BLE001 - Ray refuses out-of-band references: pass it as is
+            self.ref = ref
+
+    def get(self) -> HostShard:
+        """The shard (from the object store; zero-copy for its tensors)."""
+        import ray
+
+        ref = ray.cloudpickle.loads(self.ref) if isinstance(self.ref, bytes) else self.ref
+        return ray.get(ref)
+
+
 @dataclass
 class HostReply:
     """One host's answer for one round (one tensor for all its clients)."""
@@ -220,7 +253,7 @@ class ClientHost:
     def __init__(
         self,
         host_id: int,
-        shard: HostShard,
+        shard: HostShard | ShardRef,
         spec: HostSpec,
         device: str = "cpu",
         delay_s: float = 0.0,
@@ -230,6 +263,7 @@ class ClientHost:
         torch.set_num_threads(max(1, int(spec.threads)))
         self.host_id = host_id
         self.device = host_device(device)
+        shard = shard.get() if isinstance(shard, ShardRef) else shard  # backend=ray: by reference
         self.shard = shard
         self.x = shard.x.to(self.device)  # the host's samples move to its device once, here
         self.y = shard.y.to(self.device)

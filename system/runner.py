@@ -27,7 +27,7 @@ from clients.partition import summarize
 from strategies.attacks import Adversary
 from system.build import Run, build_run, check_gpus, check_resources
 from system.eval import attach_eval, split_for_eval
-from system.host import ClientHost, HostShard, local_host_device
+from system.host import ClientHost, HostShard, ShardRef, local_host_device
 from system.loop import NO_UPDATE, RunStopped, check_resume, fingerprint, finish_summary, run_loop
 from system.pool import LocalPool, RayPool
 from system.ray_start import check_auth_token, init_ray, shutdown_ray
@@ -255,13 +255,14 @@ def _start_ray(run: Run, stack: ExitStack) -> ServerRun:
     device = "cuda" if gpu > 0 else "cpu"  # cuda: the GPU Ray assigns (system.host.host_device)
     tag = f"{os.getpid()}-{time.time_ns()}"
     # the driver keeps the shard references for the whole run: Ray re-runs a host's constructor
-    # with them when it restarts the host (after a crash or on another node)
+    # with them when it restarts the host (after a crash or on another node); each goes nested in
+    # a ShardRef, so Ray does not log a console line per host about object-store arguments
     shard_refs = [ray.put(s) for s in shards]
     stack.callback(shard_refs.clear)
     actors = [
         Host.options(name=f"flagstaff-host-{h}-{tag}", **opts).remote(
             h,
-            shard_refs[h],
+            ShardRef(shard_refs[h]),
             device=device,
             delay_s=float(cl["slow_hosts"][h]) if h < len(cl["slow_hosts"]) else 0.0,
             spec=fed.host,

@@ -80,3 +80,17 @@ def test_flower_logs_leave_the_console_of_a_quiet_run() -> None:
     finally:
         flwr_log.handlers[:], flwr_log.filters[:] = saved[0], saved[1]
         flwr_log.propagate = saved[2]
+
+
+def test_default_ray_run_prints_only_the_bar_and_the_final_line(tmp_path) -> None:
+    """backend=ray: the driver's Ray prints nothing of its own either (its core worker used to log
+    "Actor ... has constructor arguments in the object store and max_restarts > 0" for every host:
+    the hosts now fetch their shards by a reference they get inside a plain argument)."""
+    p = _train("experiment=smoke", "backend=ray", "progress=true", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        rf"done: accuracy=\S+ rounds=3/3 run_dir={tmp_path}", lines[0]
+    )
+    pieces = [s for s in re.split(r"[\r\n]", p.stderr) if s.strip()]
+    assert pieces and all(BAR.match(s) for s in pieces), [s for s in pieces if not BAR.match(s)]
