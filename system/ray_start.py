@@ -42,6 +42,7 @@ __all__ = [
     "importing_in_background",
     "init_ray",
     "lean_local_start",
+    "lean_start_problem",
     "make_ray_private",
     "private_temp_dir",
     "shutdown_ray",
@@ -260,6 +261,48 @@ def local_ray_options(cl: Mapping[str, Any]) -> dict[str, Any]:
     return {"_system_config": {"preload_python_modules": list(PRELOAD_MODULES)}}
 
 
+#: Ray versions whose private start-up functions ``lean_local_start`` was verified against
+#: (tests/test_ray_start.py); with any other version a local Ray starts through the public
+#: ``ray.init`` alone, with the same security settings (loopback, token, watchdog)
+LEAN_VERIFIED_RAY = ("2.55.1",)
+
+#: the private functions the lean start replaces or calls, with the parameters it relies on
+_LEAN_SIGNATURES = {
+    "start_api_server": ("include_dashboard", "raise_on_failure", "host", "gcs_address"),
+    "get_node": ("gcs_address", "node_id"),
+    "_get_gcs_client_options": ("gcs_server_address",),
+}
+
+
+def lean_start_problem() -> str | None:
+    """None when this Ray's private start-up functions are the ones ``lean_local_start`` was
+    verified against (version in LEAN_VERIFIED_RAY, names and parameters as expected); else why
+    not, in a few words."""
+    import inspect
+
+    try:
+        import ray
+        import ray._private.services as services
+        import ray._private.state as state
+    except ImportError as err:
+        return f"cannot import {err.name}"
+    if ray.__version__ not in LEAN_VERIFIED_RAY:
+        return f"ray {ray.__version__} is not one of the verified {', '.join(LEAN_VERIFIED_RAY)}"
+    if not hasattr(state, "GlobalState"):
+        return "ray._private.state.GlobalState is missing"
+    for name, expected in _LEAN_SIGNATURES.items():
+        fn = getattr(services, name, None)
+        if not callable(fn):
+            return f"ray._private.services.{name} is missing"
+        try:
+            params = tuple(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            return f"ray._private.services.{name} has no readable signature"
+        if params[: len(expected)] != expected:
+            return f"ray._private.services.{name}{params} differs from {expected}"
+    return None
+
+
 @contextmanager
 def lean_local_start(enabled: bool = True) -> Iterator[bool]:
     """While a new local Ray starts without a dashboard, skip two waits on its critical path.
@@ -274,20 +317,17 @@ def lean_local_start(enabled: bool = True) -> Iterator[bool]:
        makes Ray's call, which then returns at once.
 
     Both are private functions of ``ray._private.services``, replaced only during the ``ray.init``
-    inside this block and restored after; if they are missing (another Ray version) nothing is
-    replaced and the start is Ray's own. Yields whether the lean start is in effect.
+    inside this block and restored after; unless this Ray is a verified version whose functions
+    have the expected names and parameters (``lean_start_problem``), nothing is replaced and the
+    start is Ray's own public ``ray.init``. Yields whether the lean start is in effect.
     """
-    try:
-        import ray._private.services as services
-        import ray._private.state as state
-
-        originals = {name: getattr(services, name) for name in ("start_api_server", "get_node")}
-        getattr(services, "_get_gcs_client_options")  # noqa: B009 - used below; check it exists
-    except (ImportError, AttributeError):
-        enabled = False
-    if not enabled:
+    if not enabled or lean_start_problem() is not None:
         yield False
         return
+    import ray._private.services as services
+    import ray._private.state as state
+
+    originals = {name: getattr(services, name) for name in ("start_api_server", "get_node")}
 
     def no_api_server(*args: Any, **kwargs: Any) -> tuple[None, None]:
         return None, None
@@ -337,10 +377,18 @@ def init_ray(cl: Mapping[str, Any]) -> bool:
 
         ray.init(address=address, dashboard_host="127.0.0.1", **options)
         return True
-    lean = not dashboard and cl.get("lean_start", True)
+    wanted = not dashboard and cl.get("lean_start", True)
     make_ray_private()  # before ray is imported (below, and by lean_local_start)
-    with lean_local_start(lean):
+    with lean_local_start(wanted) as lean:
+        why = None if lean or not wanted else lean_start_problem()
         start_local_ray(**options, **local_ray_options(cl))
+    if lean:
+        log.info("Ray start-up: lean (no idle dashboard head; node registration polled)")
+    else:
+        log.info(
+            "Ray start-up: public ray.init (%s)",
+            why or ("dashboard on" if dashboard else "cluster.lean_start=false"),
+        )
     return True
 
 

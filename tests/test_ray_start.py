@@ -33,9 +33,10 @@ from tests.conftest import ROOT
 PRIVATE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 _START = """
-import json, sys
+import json, logging, sys
 import ray
 import ray._private.services as services
+logging.basicConfig(level=logging.INFO, format="LOG %(message)s")
 before = (services.start_api_server, services.get_node)
 from system.ray_start import init_ray
 assert init_ray({"address": None, "lean_start": sys.argv[1] == "true"})
@@ -61,6 +62,102 @@ def test_local_start_runs_tasks_with_or_without_the_dashboard_head(lean: bool) -
     assert res["answer"] == 42 and res["restored"]
     assert {"gcs_server", "raylet"} <= set(res["procs"])
     assert ("dashboard" in res["procs"]) is not lean
+    said = [line for line in out.stderr.splitlines() if line.startswith("LOG Ray start-up:")]
+    assert len(said) == 1 and ("public ray.init" in said[0]) is not lean, said
+
+
+def test_lean_start_is_taken_on_the_verified_ray_version() -> None:
+    """(a) The installed (pinned) Ray is a verified version: the private functions are replaced
+    during the start and restored after."""
+    import ray
+    import ray._private.services as services
+
+    from system.ray_start import LEAN_VERIFIED_RAY, lean_start_problem
+
+    assert ray.__version__ in LEAN_VERIFIED_RAY
+    assert lean_start_problem() is None
+    before = services.get_node
+    with lean_local_start(True) as lean:
+        assert lean is True and services.get_node is not before
+    assert services.get_node is before
+
+
+@pytest.mark.parametrize("change", ["version", "signature", "missing"])
+def test_lean_start_falls_back_when_rays_private_functions_may_differ(monkeypatch, change) -> None:
+    """(b) Another Ray version, a private function with other parameters, or one that is gone:
+    nothing is replaced (the start is the public ray.init) and the reason is named."""
+    import ray
+    import ray._private.services as services
+
+    from system.ray_start import lean_start_problem
+
+    if change == "version":
+        monkeypatch.setattr(ray, "__version__", "2.99.0")
+    elif change == "signature":
+        monkeypatch.setattr(services, "get_node", lambda address, node: None)
+    else:
+        monkeypatch.delattr(services, "_get_gcs_client_options")
+    why = lean_start_problem()
+    assert (
+        why is not None
+        and {"version": "2.99.0", "signature": "get_node"}.get(change, "_get_gcs_client_options")
+        in why
+    )
+    before = services.get_node
+    with lean_local_start(True) as lean:
+        assert lean is False and services.get_node is before
+
+
+_FALLBACK = """
+import json, logging, os, sys
+import ray._private.services as services
+logging.basicConfig(level=logging.INFO, format="LOG %(message)s")
+get_node = services.get_node
+# as if a Ray patch release had renamed its parameters (Ray calls it positionally: it still works)
+services.get_node = lambda address, node: get_node(address, node)
+from system.ray_start import init_ray
+from tests._procs import alive, descendants, listening
+assert init_ray({"address": None})
+import ray
+node = ray._private.worker._global_node
+socks = listening(alive(descendants(os.getpid())))
+gcs = int(node.gcs_address.rsplit(":", 1)[1])
+print(json.dumps({"procs": sorted(node.all_processes), "socks": socks, "gcs": gcs,
+                  "ip": node.node_ip_address, "token": bool(os.environ.get("RAY_AUTH_TOKEN"))}),
+      flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_public_fallback_start_is_still_private(tmp_path) -> None:
+    """(b) With a private function's parameters renamed, init_ray starts Ray through the public ray.init: one
+    log line says so, and that Ray is as private as the lean one (listens on loopback only,
+    refuses a connection without the run's token)."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", _FALLBACK],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"RAY_USAGE_STATS_ENABLED": "0", **os.environ},
+    )
+    try:
+        line = p.stdout.readline()  # type: ignore[union-attr]
+        assert line, p.stderr.read()[-3000:]  # type: ignore[union-attr]
+        res = json.loads(line)
+        assert "dashboard" in res["procs"]  # Ray's own start (its dashboard head runs)
+        assert is_loopback(res["ip"]) and res["token"]
+        assert res["gcs"] in {port for _, port in res["socks"]}
+        assert all(is_loopback(addr) for addr, _ in res["socks"]), res["socks"]
+        plain = {**_user_env(tmp_path / "home"), PRIVATE: "0"}
+        assert _connect(f"127.0.0.1:{res['gcs']}", plain) == "refused"
+    finally:
+        p.stdin.close()  # type: ignore[union-attr]
+        p.wait(timeout=120)
+    said = [s for s in p.stderr.read().splitlines() if s.startswith("LOG Ray start-up:")]
+    assert len(said) == 1, said
+    assert said[0].startswith("LOG Ray start-up: public ray.init (ray._private.services.get_node(")
 
 
 def test_lean_start_falls_back_to_rays_own_when_its_functions_are_missing(monkeypatch) -> None:
