@@ -116,7 +116,7 @@ def train(
         part = private_partition(summarize(run.parts, labels, run.data.num_classes), run.kinds)
         out.write_json("partition.json", part)
         if run.federated is not None:  # large per-client state maps into the run directory
-            run.federated.host = replace(run.federated.host, state_dir=str(out.path))
+            run.federated.host = replace(run.federated.host, state_dir=str(out.path.resolve()))
         stepper = start(run, stack)
         return run_loop(c, stepper, out, fp, state, t_start)
 
