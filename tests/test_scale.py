@@ -110,3 +110,32 @@ def test_resume_with_scaffold_state_is_exact(mapped: bool, tmp_path: Path, monke
         monkeypatch.setattr(client_state, "MAP_ABOVE_BYTES", 2**62)
         memory = train(compose(*over, "rounds=4"), run_dir=str(tmp_path / "c"))
         assert torch.equal(memory["params"], full["params"])
+
+
+def test_index_shards_travel_and_move_with_their_clients() -> None:
+    """Pickled (as Ray sends it) the shard keeps its index; a host that adopts a lost host's index
+    shard trains those clients exactly as their own host did (state starts at zero on both)."""
+    import pickle
+
+    run = build_run(compose(*SHARED, "strategy=scaffold", "num_clients=300"))
+    _, shards = _shards(run.parts, run.data, 2, run.federated.adversary)
+    wired = pickle.loads(pickle.dumps(shards[1]))
+    assert np.array_equal(wired.index, shards[1].index) and torch.equal(wired.x, shards[1].x)
+    fed = run.federated
+    h0, h1 = ClientHost(0, shards[0], fed.host), ClientHost(1, wired, fed.host)
+    params = fed.spec.flatten(dict(fed.model.named_parameters())).detach()
+    picked = [int(c) for c in shards[1].client_ids[[0, 7, -1]]]
+    there = h1.train(params, picked, 0, {"c": torch.zeros_like(params)})
+    assert h0.adopt(shards[1]) == shards[1].client_ids.tolist()
+    here = h0.train(params, picked, 0, {"c": torch.zeros_like(params)})
+    assert torch.equal(here.updates, there.updates)
+    assert len(h0.shard.index) == len(shards[0].index) + len(shards[1].index)
+
+
+def test_ray_equals_local_with_shared_samples_and_state(ray_session, tmp_path: Path) -> None:
+    over = (*SHARED, "strategy=scaffold", "num_clients=300", "clients_per_round=20", "rounds=3")
+    ray_res = train(compose(*over, "backend=ray", "cluster.hosts=2"), run_dir=str(tmp_path / "r"))
+    local = train(compose(*over, "backend=local", "cluster.hosts=2"), run_dir=str(tmp_path / "l"))
+    assert torch.equal(ray_res["params"], local["params"])
+    a, b = _ckpt(tmp_path / "r")["clients"], _ckpt(tmp_path / "l")["clients"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
