@@ -197,13 +197,8 @@ class ClientStateStore:
 
 
 def _writable(directory: Path | None) -> Path:
-    """``directory`` (created) where this process can write there (the run directory may not be on
-    a worker node's disk), else the system's temporary directory."""
-    if directory is not None:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            if os.access(directory, os.W_OK):
-                return directory
-        except OSError:
-            pass
+    """``directory`` where it exists and this process can write there (the run directory is not on
+    a worker node's disk without a shared file system), else the system's temporary directory."""
+    if directory is not None and directory.is_dir() and os.access(directory, os.W_OK):
+        return directory
     return Path(tempfile.gettempdir())

@@ -139,3 +139,15 @@ def test_ray_equals_local_with_shared_samples_and_state(ray_session, tmp_path: P
     assert torch.equal(ray_res["params"], local["params"])
     a, b = _ckpt(tmp_path / "r")["clients"], _ckpt(tmp_path / "l")["clients"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mapped_state_falls_back_to_the_temporary_directory(tmp_path: Path, monkeypatch) -> None:
+    """A host whose node lacks the run directory maps its state in its temporary directory (and
+    creates nothing where the run directory would be)."""
+    monkeypatch.setattr(client_state, "MAP_ABOVE_BYTES", 0)
+    monkeypatch.setattr(client_state.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    store = ClientStateStore(["c_i"], 10, 4, directory=tmp_path / "elsewhere" / "run")
+    store.scatter(np.array([2]), {"c_i": torch.ones(1, 4)})
+    assert store.mode == "mapped" and not (tmp_path / "elsewhere").exists()
+    assert torch.equal(store.gather(np.array([2, 3]))["c_i"].sum(1), torch.tensor([4.0, 0.0]))
