@@ -192,11 +192,15 @@ class ShardRef:
         # arguments; Ray then pins the shard until its owner (the driver) ends, a little longer
         # than the run's own reference (docs.ray.io, ray-core/patterns/out-of-band-object-ref-
         # serialization). Where that is turned off (RAY_allow_out_of_band_object_ref_serialization
-        # =0) the reference goes as it is (and Ray logs its line).
+        # =0) or through Ray Client (``ray://``, whose references live on the client's proxy), the
+        # reference goes as it is (and Ray logs its line).
+        self.ref = ref
+        if ray.util.client.ray.is_connected():
+            return
         try:
             self.ref = ray.cloudpickle.dumps(ref)
         except Exception:  # noqa: BLE001 - Ray refuses out-of-band references: pass it as is
-            self.ref = ref
+            pass
 
     def get(self) -> HostShard:
         """The shard (from the object store; zero-copy for its tensors)."""
