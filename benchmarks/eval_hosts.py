@@ -5,8 +5,9 @@ GroupNorm (conf/model/resnet8.yaml), the parameters at their seeded initializati
 single-process evaluation (``system.server.evaluate_model``, the path before issue 21 item 4) at 1
 and 2 torch threads, and the hosts' evaluation (``ClientHost.evaluate`` through the pool's
 ``evaluate``, system/eval.py) with 1 and 2 in-process hosts (backend=local) and 1 and 2 Ray actors
-(backend=ray, one CPU and one thread each). The median of ``--repeats`` rounds after one warm-up;
-the load average is printed with the table (this machine is shared).
+(backend=ray, one thread each). The median of ``--repeats`` rounds after one warm-up, the rows
+taking turns (the load of this shared machine drifts: run one after the other, rows that do the
+same arithmetic differed by 1.6x); the load average is printed with the table.
 
     nice -n 10 python benchmarks/eval_hosts.py --out benchmarks/results/eval_hosts   # .md and .json
 """
@@ -26,16 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _provenance import markdown, pin_threads, provenance  # noqa: E402
 
 MODEL = {"_target_": "clients.models.build_model", "kind": "resnet8", "groups": 2}
-
-
-def _median(fn, repeats: int) -> float:
-    fn()  # warm-up: first-call costs are not an evaluation round's
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -66,15 +57,9 @@ def main() -> None:
     model = spec.model.build()
     pspec = ParamSpec.of(model)
     params = pspec.flatten(dict(model.named_parameters())).detach()
-    load = [os.getloadavg()[0]]
-    rows: list[tuple[str, int, int, float]] = []
-    ref = None
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        fn = lambda: evaluate_model(model, pspec, params, x_test, y_test, 10)  # noqa: E731
-        rows.append(("single process (evaluate_model)", 1, threads, _median(fn, args.repeats)))
-        ref = fn()
-    torch.set_num_threads(1)
+    import ray
+
+    from system.ray_start import shutdown_ray, start_local_ray
 
     def shards(hosts: int) -> list[HostShard]:
         owner = np.arange(hosts)  # one client of 16 samples per host
@@ -83,27 +68,46 @@ def main() -> None:
         return [HostShard(np.array([h]), np.array([0]), sz, x_train, y_train, None, evals[h])
                 for h in range(hosts)]  # fmt: skip
 
-    for hosts in (1, 2):
-        pool = LocalPool([ClientHost(h, s, spec) for h, s in enumerate(shards(hosts))])
-        fn = lambda pool=pool: combine(pool.evaluate(params), 10)  # noqa: E731
-        rows.append(("hosts, backend=local (in-process)", hosts, 1, _median(fn, args.repeats)))
-        got = fn()
-        assert got["accuracy"] == ref["accuracy"], (got, ref)
-    import ray
+    def single(threads: int):
+        def fn():
+            torch.set_num_threads(threads)
+            try:
+                return evaluate_model(model, pspec, params, x_test, y_test, 10)
+            finally:
+                torch.set_num_threads(1)
 
-    from system.ray_start import shutdown_ray, start_local_ray
+        return fn
 
     start_local_ray(num_cpus=2, include_dashboard=False, configure_logging=False)
+    load = [os.getloadavg()[0]]
     try:
-        Host = ray.remote(ClientHost).options(num_cpus=1)
+        # 0.5 CPU per actor: the 1- and 2-host pools (3 actors, 1 thread each) exist together, so
+        # the rows can take turns and the machine's changing load falls on all of them alike
+        Host = ray.remote(ClientHost).options(num_cpus=0.5)
+        cases = [("single process (evaluate_model)", 1, t, single(t)) for t in (1, 2)]
+        for hosts in (1, 2):
+            pool = LocalPool([ClientHost(h, s, spec) for h, s in enumerate(shards(hosts))])
+            fn = lambda pool=pool: combine(pool.evaluate(params), 10)  # noqa: E731
+            cases.append(("hosts, backend=local (in-process)", hosts, 1, fn))
         for hosts in (1, 2):
             actors = [Host.remote(h, ray.put(s), spec) for h, s in enumerate(shards(hosts))]
             pool = RayPool(actors)
             fn = lambda pool=pool: combine(pool.evaluate(params), 10)  # noqa: E731
-            rows.append(("hosts, backend=ray (actors)", hosts, 1, _median(fn, args.repeats)))
-            got = fn()
-            assert got["accuracy"] == ref["accuracy"], (got, ref)
-            pool.close()
+            cases.append(("hosts, backend=ray (actors)", hosts, 1, fn))
+        ref = cases[0][3]()
+        for case in cases:  # warm-up, and every path gives the single-process accuracy
+            got = case[3]()
+            assert got["accuracy"] == ref["accuracy"], (case[:3], got, ref)
+        times: list[list[float]] = [[] for _ in cases]
+        for _ in range(args.repeats):  # round-robin over the rows
+            for i, case in enumerate(cases):
+                t = time.perf_counter()
+                case[3]()
+                times[i].append(time.perf_counter() - t)
+        rows = [
+            (w, h, t, sorted(ts)[len(ts) // 2])
+            for (w, h, t, _), ts in zip(cases, times, strict=True)
+        ]
     finally:
         shutdown_ray()
     load.append(os.getloadavg()[0])
