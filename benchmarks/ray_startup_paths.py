@@ -55,13 +55,13 @@ def main() -> None:
         for path in runs:
             runs[path].append(_start(path))
     load1 = os.getloadavg()[0]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _provenance import markdown, provenance
+
+    print(markdown(provenance(load_average=[load0, load1])))
     print(
-        f"commit {commit}, ray {ray.__version__}, Python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} CPUs, OMP_NUM_THREADS=1, load average {load0:.2f} at start, "
-        f"{load1:.2f} at end"
+        f"ray {ray.__version__}, {os.cpu_count()} CPUs, OMP_NUM_THREADS=1, load average "
+        f"{load0:.2f} at start, {load1:.2f} at end"
     )
     print("| path | init_ray median (s) | to first task median (s) | init_ray runs (s) |")
     print("|---|---|---|---|")
