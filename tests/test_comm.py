@@ -157,7 +157,9 @@ def to_comm(*over: str) -> dict:
 def test_bad_comm_config_fails_at_compose_or_validate() -> None:
     with pytest.raises(ConfigCompositionException, match="comm.rnak"):
         compose(*SMOKE, "comm=powersgd", "comm.rnak=2")  # unknown key: the structured schema
-    with pytest.raises(ConfigError, match=r"unknown key comm.rnak in group comm; valid keys: .*rank"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key comm.rnak in group comm; valid keys: .*rank"
+    ):
         validate(compose(*SMOKE, "comm=powersgd", "+comm.rnak=2"))  # appended past the schema
     with pytest.raises(ConfigCompositionException):
         compose(*SMOKE, "comm.kind=zip")  # not a codec
