@@ -81,13 +81,12 @@ RUNS: list[tuple[str, str, tuple[str, ...]]] = [
 
 def run_one(over: tuple[str, ...]) -> dict[str, Any]:
     """One training run in this process; the metric rows and the final accuracy."""
+    from flagstaff.system.config import register
+    from flagstaff.system.runner import train
     from hydra import compose, initialize_config_module
 
-    from system.config import register
-    from system.runner import train
-
     register()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         cfg = compose("train", overrides=list(over))
     with TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -124,7 +123,7 @@ def _reach(rs: list[dict[str, Any]], target: float, per_round: int) -> str:
 
 def main(quick: bool = False) -> str:
     """Run every configuration; return Markdown tables and the target check."""
-    from system.rundir import RunDir
+    from flagstaff.system.rundir import RunDir
 
     RunDir.plot_curves = lambda self, *a, **k: None  # no PNGs needed
     logging.getLogger("flagstaff").setLevel(logging.WARNING)

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs import completion as cm  # noqa: E402
+from flagstaff.jobs import completion as cm  # noqa: E402
 
 SIZES = [  # (m, n, k, p, iterations, backends)
     (2000, 1500, 10, 0.05, 20, ("local", "ray")),

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.compress.core import (  # noqa: E402
+from flagstaff.jobs.compress.core import (  # noqa: E402
     Budget,
     Context,
     accuracy,
@@ -42,7 +42,7 @@ from jobs.compress.core import (  # noqa: E402
     layer_params,
     load_model,
 )
-from jobs.compress.run import _calibration  # noqa: E402
+from flagstaff.jobs.compress.run import _calibration  # noqa: E402
 
 METHODS = ["svd", "fwsvd", "welore", "cospadi"]
 PARTS = ["a", "b1", "b2", "b3", "b3s"]
@@ -52,7 +52,7 @@ MINILM_BUDGETS = [0.25, 0.4, 0.5, 0.6, 0.75]
 
 def _have_cospadi() -> bool:
     try:
-        import jobs.compress.cospadi  # noqa: F401
+        import flagstaff.jobs.compress.cospadi  # noqa: F401
     except ImportError:
         return False
     return True

@@ -222,11 +222,11 @@ class TaskData:
 def make_shards(workload: Workload, y_train: np.ndarray) -> list[np.ndarray]:
     """Client shards as int64 index arrays into the train set (see the module docstring)."""
     if workload.samples_per_client is None:
-        from clients.partition import iid
+        from flagstaff.clients.partition import iid
 
         return [p.astype(np.int64) for p in iid(y_train, workload.num_clients, workload.seed)]
     try:  # Flagstaff's own partitioner (partition=with_replacement), so the shards match it
-        from clients.partition import with_replacement
+        from flagstaff.clients.partition import with_replacement
     except ImportError:  # the same draw, for checkouts that predate it
         rng = np.random.default_rng(workload.seed)
         shape = (workload.num_clients, workload.samples_per_client)
@@ -239,12 +239,12 @@ def make_shards(workload: Workload, y_train: np.ndarray) -> list[np.ndarray]:
 
 def load_task(workload: Workload) -> TaskData:
     """Load the workload's data and build its shards (deterministic in ``workload.seed``)."""
-    from clients.data import load_dataset, load_digits
+    from flagstaff.clients.data import load_dataset, load_digits
 
     if workload.dataset == "mnist1d":  # what Flagstaff's data=mnist1d builds (conf/data/mnist1d)
         ds = load_dataset("mnist1d", seed=workload.seed, image=workload.model == "cnn")
     elif workload.dataset == "cifar_shaped":  # as conf/experiment/sim_resnet8.yaml's data
-        from clients.generated import cifar_shaped
+        from flagstaff.clients.generated import cifar_shaped
 
         ds = cifar_shaped(n_train=1000, n_test=500, num_classes=10, seed=workload.seed)
     else:
@@ -271,7 +271,7 @@ def shuffle_seed(seed: int, server_round: int, cid: int) -> int:
 
 def build_model(workload: Workload, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The workload's initial model (same seed, same initial parameters everywhere)."""
-    from clients.models import build_model as _build
+    from flagstaff.clients.models import build_model as _build
 
     if workload.model == "resnet8":
         return _build("resnet8", input_shape, num_classes, seed=workload.seed)

@@ -45,7 +45,7 @@ def f_for(rule: str, n: int) -> int:
 
 
 def make(rule: str, n: int):
-    from strategies.aggregators import build
+    from flagstaff.strategies.aggregators import build
 
     f = f_for(rule, n)
     if rule == "flag-gram":

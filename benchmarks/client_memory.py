@@ -50,13 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     from _provenance import markdown, provenance
     from conftest import compose
-
-    from clients.dp import private_partition
-    from clients.partition import summarize, with_replacement
-    from system.build import build_run
-    from system.client_state import ClientStateStore
-    from system.host import ClientHost
-    from system.runner import _shards
+    from flagstaff.clients.dp import private_partition
+    from flagstaff.clients.partition import summarize, with_replacement
+    from flagstaff.system.build import build_run
+    from flagstaff.system.client_state import ClientStateStore
+    from flagstaff.system.host import ClientHost
+    from flagstaff.system.runner import _shards
 
     n = args.clients
     print(markdown(provenance(None if argv is None else ["benchmarks/client_memory.py", *argv])))

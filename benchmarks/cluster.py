@@ -25,18 +25,17 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def compose(*overrides: str):
+    from flagstaff.system.config import register
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from system.config import register
-
     register()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         return hydra_compose("train", overrides=list(overrides))
 
 
 def run(overrides: list[str], tmp: Path, name: str) -> dict:
-    from system.runner import train
+    from flagstaff.system.runner import train
 
     res = train(compose(*overrides, "progress=false"), run_dir=str(tmp / name))
     times = res["round_times"]

@@ -91,18 +91,17 @@ QUICK_CELL: dict[str, Any] = {
 
 
 def compose(*overrides: str):
+    from flagstaff.system.config import register
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from system.config import register
-
     register()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         return hydra_compose("train", overrides=list(overrides))
 
 
 def run_one(overrides: tuple[str, ...], run_dir: Path) -> dict[str, Any]:
-    from system.runner import train
+    from flagstaff.system.runner import train
 
     t0 = time.perf_counter()
     res = train(compose(*overrides), run_dir=str(run_dir))

@@ -52,13 +52,12 @@ def run(overrides: list[str], run_dir: Path) -> dict:
     """One run through the real runner (or its summary.json if it finished before)."""
     summary = run_dir / "summary.json"
     if not summary.exists():
+        from flagstaff.system.config import register
+        from flagstaff.system.runner import train
         from hydra import compose, initialize_config_module
 
-        from system.config import register
-        from system.runner import train
-
         register()
-        with initialize_config_module(config_module="conf", version_base="1.3"):
+        with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
             cfg = compose("train", overrides=overrides)
         train(cfg, run_dir=str(run_dir))
     s = json.loads(summary.read_text())

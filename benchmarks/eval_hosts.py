@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _provenance import markdown, pin_threads, provenance  # noqa: E402
 
-MODEL = {"_target_": "clients.models.build_model", "kind": "resnet8", "groups": 2}
+MODEL = {"_target_": "flagstaff.clients.models.build_model", "kind": "resnet8", "groups": 2}
 
 
 def main() -> None:
@@ -36,18 +36,17 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     pin_threads(1)
-    from system.ray_start import make_ray_private
+    from flagstaff.system.ray_start import make_ray_private
 
     make_ray_private()  # before anything imports ray (system/ray_start.py)
     import numpy as np
     import torch
-
-    from clients.trainer import LocalSGD, ParamSpec
-    from system.eval import combine, eval_shards
-    from system.host import ClientHost, HostShard
-    from system.pool import LocalPool, RayPool
-    from system.server import evaluate_model
-    from system.specs import HostSpec, ModelSpec
+    from flagstaff.clients.trainer import LocalSGD, ParamSpec
+    from flagstaff.system.eval import combine, eval_shards
+    from flagstaff.system.host import ClientHost, HostShard
+    from flagstaff.system.pool import LocalPool, RayPool
+    from flagstaff.system.server import evaluate_model
+    from flagstaff.system.specs import HostSpec, ModelSpec
 
     g = torch.Generator().manual_seed(0)
     x_test = torch.randn(args.test, 3, 32, 32, generator=g)
@@ -58,8 +57,7 @@ def main() -> None:
     pspec = ParamSpec.of(model)
     params = pspec.flatten(dict(model.named_parameters())).detach()
     import ray
-
-    from system.ray_start import shutdown_ray, start_local_ray
+    from flagstaff.system.ray_start import shutdown_ray, start_local_ray
 
     def shards(hosts: int) -> list[HostShard]:
         owner = np.arange(hosts)  # one client of 16 samples per host

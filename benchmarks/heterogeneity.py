@@ -68,10 +68,9 @@ def run_one(
     path = out / "runs" / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
+    from flagstaff.system.config import register
+    from flagstaff.system.runner import train
     from hydra import compose, initialize_config_module
-
-    from system.config import register
-    from system.runner import train
 
     register()
     overrides = [
@@ -94,7 +93,7 @@ def run_one(
         f"eval_every={eval_every}",
         *extra,
     ]
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     t0 = time.perf_counter()
     res = train(cfg, run_dir=str((rundirs or out / "rundirs") / name))

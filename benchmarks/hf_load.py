@@ -28,7 +28,7 @@ from _provenance import markdown, pin_threads, provenance  # noqa: E402
 _CHILD = r"""
 import json, resource, sys, time
 import psutil
-from clients.hf import load_hf  # imports torch, numpy, datasets, PIL
+from flagstaff.clients.hf import load_hf  # imports torch, numpy, datasets, PIL
 rss0 = psutil.Process().memory_info().rss
 t = time.perf_counter()
 ds = load_hf(path=sys.argv[1], crop_padding=4, flip=True)

@@ -43,16 +43,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs import rsvd as rs  # noqa: E402
-from jobs.blocks import DataSpec, RowBlockMatrix, exact_lstsq, residual_norm  # noqa: E402
-from jobs.lstsq import (  # noqa: E402
+from flagstaff.jobs import rsvd as rs  # noqa: E402
+from flagstaff.jobs.blocks import DataSpec, RowBlockMatrix, exact_lstsq, residual_norm  # noqa: E402
+from flagstaff.jobs.lstsq import (  # noqa: E402
     block_normal_matvec,
     lsqr,
     sketch_and_precondition,
     sketch_and_solve,
     sketch_precondition_refine,
 )
-from jobs.sketches import Sketch  # noqa: E402
+from flagstaff.jobs.sketches import Sketch  # noqa: E402
 
 
 def table(title: str, header: list[str], rows: list[list[str]], note: str = "") -> str:
@@ -176,7 +176,7 @@ def bench_stream(n_elem: int, n: int, d: int) -> str:
         mat = RowBlockMatrix.from_arrays(A, b, n_blocks=8, hosts=hosts)
         for low in (False, True):
             if low:
-                from jobs.blocks import block_make_low
+                from flagstaff.jobs.blocks import block_make_low
 
                 mat.map(block_make_low)
             t, _ = timed(lambda mat=mat, low=low: mat.sum(block_normal_matvec, y, low), 5)

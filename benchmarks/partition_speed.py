@@ -41,8 +41,7 @@ def main() -> None:
     import datasets
     import flwr_datasets.partitioner as fp
     import numpy as np
-
-    from clients.partition import partition
+    from flagstaff.clients.partition import partition
 
     datasets.disable_progress_bars()
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
-from system.ray_start import init_ray, shutdown_ray
+from flagstaff.system.ray_start import init_ray, shutdown_ray
 init_ray({"address": None, "lean_start": sys.argv[1] == "lean"})
 import ray
 t1 = time.perf_counter()

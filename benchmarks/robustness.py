@@ -227,7 +227,7 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
-    from system.rundir import RunDir
+    from flagstaff.system.rundir import RunDir
 
     RunDir.plot_curves = lambda self, *a, **k: None  # the benchmark needs no PNGs
 
@@ -239,13 +239,12 @@ def run_one(run: Run, out: str) -> dict[str, Any]:
         return json.loads(path.read_text())
     import tempfile
 
+    from flagstaff.system.config import ConfigError, register
+    from flagstaff.system.runner import train
     from hydra import compose, initialize_config_module
 
-    from system.config import ConfigError, register
-    from system.runner import train
-
     register()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         cfg = compose("train", overrides=run.overrides())
     row: dict[str, Any] = {**asdict(run), "column": run.column, "label": run.label}
     t0 = time.perf_counter()

@@ -535,20 +535,21 @@ def run_flagstaff(workload: Workload, backend: str, opts: RunOptions | None = No
     t0 = _origin(opts)
     impl = f"flagstaff-{backend}"
     try:
+        from flagstaff.launch.train import (
+            run as train,  # what flagstaff-train runs on a composed config
+        )
         from hydra import compose, initialize_config_module
-
-        from launch.train import run as train  # what flagstaff-train runs on a composed config
     except Exception as err:  # ImportError, or a broken package while it is being written
         return Result(impl, workload.name, "unavailable", f"unavailable: {_oneline(err)}")
     overrides = flagstaff_overrides(workload, backend, opts.flagstaff_overrides)
     try:
         try:  # structured schemas (conf/train.yaml's `train_schema`), as flagstaff-train does
-            from system.config import register
+            from flagstaff.system.config import register
         except ImportError:
             pass
         else:
             register()
-        with initialize_config_module(config_module="conf", version_base="1.3"):
+        with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
             cfg = compose("train", overrides=overrides)
     except Exception as err:
         return Result(

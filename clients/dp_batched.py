@@ -41,20 +41,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
-
-from clients.dp import (
+from flagstaff.clients.dp import (
     DPSGDTrainer,
     check_dp_call,
     check_releases,
     effective_noise_multiplier,
     releases_per_step,
 )
-from clients.lora import client_frozen_names, trainable_mask
-from clients.plan import BatchPlan, scatter_plan
-from clients.rules import Context, LocalRule
-from clients.seeds import mix64, stream
-from clients.trainer import ParamSpec, TrainResult, loss_fn_for
+from flagstaff.clients.lora import client_frozen_names, trainable_mask
+from flagstaff.clients.plan import BatchPlan, scatter_plan
+from flagstaff.clients.rules import Context, LocalRule
+from flagstaff.clients.seeds import mix64, stream
+from flagstaff.clients.trainer import ParamSpec, TrainResult, loss_fn_for
+from torch.func import functional_call, grad, vmap
 
 __all__ = ["BatchedDPSGDTrainer", "poisson_plan"]
 
@@ -109,7 +108,7 @@ class BatchedDPSGDTrainer(DPSGDTrainer):
         return list(self._histories.get(int(client_id), self._restored.get(int(client_id), [])))
 
     def epsilon_after(self, client_id: int, size: int, rule: LocalRule | None = None) -> float:
-        from clients.dp import epsilon_of_history
+        from flagstaff.clients.dp import epsilon_of_history
 
         k = releases_per_step(rule)
         z = effective_noise_multiplier(self.sigma_for(size, k), k)

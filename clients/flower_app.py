@@ -40,15 +40,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from flagstaff.clients.plan import make_plan
+from flagstaff.clients.rules import LocalRule
+from flagstaff.clients.seeds import stream
+from flagstaff.clients.trainer import ParamSpec, loss_fn_for
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 from torch.func import functional_call
-
-from clients.plan import make_plan
-from clients.rules import LocalRule
-from clients.seeds import stream
-from clients.trainer import ParamSpec, loss_fn_for
 
 __all__ = [
     "ClientSetup",

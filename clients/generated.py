@@ -13,8 +13,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-
-from clients.data import Dataset
+from flagstaff.clients.data import Dataset
 
 __all__ = ["cifar_shaped"]
 

@@ -41,9 +41,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-
-from clients.augment import ImageTransform, channel_stats
-from clients.data import Dataset
+from flagstaff.clients.augment import ImageTransform, channel_stats
+from flagstaff.clients.data import Dataset
 
 __all__ = ["load_hf", "LEAF_CHARACTERS", "encode_chars", "fetch_command"]
 
@@ -490,7 +489,7 @@ def _tokenize(cols: list[list[str]], max_length: int, tokenizer: str | None) -> 
     """(N, 2, L) int64 token ids and attention masks of one text column or a pair of columns, with
     the MiniLM tokenizer packaged with Flagstaff (as ``clients.text.tokenize``)."""
     if len(cols) == 1:
-        from clients.text import tokenize
+        from flagstaff.clients.text import tokenize
 
         return tokenize(cols[0], max_length, tokenizer).numpy()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

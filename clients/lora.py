@@ -23,9 +23,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
-
-from clients.adapters import (
+from flagstaff.clients.adapters import (
     ADAPTERS,
     FLORA_TYPES,
     FLoRALayer,
@@ -33,9 +31,10 @@ from clients.adapters import (
     PiSSALinear,
     SORSALinear,
 )
-from clients.lora_layer import _FACTORS, LoRALinear
-from clients.models import build_model
-from clients.seeds import stream
+from flagstaff.clients.lora_layer import _FACTORS, LoRALinear
+from flagstaff.clients.models import build_model
+from flagstaff.clients.seeds import stream
+from torch import nn
 
 __all__ = [
     "LoRALinear",

@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-
-from clients.seeds import stream
+from flagstaff.clients.seeds import stream
 
 __all__ = [
     "partition",

@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-
-from jobs.blocks import BlockError, BlockHost, RowBlockMatrix, split_rows
+from flagstaff.jobs.blocks import BlockError, BlockHost, RowBlockMatrix, split_rows
 
 CHUNK = 256  # rows per generator chunk: the stream is keyed by (seed, tag, chunk index)
 _TAG_ROWS, _TAG_V, _TAG_HOLD, _TAG_SKETCH, _TAG_INIT = 41, 42, 43, 44, 45

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from jobs.blocks import Block, RowBlockMatrix
+from flagstaff.jobs.blocks import Block, RowBlockMatrix
 
 
 def block_objective(block: Block, x: np.ndarray, problem: str, hess: bool) -> tuple:

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg as sla
-
-from jobs.blocks import Block, RowBlockMatrix, block_drop_low, block_make_low
-from jobs.sketches import Sketch, check_sketch_size, sketch_matrix
+from flagstaff.jobs.blocks import Block, RowBlockMatrix, block_drop_low, block_make_low
+from flagstaff.jobs.sketches import Sketch, check_sketch_size, sketch_matrix
 
 FUSE_BYTES = 1 << 20  # bytes of A per piece in the fused passes: the piece stays in L2 between
 # its two products (measured on 100000 x 1000: 10.4 GB/s of A per core at 1 MB pieces, 8.3 at 4 MB)

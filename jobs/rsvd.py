@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from jobs.blocks import Block, RowBlockMatrix, block_drop_low, block_make_low
+from flagstaff.jobs.blocks import Block, RowBlockMatrix, block_drop_low, block_make_low
 
 PRECISIONS = ("mixed", "double")
 NORMALIZE = ("gram", "tsqr")

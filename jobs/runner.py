@@ -11,10 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from flagstaff.jobs.blocks import DataSpec, RowBlockMatrix
+from flagstaff.jobs.config import Backend, DataConfig, JobAppConfig, JobConfig, Source, validate
 from omegaconf import DictConfig, OmegaConf
-
-from jobs.blocks import DataSpec, RowBlockMatrix
-from jobs.config import Backend, DataConfig, JobAppConfig, JobConfig, Source, validate
 
 
 def data_spec(d: DataConfig) -> DataSpec:
@@ -44,7 +43,7 @@ Job = Callable[..., tuple[dict[str, Any], Callable[[Any], None]]]
 
 def _jobs() -> dict[str, Job]:
     """Jobs over a row-block matrix ``A, b``: ``fn(mat, job, seed, bar) -> (results, draw)``."""
-    from jobs import tasks
+    from flagstaff.jobs import tasks
 
     return {
         "lstsq": tasks.run_lstsq,
@@ -61,8 +60,8 @@ def _standalone_jobs() -> dict[str, Job]:
     """Jobs that bring their own inputs (a checkpoint, a matrix to complete):
     ``fn(job, seed, backend, hosts, bar) -> (results, draw)``; they start their own actors.
     A job that writes files of its own (a compressed checkpoint) also takes ``out_dir``."""
-    from jobs import completion
-    from jobs.compress import run as compress
+    from flagstaff.jobs import completion
+    from flagstaff.jobs.compress import run as compress
 
     return {
         "compress_svd": compress.run_svd,
@@ -103,7 +102,7 @@ def run(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
     backend = app.backend.value
     started_ray = False
     if app.backend == Backend.ray:
-        from system.ray_start import init_ray
+        from flagstaff.system.ray_start import init_ray
 
         # a local Ray private to this job (loopback, a fresh token, ends with this process), or
         # the cluster at cluster.address with token authentication: as flagstaff-train does
@@ -132,7 +131,7 @@ def run(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
             n, d = mat.n, mat.d
             mat.close()
         if started_ray:
-            from system.ray_start import shutdown_ray
+            from flagstaff.system.ray_start import shutdown_ray
 
             shutdown_ray()
     sizes = {"n": n, "d": d} if mat is not None else {}  # a standalone job reports its own

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg as sla
-
-from jobs.blocks import Block, RowBlockMatrix, row_uniforms
+from flagstaff.jobs.blocks import Block, RowBlockMatrix, row_uniforms
 
 _TAG_KEEP, _TAG_VOL = 51, 52
 
@@ -157,7 +156,7 @@ def lp_regression(
     with eps driven to ~0 by homotopy for p < 2 (eps = 0 for p >= 2, where it is smooth).
     One distributed pass per Newton step returns (f, gradient, d x d Hessian).
     """
-    from jobs.blocks import exact_lstsq
+    from flagstaff.jobs.blocks import exact_lstsq
 
     x = exact_lstsq(mat)[0] if x0 is None else x0.copy()
     scale = lp_cost(mat, x, p) / max(mat.n, 1) ** (1 / p)

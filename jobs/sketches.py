@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 import scipy.sparse as sp
-
-from jobs.blocks import Block, RowBlockMatrix
+from flagstaff.jobs.blocks import Block, RowBlockMatrix
 
 SKETCHES = ("gaussian", "countsketch", "sparse_sign", "srht", "srdct")
 _TAG = {"gaussian": 21, "countsketch": 22, "sparse_sign": 23, "srht": 24, "srdct": 24}

@@ -9,12 +9,11 @@ import time
 from typing import Any
 
 import numpy as np
-
-from jobs import constrained as cons
-from jobs import eig, sampling
-from jobs import rsvd as rs
-from jobs.blocks import RowBlockMatrix, exact_lstsq, residual_norm, tsqr_r
-from jobs.config import (
+from flagstaff.jobs import constrained as cons
+from flagstaff.jobs import eig, sampling
+from flagstaff.jobs import rsvd as rs
+from flagstaff.jobs.blocks import RowBlockMatrix, exact_lstsq, residual_norm, tsqr_r
+from flagstaff.jobs.config import (
     ConstrainedConfig,
     LinfConfig,
     LstsqConfig,
@@ -23,13 +22,13 @@ from jobs.config import (
     TopEigConfig,
     VolumeConfig,
 )
-from jobs.lstsq import (
+from flagstaff.jobs.lstsq import (
     lsqr,
     sketch_and_precondition,
     sketch_and_solve,
     sketch_precondition_refine,
 )
-from jobs.sketches import Sketch
+from flagstaff.jobs.sketches import Sketch
 
 Result = tuple[dict[str, Any], Any]
 

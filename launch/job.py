@@ -10,25 +10,24 @@ from __future__ import annotations
 import sys
 
 import hydra
+from flagstaff.jobs.config import register_configs
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-
-from jobs.config import register_configs
 
 register_configs()
 
 
-@hydra.main(config_path="pkg://conf", config_name="job", version_base="1.3")
+@hydra.main(config_path="pkg://flagstaff.conf", config_name="job", version_base="1.3")
 def app(cfg: DictConfig) -> float:
     """Setup (Ray, blocks), run the job, write results.json and the plot, clean up."""
-    from system.config import ConfigError
-    from system.strict import check_config
+    from flagstaff.system.config import ConfigError
+    from flagstaff.system.strict import check_config
 
     hc = HydraConfig.get()
     out_dir = hc.runtime.output_dir
     try:
         check_config(cfg, dict(hc.runtime.choices), hc.overrides.task, "job")  # before imports
-        from jobs.runner import run
+        from flagstaff.jobs.runner import run
 
         results = run(cfg, out_dir)
     except ConfigError as err:  # e.g. cluster.address without a Ray token: one line, no work
@@ -40,9 +39,9 @@ def app(cfg: DictConfig) -> float:
 def main() -> None:
     """``flagstaff-job``: the command line checked first (system/strict.py: an unknown key is one
     line and exit code 2, before Hydra starts the job), then the Hydra app."""
-    from system.strict import preflight
+    from flagstaff.system.strict import preflight
 
-    preflight(sys.argv[1:], "conf", "job")
+    preflight(sys.argv[1:], "flagstaff.conf", "job")
     app()
 
 

@@ -26,7 +26,7 @@ FORMATS = {"md": ("md",), "csv": ("csv",), "both": ("md", "csv")}
 def _report(dirs: list[str], out: str | None, fmt: str, metric: str) -> int:
     """Write the report and print its table; one line and exit status 2 for input that gives
     none."""
-    from system.report import ReportError, report
+    from flagstaff.system.report import ReportError, report
 
     try:
         rep = report(dirs, out=out, formats=FORMATS[fmt], metric=metric)

@@ -13,9 +13,8 @@ import time
 from typing import Any
 
 import hydra
+from flagstaff.system.config import ConfigError, mode_of, register
 from omegaconf import DictConfig, OmegaConf
-
-from system.config import ConfigError, mode_of, register
 
 register()
 log = logging.getLogger("flagstaff")
@@ -28,12 +27,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     started = False
     if cfg.get("backend") == "ray" and mode_of(cfg) != "p2p":
-        from system.ray_start import importing_in_background, init_ray
+        from flagstaff.system.ray_start import importing_in_background, init_ray
 
         with importing_in_background(*_modules_to_warm(cfg)):
             started = init_ray(OmegaConf.to_container(cfg.cluster, resolve=True))
     try:
-        from system.runner import train
+        from flagstaff.system.runner import train
 
         return train(cfg, started_at=t0)
     finally:
@@ -46,7 +45,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _modules_to_warm(cfg: DictConfig) -> list[str]:
     """What train() imports first: the training code (torch) and the dataset's loader (scikit-learn
     takes about a second; mnist1d brings matplotlib)."""
-    mods = ["system.runner", "sklearn.model_selection", "sklearn.datasets"]
+    mods = ["flagstaff.system.runner", "sklearn.model_selection", "sklearn.datasets"]
     if cfg.get("data", {}).get("name") == "mnist1d":
         mods.append("mnist1d.data")
     return mods
@@ -55,10 +54,9 @@ def _modules_to_warm(cfg: DictConfig) -> list[str]:
 def check(cfg: DictConfig) -> None:
     """The job's keys, missing values and plain values (system/strict.py, system/config.py),
     before anything heavy is imported; raises ConfigError naming the key and the fix."""
+    from flagstaff.system.config import check_values
+    from flagstaff.system.strict import check_config
     from hydra.core.hydra_config import HydraConfig
-
-    from system.config import check_values
-    from system.strict import check_config
 
     hc = HydraConfig.get()
     check_config(cfg, dict(hc.runtime.choices), hc.overrides.task, "train", check_values)
@@ -79,9 +77,9 @@ def quiet(verbose: bool) -> None:
     warn.propagate = True
 
 
-@hydra.main(config_path="pkg://conf", config_name="train", version_base="1.3")
+@hydra.main(config_path="pkg://flagstaff.conf", config_name="train", version_base="1.3")
 def app(cfg: DictConfig) -> float | None:
-    from system.rundir import NoSpaceError, RunDirError
+    from flagstaff.system.rundir import NoSpaceError, RunDirError
 
     try:
         check(cfg)
@@ -93,7 +91,7 @@ def app(cfg: DictConfig) -> float | None:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(1 if isinstance(err, NoSpaceError) else 2) from None
     except RuntimeError as err:  # a run that stopped itself (system/loop.py RunStopped): exit 1
-        from system.runner import RunStopped
+        from flagstaff.system.runner import RunStopped
 
         if not isinstance(err, RunStopped):
             raise
@@ -110,10 +108,10 @@ def app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    from system.config import check_values
-    from system.strict import preflight
+    from flagstaff.system.config import check_values
+    from flagstaff.system.strict import preflight
 
-    preflight(sys.argv[1:], "conf", "train", check_values)  # a bad key: one line, exit 2
+    preflight(sys.argv[1:], "flagstaff.conf", "train", check_values)  # a bad key: one line, exit 2
     app()
 
 

@@ -36,8 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from strategies.base import RoundExtras, Strategy
+from flagstaff.strategies.base import RoundExtras, Strategy
 
 __all__ = ["ClientLevelDP", "COUNT_SENSITIVITY", "DPState"]
 
@@ -47,7 +46,7 @@ COUNT_SENSITIVITY = 0.5
 
 def _epsilon(history: list, delta: float, kind: str) -> float:
     """Opacus' epsilon for a history (memoized: the budget check and the report ask the same)."""
-    from clients.dp import epsilon_of_history
+    from flagstaff.clients.dp import epsilon_of_history
 
     return epsilon_of_history(history, delta, kind)
 

@@ -9,7 +9,7 @@ other strategy's correction (``strategy=scaffold strategy/server_opt=adam``).
 
 from __future__ import annotations
 
-from strategies.optim import Composed, adam
+from flagstaff.strategies.optim import Composed, adam
 
 __all__ = ["FedAdam"]
 

@@ -6,7 +6,7 @@ Reddi et al. 2021 (server learning rate as a server optimizer step on the pseudo
 
 from __future__ import annotations
 
-from strategies.optim import Composed, Transform, server_optimizer
+from flagstaff.strategies.optim import Composed, Transform, server_optimizer
 
 __all__ = ["FedAvg"]
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from flagstaff.clients.rules import Context, Finish, GradFn, LocalRule
+from flagstaff.strategies.base import add_mean_over_all
+from flagstaff.strategies.optim import Composed, Round, Transform, server_optimizer
 from torch import Tensor
-
-from clients.rules import Context, Finish, GradFn, LocalRule
-from strategies.base import add_mean_over_all
-from strategies.optim import Composed, Round, Transform, server_optimizer
 
 __all__ = ["DynamicRegularizer", "DynamicRegularizerState", "FedDyn", "FedDynRule"]
 

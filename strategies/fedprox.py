@@ -6,10 +6,9 @@ averages like FedAvg. ``mu = 0`` is FedAvg exactly.
 
 from __future__ import annotations
 
+from flagstaff.clients.rules import Context, GradFn, LocalRule
+from flagstaff.strategies.optim import Composed, Transform, server_optimizer
 from torch import Tensor
-
-from clients.rules import Context, GradFn, LocalRule
-from strategies.optim import Composed, Transform, server_optimizer
 
 __all__ = ["FedProx", "Prox"]
 

@@ -7,10 +7,9 @@ normalized gradient, take the gradient there, apply it at the original weights. 
 from __future__ import annotations
 
 import torch
+from flagstaff.clients.rules import Context, GradFn, LocalRule
+from flagstaff.strategies.optim import Composed, Transform, server_optimizer
 from torch import Tensor
-
-from clients.rules import Context, GradFn, LocalRule
-from strategies.optim import Composed, Transform, server_optimizer
 
 __all__ = ["FedSAM", "SAM", "sam_perturbation"]
 

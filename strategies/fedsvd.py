@@ -12,10 +12,9 @@ initialization, which is FFA-LoRA.
 from __future__ import annotations
 
 import torch
+from flagstaff.clients.lora import adapter_layers, lora_factors
+from flagstaff.strategies.optim import Composed, Empty, Round, Transform, server_optimizer
 from torch import nn
-
-from clients.lora import adapter_layers, lora_factors
-from strategies.optim import Composed, Empty, Round, Transform, server_optimizer
 
 __all__ = ["FedSVD", "Refactorize", "fedsvd_refactorize"]
 

@@ -45,12 +45,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy as FlowerStrategy
-
-from clients.byzantine import NoAttack
-from clients.flower_app import (
+from flagstaff.clients.byzantine import NoAttack
+from flagstaff.clients.flower_app import (
     BROADCAST_KEY,
     EXTRAS_KEY,
     REPLY_KEY,
@@ -59,12 +55,15 @@ from clients.flower_app import (
     vector_to_arrays,
     vectors_to_record,
 )
-from clients.seeds import stream
-from clients.trainer import ParamSpec
-from strategies.attacks import Adversary
-from strategies.base import Strategy
-from strategies.fedavg import FedAvg
-from strategies.server_step import Replies, ServerStep, skip_reason
+from flagstaff.clients.seeds import stream
+from flagstaff.clients.trainer import ParamSpec
+from flagstaff.strategies.attacks import Adversary
+from flagstaff.strategies.base import Strategy
+from flagstaff.strategies.fedavg import FedAvg
+from flagstaff.strategies.server_step import Replies, ServerStep, skip_reason
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 __all__ = ["FlagstaffStrategy", "Sampler"]
 

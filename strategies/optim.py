@@ -38,14 +38,12 @@ import copy
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from flagstaff.strategies.base import RoundExtras, Strategy
 from torch import Tensor
 
-from strategies.base import RoundExtras, Strategy
-
 if TYPE_CHECKING:
+    from flagstaff.clients.rules import LocalRule
     from torch import nn
-
-    from clients.rules import LocalRule
 
 __all__ = [
     "AdamState",

@@ -36,10 +36,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from flagstaff.clients.seeds import stream
+from flagstaff.strategies.aggregators import GeometricMedian, TrimmedMean
 from torch import Tensor
-
-from clients.seeds import stream
-from strategies.aggregators import GeometricMedian, TrimmedMean
 
 __all__ = [
     "PEER_RULES",

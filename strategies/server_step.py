@@ -35,10 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from strategies.aggregators.base import as_aggregator
-from strategies.attacks import Adversary
-from strategies.base import ExtrasAggregation, RoundExtras, State, Strategy
+from flagstaff.strategies.aggregators.base import as_aggregator
+from flagstaff.strategies.attacks import Adversary
+from flagstaff.strategies.base import ExtrasAggregation, RoundExtras, State, Strategy
 
 __all__ = [
     "Aggregated",

@@ -23,16 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from flagstaff.clients.dp import private_kinds
+from flagstaff.clients.trainer import ParamSpec
+from flagstaff.strategies.attacks import Adversary
+from flagstaff.system.config import ConfigError, check_values, mode_of
+from flagstaff.system.host import ClientHost
+from flagstaff.system.p2p import PeerTopology, check_unused
+from flagstaff.system.server import ParameterServer, ServerSettings
+from flagstaff.system.specs import Federated, HostSpec, ModelSpec, Peer, Run, build_from
 from omegaconf import DictConfig
-
-from clients.dp import private_kinds
-from clients.trainer import ParamSpec
-from strategies.attacks import Adversary
-from system.config import ConfigError, check_values, mode_of
-from system.host import ClientHost
-from system.p2p import PeerTopology, check_unused
-from system.server import ParameterServer, ServerSettings
-from system.specs import Federated, HostSpec, ModelSpec, Peer, Run, build_from
 
 __all__ = [
     "Federated",
@@ -218,7 +217,7 @@ def _check_client_level_dp(strategy: Any, aggregator: dict[str, Any]) -> None:
         )
     rule = strategy.client_rule
     if rule is not None and rule.client_state:
-        from strategies.server_step import client_level_extras_message
+        from flagstaff.strategies.server_step import client_level_extras_message
 
         raise ConfigError(client_level_extras_message(strategy))
 

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from clients.seeds import stream
-from clients.trainer import ParamSpec
+from flagstaff.clients.seeds import stream
+from flagstaff.clients.trainer import ParamSpec
 
 __all__ = ["Codec", "PowerSGD", "RandKSketch", "build_codec", "Layout"]
 

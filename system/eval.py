@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from flagstaff.clients.trainer import ParamSpec, loss_fn_for
+from flagstaff.system.wire import shared_from_wire, to_wire
 from torch.func import functional_call
-
-from clients.trainer import ParamSpec, loss_fn_for
-from system.wire import shared_from_wire, to_wire
 
 __all__ = [
     "EvalPart",

@@ -37,14 +37,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from flagstaff.clients.flower_app import ClientSetup, make_client_app, model_to_arrays
+from flagstaff.strategies.attacks import Adversary
+from flagstaff.strategies.flower import FlagstaffStrategy
+from flagstaff.system.config import ConfigError
+from flagstaff.system.server import evaluate_model, sample_clients
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-
-from clients.flower_app import ClientSetup, make_client_app, model_to_arrays
-from strategies.attacks import Adversary
-from strategies.flower import FlagstaffStrategy
-from system.config import ConfigError
-from system.server import evaluate_model, sample_clients
 
 __all__ = ["FlowerServer", "ShardLoader", "check_flower"]
 
@@ -176,7 +175,7 @@ class FlowerServer:
         self._thread: threading.Thread | None = None
         self._closed = False
         # the simulation's Ray is the run's private one (Flower uses a Ray that is already up)
-        from system.ray_start import init_ray, shutdown_ray
+        from flagstaff.system.ray_start import init_ray, shutdown_ray
 
         if init_ray(c["cluster"]):
             stack.callback(shutdown_ray)

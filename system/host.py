@@ -25,15 +25,14 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from clients.plan import make_plan
-from clients.trainer import ParamSpec
-from strategies.server_step import weighted_sum
-from system.client_state import ClientStateStore
-from system.codecs import build_codec
-from system.eval import EvalPart, score
-from system.specs import HostSpec
-from system.wire import from_wire, shared_from_wire, to_wire
+from flagstaff.clients.plan import make_plan
+from flagstaff.clients.trainer import ParamSpec
+from flagstaff.strategies.server_step import weighted_sum
+from flagstaff.system.client_state import ClientStateStore
+from flagstaff.system.codecs import build_codec
+from flagstaff.system.eval import EvalPart, score
+from flagstaff.system.specs import HostSpec
+from flagstaff.system.wire import from_wire, shared_from_wire, to_wire
 
 __all__ = [
     "ClientHost",

@@ -26,10 +26,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-
-from system.loggers import make_logger
-from system.memory import tree_memory_mb
-from system.rundir import CheckpointError, RunDir, versions
+from flagstaff.system.loggers import make_logger
+from flagstaff.system.memory import tree_memory_mb
+from flagstaff.system.rundir import CheckpointError, RunDir, versions
 
 __all__ = [
     "NO_UPDATE",

@@ -55,16 +55,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from flagstaff.clients.plan import make_plan
+from flagstaff.clients.seeds import stream
+from flagstaff.clients.trainer import ParamSpec, loss_fn_for
+from flagstaff.strategies.peer import PeerTraining, make_topology
+from flagstaff.strategies.server_step import finite_rows
+from flagstaff.system.config import ConfigError
+from flagstaff.system.host import HostShard
+from flagstaff.system.wire import from_wire, to_wire
 from torch.func import functional_call, grad, vmap
-
-from clients.plan import make_plan
-from clients.seeds import stream
-from clients.trainer import ParamSpec, loss_fn_for
-from strategies.peer import PeerTraining, make_topology
-from strategies.server_step import finite_rows
-from system.config import ConfigError
-from system.host import HostShard
-from system.wire import from_wire, to_wire
 
 __all__ = [
     "PeerHost",
@@ -568,7 +567,7 @@ def start_p2p(run: Any, stack: ExitStack) -> PeerNetwork:
     if c["backend"] == "local":
         hosts = min(cl["hosts"] or 1, n_train)
     else:
-        from system.ray_start import init_ray, shutdown_ray
+        from flagstaff.system.ray_start import init_ray, shutdown_ray
 
         if init_ray(cl):  # as the federated runner: a new local Ray unless cluster.address is set
             stack.callback(shutdown_ray)
@@ -661,7 +660,7 @@ def _is_default(value: dict[str, Any], group: str, name: str) -> bool:
 
     from omegaconf import OmegaConf
 
-    import conf
+    from flagstaff import conf
 
     node = OmegaConf.load(Path(conf.__file__).parent / group / f"{name}.yaml")
     default = OmegaConf.to_container(node, resolve=True)

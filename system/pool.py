@@ -25,9 +25,14 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from system.host import PRIVACY_STATE, ClientError, ClientHost, HostReply, UnknownClientsError
-from system.wire import INLINE_BYTES, to_wire
+from flagstaff.system.host import (
+    PRIVACY_STATE,
+    ClientError,
+    ClientHost,
+    HostReply,
+    UnknownClientsError,
+)
+from flagstaff.system.wire import INLINE_BYTES, to_wire
 
 __all__ = ["LocalPool", "RayPool", "RoundReplies"]
 

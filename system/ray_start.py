@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from system.ray_watchdog import TAG_VAR
+from flagstaff.system.ray_watchdog import TAG_VAR
 
 __all__ = [
     "PRELOAD_MODULES",
@@ -53,7 +53,7 @@ log = logging.getLogger("flagstaff")
 
 #: modules every worker of a Ray that Flagstaff starts imports as soon as it starts: the host and
 #: server actors then begin with torch and the model code already loaded
-PRELOAD_MODULES = ("torch", "system.host", "system.server")
+PRELOAD_MODULES = ("torch", "flagstaff.system.host", "flagstaff.system.server")
 
 #: what Ray reads once per process, at ``import ray``: every server of a Ray started here listens on
 #: 127.0.0.1 only (Ray's single-machine mode), and every connection must carry the token
@@ -76,7 +76,7 @@ def check_auth_token(address: str | None = None) -> None:
     says what to set (or how to opt out)."""
     if _token_configured():
         return
-    from system.config import ConfigError
+    from flagstaff.system.config import ConfigError
 
     where = f"cluster.address={address}" if address else "cluster.require_auth=true"
     raise ConfigError(

@@ -419,7 +419,7 @@ class RunDir:
     # -- plots -----------------------------------------------------------------------------------
     def plot_curves(self, rows: list[dict[str, Any]] | None = None) -> Path | None:
         """curves.png: what the run is about (system/report.py plot_run)."""
-        from system.report import plot_run
+        from flagstaff.system.report import plot_run
 
         try:
             return plot_run(self.path, rows)

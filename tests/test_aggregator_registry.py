@@ -7,13 +7,12 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import flagstaff.strategies.aggregators as aggregators
 import hydra.utils
 import pytest
 import torch
-
-import strategies.aggregators as aggregators
-from strategies.aggregators import AGGREGATORS, PRE_AGGREGATIONS, build
-from strategies.aggregators.registry import PRE, RULES, discover, register
+from flagstaff.strategies.aggregators import AGGREGATORS, PRE_AGGREGATIONS, build
+from flagstaff.strategies.aggregators.registry import PRE, RULES, discover, register
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "aggregator"
 
@@ -21,8 +20,8 @@ NEW_RULE = '''
 """A test-only rule: scale times the mean of the two inputs of smallest norm."""
 import torch
 
-from strategies.aggregators.base import Aggregator
-from strategies.aggregators.registry import register
+from flagstaff.strategies.aggregators.base import Aggregator
+from flagstaff.strategies.aggregators.registry import register
 
 
 @register("two_smallest")
@@ -46,7 +45,7 @@ def test_every_rule_and_pre_aggregation_is_registered_by_its_module() -> None:
     }
     assert set(PRE) == {"nnm", "bucketing", "clip", "arc"}
     for name, cls in RULES.items():
-        assert cls.name == name and cls.__module__ != "strategies.aggregators"
+        assert cls.name == name and cls.__module__ != "flagstaff.strategies.aggregators"
     yamls = {p.stem for p in CONF.glob("*.yaml") if not p.stem.startswith("_")}
     assert yamls == set(RULES)
     for p in CONF.glob("*.yaml"):  # the shared block is written once
@@ -57,7 +56,7 @@ def test_register_refuses_a_taken_name_or_a_mismatched_one() -> None:
     class Other:
         name = "krum"
 
-    with pytest.raises(ValueError, match="taken by strategies.aggregators.krum.Krum"):
+    with pytest.raises(ValueError, match="taken by flagstaff.strategies.aggregators.krum.Krum"):
         register("krum")(Other)
     with pytest.raises(ValueError, match="whose name is 'krum'"):
         register("median2")(Other)
@@ -100,4 +99,4 @@ def test_a_new_rule_is_one_module_plus_its_yaml(tmp_path: Path, monkeypatch) -> 
         RULES.pop("two_smallest", None)
         import sys
 
-        sys.modules.pop("strategies.aggregators.two_smallest", None)
+        sys.modules.pop("flagstaff.strategies.aggregators.two_smallest", None)

@@ -13,8 +13,7 @@ from pathlib import Path
 import hydra.utils
 import pytest
 import torch
-
-from strategies.aggregators import (
+from flagstaff.strategies.aggregators import (
     AGGREGATORS,
     ARC,
     MDA,
@@ -556,8 +555,8 @@ def _tie_cases() -> list[tuple[torch.Tensor, int]]:
 def check_krum_ties() -> list[str]:
     """Failures (empty if none): duplicate rows must get exactly equal Krum scores, and Krum,
     Multi-Krum and Bulyan must pick the lowest index among tied scores."""
-    from strategies.aggregators.base import pairwise_sq_dists
-    from strategies.aggregators.krum import krum_scores
+    from flagstaff.strategies.aggregators.base import pairwise_sq_dists
+    from flagstaff.strategies.aggregators.krum import krum_scores
 
     bad = []
     for c, (U, f) in enumerate(_tie_cases()):
@@ -593,7 +592,7 @@ def test_krum_bulyan_ties_go_to_the_lowest_index(monkeypatch):
     assert check_krum_ties() == []
     # another BLAS sums each Gram entry in its own order: emulate it with last-bit noise that
     # depends on the entry's position (not symmetric, not equal for equal rows)
-    import strategies.aggregators.base as base
+    import flagstaff.strategies.aggregators.base as base
 
     exact = base.gram
 

@@ -8,10 +8,8 @@ from pathlib import Path
 import hydra.utils
 import pytest
 import torch
-from omegaconf import OmegaConf
-
-from clients import byzantine as bz
-from strategies.attacks import (
+from flagstaff.clients import byzantine as bz
+from flagstaff.strategies.attacks import (
     ALIE,
     ATTACKS,
     FOE,
@@ -32,6 +30,7 @@ from strategies.attacks import (
     build_attack,
     line_search,
 )
+from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "attack"
 

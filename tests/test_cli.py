@@ -18,7 +18,7 @@ from tests.conftest import ROOT
 
 def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "launch.train", *args],
+        [sys.executable, "-m", "flagstaff.launch.train", *args],
         cwd=cwd or ROOT,
         capture_output=True,
         text=True,
@@ -112,7 +112,7 @@ def test_cli_final_line_counts_the_rounds_run_after_a_budget_stop(tmp_path) -> N
 def cli(monkeypatch, capsys):
     """``flagstaff-train ARGS`` via launch.train.main in this process; returns (rc, out, err).
     Hydra reconfigures logging per call; the root logger is restored afterwards."""
-    from launch.train import main
+    from flagstaff.launch.train import main
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level
@@ -244,7 +244,7 @@ def test_cli_second_run_in_a_live_runs_directory_is_refused(cli, tmp_path) -> No
 
 _HOLD = """
 import sys, time
-from system.rundir import RunDir
+from flagstaff.system.rundir import RunDir
 with RunDir(sys.argv[1]).lock():
     print("locked", flush=True)
     time.sleep(300)
@@ -253,7 +253,8 @@ with RunDir(sys.argv[1]).lock():
 
 def _two_rounds(run_dir: Path) -> None:
     """A finished 2-round smoke run (checkpoint at round 2), made in this process."""
-    from system.runner import train
+    from flagstaff.system.runner import train
+
     from tests.conftest import compose
 
     train(compose("experiment=smoke", "rounds=2"), run_dir=str(run_dir))
@@ -262,7 +263,14 @@ def _two_rounds(run_dir: Path) -> None:
 def _resume_under(run_dir: Path, preexec=None) -> subprocess.CompletedProcess:
     """flagstaff-train resuming ``run_dir`` to round 4 in a subprocess (``preexec``: its limits)."""
     return subprocess.run(
-        [sys.executable, "-m", "launch.train", "experiment=smoke", "rounds=4", "resume=true"]
+        [
+            sys.executable,
+            "-m",
+            "flagstaff.launch.train",
+            "experiment=smoke",
+            "rounds=4",
+            "resume=true",
+        ]
         + [f"hydra.run.dir={run_dir}"],
         cwd=ROOT,
         capture_output=True,

@@ -40,8 +40,8 @@ def test_slurm_script_parses() -> None:
 def test_joining_a_cluster_needs_a_token_unless_require_auth_is_false(
     monkeypatch, tmp_path, caplog
 ) -> None:
-    from system.config import ConfigError
-    from system.ray_start import check_cluster_auth
+    from flagstaff.system.config import ConfigError
+    from flagstaff.system.ray_start import check_cluster_auth
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
@@ -69,7 +69,7 @@ def test_cluster_address_without_token_exits_with_one_line(tmp_path) -> None:
         [
             sys.executable,
             "-m",
-            "launch.train",
+            "flagstaff.launch.train",
             "experiment=smoke",
             "backend=ray",
             "cluster.address=127.0.0.1:9",
@@ -192,7 +192,7 @@ def test_hydra_submitit_launcher_composes() -> None:
         [
             sys.executable,
             "-m",
-            "launch.train",
+            "flagstaff.launch.train",
             "--cfg",
             "hydra",
             "hydra/launcher=submitit_slurm",

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from flagstaff.clients.trainer import ParamSpec
+from flagstaff.system.build import validate
+from flagstaff.system.codecs import Layout, PowerSGD, RandKSketch, build_codec, powersgd_step
+from flagstaff.system.config import ConfigError
+from flagstaff.system.runner import train
 from hydra.errors import ConfigCompositionException
 
-from clients.trainer import ParamSpec
-from system.build import validate
-from system.codecs import Layout, PowerSGD, RandKSketch, build_codec, powersgd_step
-from system.config import ConfigError
-from system.runner import train
 from tests.conftest import compose
 
 # a small model layout: a matrix, its bias, a conv kernel (8, 3, 3, 3) -> (8, 27), a tiny matrix
@@ -201,8 +201,8 @@ def test_robust_aggregators_work_on_decoded_updates(tmp_path, agg) -> None:
 
 
 def test_nonfinite_payloads_are_dropped_and_counted(tmp_path) -> None:
-    from system.config import to_plain
-    from system.pool import LocalPool
+    from flagstaff.system.config import to_plain
+    from flagstaff.system.pool import LocalPool
 
     res = train(
         compose(*SMOKE, "comm=sketch", "clients_per_round=10", "attack=nan_vector", "attack.f=2"),
@@ -210,9 +210,9 @@ def test_nonfinite_payloads_are_dropped_and_counted(tmp_path) -> None:
     )  # the attack acts on the decoded updates
     assert all(r["dropped_nonfinite"] == 2 for r in res["metrics"])
     # a payload that arrives non-finite: dropped before decoding, counted
-    from clients.data import load_digits
-    from system.build import client_host, parameter_server
-    from system.host import HostShard
+    from flagstaff.clients.data import load_digits
+    from flagstaff.system.build import client_host, parameter_server
+    from flagstaff.system.host import HostShard
 
     cfg = to_plain(compose(*SMOKE, "comm=powersgd", "num_clients=2", "clients_per_round=2"))
     ds = load_digits()

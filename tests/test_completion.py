@@ -9,13 +9,12 @@ import json
 import numpy as np
 import pytest
 import ray
+from flagstaff.jobs import completion as cm
+from flagstaff.jobs.blocks import BlockError
+from flagstaff.jobs.config import CompletionConfig, Source, register_configs
+from flagstaff.jobs.runner import run
 from hydra import compose, initialize_config_module
 from tqdm import tqdm
-
-from jobs import completion as cm
-from jobs.blocks import BlockError
-from jobs.config import CompletionConfig, Source, register_configs
-from jobs.runner import run
 
 COMMON = ["backend=local", "hosts=2", "progress=false", "blas_threads=1"]
 SPEC = cm.CompletionSpec(m=600, n=500, k=5, p=0.15, seed=0)  # the spec's measured setting
@@ -128,7 +127,7 @@ def test_ray_actors_match_local(ray_instance):
 
 def _compose(overrides):
     register_configs()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         return compose(config_name="job", overrides=overrides)
 
 

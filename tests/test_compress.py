@@ -13,9 +13,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 import torch
-from torch import nn
-
-from jobs.compress.core import (
+from flagstaff.jobs.compress.core import (
     Budget,
     Context,
     LowRankLayer,
@@ -31,16 +29,17 @@ from jobs.compress.core import (
     load_model,
     shard_bounds,
 )
-from jobs.compress.fwsvd import fwsvd, row_weights, weigh
-from jobs.compress.run import run_compress
-from jobs.compress.svd import svd_layer, truncated_svd
-from jobs.compress.welore import (
+from flagstaff.jobs.compress.fwsvd import fwsvd, row_weights, weigh
+from flagstaff.jobs.compress.run import run_compress
+from flagstaff.jobs.compress.svd import svd_layer, truncated_svd
+from flagstaff.jobs.compress.welore import (
     compress_welore,
     find_threshold,
     normalized_spectrum,
     welore_plan,
     welore_ranks,
 )
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -303,16 +302,23 @@ def test_params_after_and_checkpoint_round_trip(demo, tmp_path):
 
 
 def test_flagstaff_run_dir_and_state_dict_load(demo, tmp_path):
+    from flagstaff.clients.trainer import ParamSpec
     from omegaconf import OmegaConf
-
-    from clients.trainer import ParamSpec
 
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     cfg = {
         "seed": 0,
-        "data": {"_target_": "clients.data.load_dataset", "name": "digits", "seed": "${seed}"},
-        "model": {"_target_": "clients.models.build_model", "kind": "mlp", "hidden": [32, 32]},
+        "data": {
+            "_target_": "flagstaff.clients.data.load_dataset",
+            "name": "digits",
+            "seed": "${seed}",
+        },
+        "model": {
+            "_target_": "flagstaff.clients.models.build_model",
+            "kind": "mlp",
+            "hidden": [32, 32],
+        },
     }
     OmegaConf.save(OmegaConf.create(cfg), run / ".hydra" / "config.yaml")
     flat = ParamSpec.of(_trainable(demo.model)).flatten(dict(demo.model.named_parameters()))
@@ -410,7 +416,7 @@ def test_cli_compress_svd(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "launch.job",
+        "flagstaff.launch.job",
         "job=compress_svd",
         "backend=local",
         "hosts=1",
@@ -434,14 +440,13 @@ def test_cli_compress_svd(tmp_path):
 
 
 def test_config_errors_name_the_key(tmp_path):
+    from flagstaff.jobs.config import register_configs
+    from flagstaff.jobs.runner import run
     from hydra import compose, initialize_config_module
-
-    from jobs.config import register_configs
-    from jobs.runner import run
 
     register_configs()
     common = ["backend=local", "progress=false"]
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         with pytest.raises(Exception) as info:
             compose(config_name="job", overrides=["job=compress_svd", "job.model.kind=resnet"])
         chain, e = "", info.value
@@ -465,9 +470,9 @@ def test_conv_layers_of_a_flagstaff_cnn_run_compress_end_to_end(tmp_path):
     """A real federated CNN run (mnist1d, Conv1d) compressed from its run directory: the conv
     layers become factor pairs, the parameter count is exact, and compressed.pt reloads to the
     reported accuracy."""
+    from flagstaff.system.runner import train
     from omegaconf import OmegaConf
 
-    from system.runner import train
     from tests.conftest import compose
 
     run = tmp_path / "cnn_run"
@@ -500,10 +505,9 @@ def test_text_calibration_rows_are_the_real_tokens_only():
     """A text classifier's padding never reaches its output, so per-token calibration rows (the
     inputs CoSpaDi whitens with) hold the real tokens only: the first query layer sees exactly
     the embeddings of the unpadded tokens."""
+    from flagstaff.clients.lora import TextClassifier
+    from flagstaff.jobs.compress.core import collect_inputs
     from transformers import BertConfig, BertModel
-
-    from clients.lora import TextClassifier
-    from jobs.compress.core import collect_inputs
 
     torch.manual_seed(0)
     cfg = BertConfig(
@@ -526,8 +530,8 @@ def test_text_calibration_rows_are_the_real_tokens_only():
 def test_welore_rank_pruning_on_minilm_matches_the_reference_numbers(monkeypatch):
     """WeLore's global thresholds on the packaged all-MiniLM-L6-v2 (36 encoder linears): t = 0.05,
     0.10, 0.175 prune 13.7%, 27.5%, 47.6% of the total rank (the reference figures)."""
-    from clients.lora import load_minilm
-    from jobs.compress.welore import welore_ranks
+    from flagstaff.clients.lora import load_minilm
+    from flagstaff.jobs.compress.welore import welore_ranks
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = load_minilm(None)

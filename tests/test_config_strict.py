@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from flagstaff.system.config import ConfigError, check_values, register
+from flagstaff.system.strict import preflight
 from omegaconf import OmegaConf
 
-from system.config import ConfigError, check_values, register
-from system.strict import preflight
 from tests.conftest import ROOT, compose
 
 
@@ -59,13 +59,13 @@ def _one_line_refusal(p: subprocess.CompletedProcess, run_dir: Path, *needles: s
 )
 def test_cli_bad_key_is_one_line_exit_2(tmp_path, args, needles) -> None:
     run_dir = tmp_path / "run"
-    p = _cli("launch.train", "experiment=smoke", *args, run_dir=run_dir)
+    p = _cli("flagstaff.launch.train", "experiment=smoke", *args, run_dir=run_dir)
     _one_line_refusal(p, run_dir, *needles)
 
 
 def test_job_cli_bad_key_is_one_line_exit_2(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    p = _cli("launch.job", "backend=local", "+job.sketchh=srht", run_dir=run_dir)
+    p = _cli("flagstaff.launch.job", "backend=local", "+job.sketchh=srht", run_dir=run_dir)
     _one_line_refusal(p, run_dir, "unknown key job.sketchh in group job (job=lstsq", "nnz")
     assert "did you mean job.sketch?" in p.stderr
 
@@ -74,7 +74,7 @@ def _preflight(capsys, *args: str, config: str = "train") -> str:
     """``preflight`` as flagstaff-train/-job run it; the one line it printed ('' if it passed)."""
     register()
     try:
-        preflight(list(args), "conf", config, check_values if config == "train" else None)
+        preflight(list(args), "flagstaff.conf", config, check_values if config == "train" else None)
     except SystemExit as stop:
         assert stop.code == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -129,13 +129,12 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 )
 def test_every_experiment_passes(names: list[str]) -> None:
     """Experiments set only keys their groups declare (one typo would refuse the experiment)."""
+    from flagstaff.system.strict import check_config
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from system.strict import check_config
-
     register()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         for name in names:
             over = [f"experiment={name}"]
             cfg = hydra_compose("train", overrides=over, return_hydra_config=True)
@@ -161,14 +160,14 @@ def _accepted(target: str, node: dict) -> set[str]:
     names = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return names
-    if target == "clients.data.load_dataset":  # dispatches on name (clients/data.py)
-        import clients.data as d
+    if target == "flagstaff.clients.data.load_dataset":  # dispatches on name (clients/data.py)
+        import flagstaff.clients.data as d
 
         loader = {"digits": d.load_digits, "synthetic": d.make_synthetic}
         loader |= {"mnist1d": d.load_mnist1d, "user": d.load_user}
         return names | set(inspect.signature(loader[node["name"]]).parameters)
-    if target == "strategies.aggregators.build":  # the rule's hyperparameters
-        from strategies.aggregators import AGGREGATORS, _hparam_names
+    if target == "flagstaff.strategies.aggregators.build":  # the rule's hyperparameters
+        from flagstaff.strategies.aggregators import AGGREGATORS, _hparam_names
 
         return names | set(_hparam_names(AGGREGATORS[node["rule"]]))
     raise AssertionError(f"{target} takes **kwargs: say here where they go")
@@ -203,7 +202,7 @@ def test_declared_keys_are_accepted_by_the_target(group: str, option: str) -> No
     unknown = keys - _accepted(node["_target_"], node)
     assert not unknown, f"conf/{group}/{option}.yaml declares {sorted(unknown)}"
     if group == "aggregator":
-        from strategies.aggregators import PRE_AGGREGATIONS, _hparam_names
+        from flagstaff.strategies.aggregators import PRE_AGGREGATIONS, _hparam_names
 
         for name, kwargs in node["pre_kwargs"].items():
             assert set(kwargs) <= set(_hparam_names(PRE_AGGREGATIONS[name])), name
@@ -215,7 +214,7 @@ def test_hosts_that_do_not_fit_a_local_ray_are_refused_before_anything_is_writte
     was written)."""
     import os
 
-    from system.build import ResourceError, build_run
+    from flagstaff.system.build import ResourceError, build_run
 
     hosts = len(os.sched_getaffinity(0)) + 1
     cfg = compose("experiment=smoke", "backend=ray", f"cluster.hosts={hosts}")

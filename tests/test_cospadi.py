@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from jobs.compress.cospadi import (
+from flagstaff.jobs.compress.cospadi import (
     batch_omp,
     cospadi,
     cospadi_budget,

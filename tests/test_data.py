@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from clients.data import load_dataset, load_digits, load_user, make_synthetic
-from clients.partition import partition, summarize
-from clients.plan import make_plan
+from flagstaff.clients.data import load_dataset, load_digits, load_user, make_synthetic
+from flagstaff.clients.partition import partition, summarize
+from flagstaff.clients.plan import make_plan
 
 
 def test_digits_split_is_stratified_and_standardized() -> None:

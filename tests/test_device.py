@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flagstaff.clients.models import build_model
+from flagstaff.clients.plan import make_plan
+from flagstaff.clients.trainer import LocalSGD, ParamSpec
+from flagstaff.system.build import build_from, build_run, check_gpus, client_host
+from flagstaff.system.config import ConfigError, to_plain
+from flagstaff.system.host import HostShard, host_device, local_host_device, visible_index
 from torch.overrides import TorchFunctionMode
 
-from clients.models import build_model
-from clients.plan import make_plan
-from clients.trainer import LocalSGD, ParamSpec
-from system.build import build_from, build_run, check_gpus, client_host
-from system.config import ConfigError, to_plain
-from system.host import HostShard, host_device, local_host_device, visible_index
 from tests.conftest import compose
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +195,7 @@ def test_a_ray_cluster_without_gpus_is_refused() -> None:
 def test_the_cli_refuses_gpus_per_host_in_one_line_exit_2(tmp_path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.train", "experiment=smoke", "cluster.gpus_per_host=1",
+        [sys.executable, "-m", "flagstaff.launch.train", "experiment=smoke", "cluster.gpus_per_host=1",
          f"hydra.run.dir={run_dir}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flagstaff.clients.data import load_digits
+from flagstaff.clients.dp_batched import BatchedDPSGDTrainer, poisson_plan
+from flagstaff.clients.models import build_model
+from flagstaff.clients.trainer import ParamSpec
+from flagstaff.system.runner import train
 
-from clients.data import load_digits
-from clients.dp_batched import BatchedDPSGDTrainer, poisson_plan
-from clients.models import build_model
-from clients.trainer import ParamSpec
-from system.runner import train
 from tests.conftest import compose
 
 
@@ -164,7 +164,7 @@ def test_runs_from_the_runner_with_epsilon_per_round(tmp_path) -> None:
 
 def _lora_setup():
     """A LoRA MLP whose clients train B (A frozen, as FedSVD / FFA-LoRA), B started generic."""
-    from clients.lora import LoRALinear, build_lora_model, client_frozen_names
+    from flagstaff.clients.lora import LoRALinear, build_lora_model, client_frozen_names
 
     model = build_lora_model("mlp", (64,), 10, rank=2, hidden=(16,), train=["B"], seed=0)
     with torch.no_grad():
@@ -188,10 +188,9 @@ def _lora_setup():
 def test_frozen_factor_gets_no_gradient_noise_or_update() -> None:
     """Issue 18 item 2: A (frozen) stays exactly where it was under noise and weight decay, and
     with noise 0 the update equals Opacus' DPOptimizer over the trainable parameters only."""
+    from flagstaff.clients.lora import client_frozen_names
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
-
-    from clients.lora import client_frozen_names
 
     ds = load_digits()
     x, y = ds.x_train[:60], ds.y_train[:60]
@@ -242,12 +241,12 @@ D_RULE = 64 * 16 + 16 + 16 * 10 + 10  # the MLP 64-16-10 of _setup
 
 
 def _rules():
-    from clients.rules import LocalRule
-    from strategies.feddyn import FedDynRule
-    from strategies.fedprox import Prox
-    from strategies.fedsam import SAM
-    from strategies.fedspeed import FedSpeedRule
-    from strategies.scaffold import Scaffold
+    from flagstaff.clients.rules import LocalRule
+    from flagstaff.strategies.feddyn import FedDynRule
+    from flagstaff.strategies.fedprox import Prox
+    from flagstaff.strategies.fedsam import SAM
+    from flagstaff.strategies.fedspeed import FedSpeedRule
+    from flagstaff.strategies.scaffold import Scaffold
 
     return {
         "sgd": LocalRule(),
@@ -357,7 +356,7 @@ def test_every_rule_dp_trainers_equal_opacus_with_the_rules_algebra(name) -> Non
     """Issue 20 item 7: batched DP-SGD == the Opacus path (DPSGDTrainer on the same batches) ==
     Opacus' DPOptimizer with the rule's terms added to its private gradient, for every local rule
     (noise 0, momentum, weight decay); both trainers return the same rule state and extras."""
-    from clients.dp import DPSGDTrainer
+    from flagstaff.clients.dp import DPSGDTrainer
 
     rule = _rules()[name]
     ds, model, spec, g0, sizes, offsets = _setup()
@@ -398,8 +397,8 @@ def test_every_rule_dp_trainers_equal_opacus_with_the_rules_algebra(name) -> Non
 def test_a_rule_that_takes_undeclared_private_gradients_is_refused() -> None:
     """Calibration and the budget stop count ``grads_per_step`` releases before the step runs: a
     rule that takes more is refused with a message, on both trainers."""
-    from clients.dp import DPSGDTrainer
-    from strategies.fedsam import SAM
+    from flagstaff.clients.dp import DPSGDTrainer
+    from flagstaff.strategies.fedsam import SAM
 
     class Liar(SAM):
         grads_per_step = 1

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from flagstaff.system.build import build_run
+from flagstaff.system.eval import EvalPart, combine, eval_shards, holdout, slice_test_set
+from flagstaff.system.host import ClientHost, HostShard
+from flagstaff.system.runner import train
+from flagstaff.system.server import evaluate_model
 
-from system.build import build_run
-from system.eval import EvalPart, combine, eval_shards, holdout, slice_test_set
-from system.host import ClientHost, HostShard
-from system.runner import train
-from system.server import evaluate_model
 from tests.conftest import compose
 
 
@@ -124,7 +124,7 @@ def test_held_out_samples_are_not_trained_on(tmp_path) -> None:
         assert one["metrics"][-1][k] == two["metrics"][-1][k]
     run = build_run(_natural())
     train_p, held = holdout(run.parts, 0)
-    from system.runner import _start_local
+    from flagstaff.system.runner import _start_local
 
     stepper = _start_local(run)
     try:

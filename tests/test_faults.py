@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from flagstaff.system.runner import train
 
-from system.runner import train
 from tests.conftest import ROOT, compose
 
 #: two client hosts on a real local Ray; host 1 owns clients 5..9 of the smoke run's 10
@@ -58,8 +58,8 @@ def _kill_host_after(ray, run: Path, rows: int, host: int, out: dict) -> threadi
 
 def _server(c: dict, stack: ExitStack):
     """The parameter server and Ray hosts of a validated config, as train() starts them."""
-    from system.build import build_run
-    from system.runner import start
+    from flagstaff.system.build import build_run
+    from flagstaff.system.runner import start
 
     return start(build_run(c), stack).server
 
@@ -119,7 +119,7 @@ def test_requests_that_cannot_fit_fail_before_work(ray_custom, tmp_path) -> None
 def test_gpu_request_without_gpus_is_refused_before_any_work(tmp_path) -> None:
     """Hosts that ask for GPUs where none exist are refused in one line before anything is
     written (issue 22 item 5; it used to fall back to CPU silently)."""
-    from system.config import ConfigError
+    from flagstaff.system.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"cluster.gpus_per_host=0.5 asks for GPUs"):
         train(
@@ -190,7 +190,14 @@ def test_every_client_late_stops_the_run_with_a_checkpoint(ray_custom, tmp_path,
 def test_nonfinite_updates_stop_the_cli_with_a_clear_error(tmp_path) -> None:
     """client.lr=nan: every update is non-finite; the CLI says so per round and stops non-zero."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch.train", "experiment=smoke", "rounds=6", "client.lr=nan"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flagstaff.launch.train",
+        "experiment=smoke",
+        "rounds=6",
+        "client.lr=nan",
+    ]
     p = subprocess.run(
         [*cmd, f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
@@ -238,7 +245,7 @@ def test_host_lost_for_good_run_completes_on_the_survivor(ray_custom, tmp_path) 
 def test_host_lost_before_a_checkpoint_names_the_lost_client_state(ray_custom) -> None:
     """The checkpoint step gathers per-client state from the hosts; a dead host's state is gone:
     the checkpoint is written anyway and names exactly which clients' state was lost."""
-    from system.build import validate
+    from flagstaff.system.build import validate
 
     c = validate(compose(*RAY2, "strategy=scaffold", "cluster.max_restarts=0"))
     with ExitStack() as stack:
@@ -263,7 +270,7 @@ def test_host_lost_before_a_checkpoint_names_the_lost_client_state(ray_custom) -
 def test_host_lost_with_privacy_accountants_drops_its_clients_for_good(ray_custom, caplog) -> None:
     """DP-SGD clients whose accountants died with their host cannot train again without
     under-counting epsilon: they are dropped, with a line per round, and stay out after resume."""
-    from system.build import validate
+    from flagstaff.system.build import validate
 
     over = (*RAY2, "client=dpsgd_batched", "cluster.max_restarts=0")
     c = validate(compose(*over))
@@ -286,7 +293,7 @@ def test_host_lost_with_privacy_accountants_drops_its_clients_for_good(ray_custo
 
 def _local_hosts(*over: str):
     """The two in-process client hosts (and server) of a validated backend=local config."""
-    from system.build import validate
+    from flagstaff.system.build import validate
 
     c = validate(compose("experiment=smoke", "cluster.hosts=2", "clients_per_round=10", *over))
     with ExitStack() as stack:
@@ -331,7 +338,7 @@ def test_killed_driver_resumes_to_identical_parameters(tmp_path, every) -> None:
     parameters as an undisturbed run, and every round once in metrics.jsonl."""
     over = [*RAY2, "rounds=12", f"checkpoint_every={every}", "client.epochs=3"]
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch.train", *over, f"hydra.run.dir={run}"]
+    cmd = [sys.executable, "-m", "flagstaff.launch.train", *over, f"hydra.run.dir={run}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and len(_rows(run)) < 4:

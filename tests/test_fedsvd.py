@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from clients.lora import build_lora_model
-from clients.trainer import ParamSpec
-from strategies import fedsvd_refactorize
-from strategies.fedsvd import FedSVD
+from flagstaff.clients.lora import build_lora_model
+from flagstaff.clients.trainer import ParamSpec
+from flagstaff.strategies import fedsvd_refactorize
+from flagstaff.strategies.fedsvd import FedSVD
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-13), (torch.float32, 2e-6)])

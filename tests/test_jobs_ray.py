@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 import ray  # a hard dependency: these tests always run
+from flagstaff.jobs.blocks import DataSpec, RowBlockMatrix, residual_norm  # noqa: E402
+from flagstaff.jobs.config import register_configs  # noqa: E402
+from flagstaff.jobs.lstsq import sketch_and_precondition  # noqa: E402
+from flagstaff.jobs.runner import run  # noqa: E402
+from flagstaff.jobs.sketches import Sketch, sketch_matrix  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
-
-from jobs.blocks import DataSpec, RowBlockMatrix, residual_norm  # noqa: E402
-from jobs.config import register_configs  # noqa: E402
-from jobs.lstsq import sketch_and_precondition  # noqa: E402
-from jobs.runner import run  # noqa: E402
-from jobs.sketches import Sketch, sketch_matrix  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,7 +80,7 @@ def test_ray_memmap_shards(tmp_path):
 )
 def test_job_end_to_end_on_ray(name, extra, tmp_path):
     register_configs()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         cfg = compose(
             config_name="job",
             overrides=[f"job={name}", "backend=ray", "hosts=2", "progress=false", *extra],

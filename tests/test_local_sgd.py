@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from clients.data import load_digits
-from clients.models import build_model
-from clients.partition import partition
-from clients.plan import make_plan
-from clients.trainer import LocalSGD, ParamSpec
+from flagstaff.clients.data import load_digits
+from flagstaff.clients.models import build_model
+from flagstaff.clients.partition import partition
+from flagstaff.clients.plan import make_plan
+from flagstaff.clients.trainer import LocalSGD, ParamSpec
 
 
 def _reference(plan, x, y, g0, lr, momentum, wd, clip, kind="mlp", shape=(64,)):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
+from flagstaff.system.runner import train
 
-from system.runner import train
 from tests.conftest import compose
 
 
@@ -40,7 +40,7 @@ def test_loggers_are_imported_only_when_chosen(tmp_path) -> None:
 
 
 def test_unknown_logger_fails(tmp_path) -> None:
-    from system.config import ConfigError
+    from flagstaff.system.config import ConfigError
 
     with pytest.raises(ConfigError, match="tensorboard"):
         train(compose("experiment=smoke", "logger.kind=wandb"), run_dir=str(tmp_path))

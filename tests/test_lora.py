@@ -8,13 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from flagstaff.clients.dp import DPSGDTrainer
+from flagstaff.clients.lora import LoRALinear, apply_lora, build_lora_model, client_frozen_names
+from flagstaff.clients.plan import make_plan
+from flagstaff.clients.text import load_text_dataset, make_reviews, read_text_file
+from flagstaff.clients.trainer import ParamSpec
 from torch import nn
-
-from clients.dp import DPSGDTrainer
-from clients.lora import LoRALinear, apply_lora, build_lora_model, client_frozen_names
-from clients.plan import make_plan
-from clients.text import load_text_dataset, make_reviews, read_text_file
-from clients.trainer import ParamSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -191,9 +190,10 @@ _TRAINERS = {
 
 def _changed(tmp_path, strategy: str, factors: str, trainer: str) -> set[int]:
     """Coordinates of the global vector that differ from the initial model after a runner run."""
-    from system.build import validate
-    from system.runner import train
-    from system.specs import build_from
+    from flagstaff.system.build import validate
+    from flagstaff.system.runner import train
+    from flagstaff.system.specs import build_from
+
     from tests.conftest import compose
 
     cfg = compose(

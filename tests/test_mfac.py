@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from jobs.compress.mfac import (
+from flagstaff.jobs.compress.mfac import (
     MFACInverse,
     MFACOptimizer,
     kept_for_budget,

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flagstaff.clients.models import build_model, num_parameters
+from flagstaff.clients.models.lstm import LSTM
+from flagstaff.clients.plan import make_plan
+from flagstaff.clients.trainer import LocalSGD, ParamSpec
 from torch import nn
-
-from clients.models import build_model, num_parameters
-from clients.models.lstm import LSTM
-from clients.plan import make_plan
-from clients.trainer import LocalSGD, ParamSpec
 
 
 @pytest.mark.parametrize(
@@ -123,7 +122,7 @@ def test_native_convolution_paths_equal_a_plain_sgd_loop(kind: str, monkeypatch)
     """With every convolution above the im2col size, SmallCNN runs oneDNN per client inside its
     stacked layers and the FedAvg CNN / ResNet-8 run each client's own forward in channels-last
     memory: still each client's own SGD, and a client alone equals the client among others."""
-    import clients.models.stacked as stacked
+    import flagstaff.clients.models.stacked as stacked
 
     monkeypatch.setattr(stacked, "IM2COL_MAX", 0)
     torch.set_num_threads(1)
@@ -221,7 +220,8 @@ def layouts(tmp_path_factory):
     ],
 )
 def test_model_config_runs_one_round_through_the_runner(tmp_path, layouts, model, data, classes):
-    from system.runner import train
+    from flagstaff.system.runner import train
+
     from tests.conftest import compose
 
     cfg = compose(

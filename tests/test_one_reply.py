@@ -37,8 +37,8 @@ _SMOKE = ("experiment=smoke", "rounds=2", "clients_per_round=1")
     ids=["fedavg-reduced", "fedavg-per-client", "scaffold", "median", "dp_fedavg"],
 )
 def test_a_round_with_one_reply_runs_through_the_runner(tmp_path, setting) -> None:
-    from system.runner import train
-    from system.server import sample_clients
+    from flagstaff.system.runner import train
+    from flagstaff.system.server import sample_clients
 
     cfg = compose(*setting)
     rounds, n, m, kind = cfg.rounds, cfg.num_clients, cfg.clients_per_round, cfg.sampling

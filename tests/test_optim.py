@@ -6,20 +6,19 @@ from __future__ import annotations
 import doctest
 from pathlib import Path
 
+import flagstaff.strategies.optim
 import numpy as np
 import pytest
 import torch
 from conftest import compose
-
-import strategies.optim
-from strategies.base import RoundExtras
-from strategies.dp import ClientLevelDP
-from strategies.fedadam import FedAdam
-from strategies.fedavg import FedAvg
-from strategies.feddyn import FedDyn
-from strategies.fedspeed import FedSpeed
-from strategies.optim import Composed, Transform, adam, chain, momentum, sgd
-from strategies.scaffold import SCAFFOLD, ControlVariate
+from flagstaff.strategies.base import RoundExtras
+from flagstaff.strategies.dp import ClientLevelDP
+from flagstaff.strategies.fedadam import FedAdam
+from flagstaff.strategies.fedavg import FedAvg
+from flagstaff.strategies.feddyn import FedDyn
+from flagstaff.strategies.fedspeed import FedSpeed
+from flagstaff.strategies.optim import Composed, Transform, adam, chain, momentum, sgd
+from flagstaff.strategies.scaffold import SCAFFOLD, ControlVariate
 
 D = 7
 
@@ -30,7 +29,7 @@ def _steps(rounds: int = 6, dtype=torch.float32) -> list[torch.Tensor]:
 
 
 def test_docstring_examples() -> None:
-    assert doctest.testmod(strategies.optim).failed == 0
+    assert doctest.testmod(flagstaff.strategies.optim).failed == 0
 
 
 def test_chain_of_momentum_and_sgd_is_fedavgm_bit_for_bit() -> None:
@@ -150,7 +149,7 @@ def test_scaffold_with_server_adam_end_to_end(tmp_path: Path) -> None:
     names the parts, a resumed run reaches the same parameters, and after one round its c equals
     plain SCAFFOLD's (c does not depend on the server optimizer; both runs start from the same
     model and clients)."""
-    from system.runner import train
+    from flagstaff.system.runner import train
 
     base = ("experiment=smoke", "strategy=scaffold")
     res = train(compose(*base, "strategy/server_opt=adam"), run_dir=str(tmp_path / "adam"))
@@ -174,8 +173,8 @@ def test_scaffold_with_server_adam_end_to_end(tmp_path: Path) -> None:
 def test_config_spellings_compose_optimizers_and_dp_without_new_classes() -> None:
     """strategy/server_opt=adam gives any strategy a server Adam; dp_fedavg wraps any strategy of the
     group (strategy@strategy.inner=...), with its own server optimizer."""
-    from system.config import to_plain
-    from system.specs import build_from
+    from flagstaff.system.config import to_plain
+    from flagstaff.system.specs import build_from
 
     def built(*over: str):
         return build_from(to_plain(compose("experiment=smoke", *over))["strategy"])

@@ -17,8 +17,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-
-from strategies.aggregators import MDA, Bulyan, Krum, MultiKrum
+from flagstaff.strategies.aggregators import MDA, Bulyan, Krum, MultiKrum
 
 
 def _rotations(n: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
+import flagstaff.system.p2p as p2p
 import numpy as np
 import pytest
 import torch
+from flagstaff.system.config import ConfigError
+from flagstaff.system.runner import train
 
-import system.p2p as p2p
-from system.config import ConfigError
-from system.runner import train
 from tests.conftest import compose
 
 # 8 nodes, 2 Byzantine, 2 hosts: seconds per run
@@ -106,8 +106,8 @@ def test_centre_free_rules_craft_the_adaptive_attack_once(tmp_path, monkeypatch,
     """Trimmed mean and geometric median ignore the node's own vector (up to rounding), so on a
     complete graph the adaptive search is the same for every node: it runs once per step, and
     its vectors equal the per-node search's (the rule centred on each node) to float error."""
-    from strategies.attacks import ALIEAdaptive
-    from strategies.peer import build_peer_rule
+    from flagstaff.strategies.attacks import ALIEAdaptive
+    from flagstaff.strategies.peer import build_peer_rule
 
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
     real_call = ALIEAdaptive.__call__
@@ -135,8 +135,8 @@ def test_broadcast_adversary_sends_one_vector_against_the_mean_aggregate(
     """``strategy.adversary=broadcast`` (the reference code's adversary): every honest node gets
     the same Byzantine vectors, and the line search maximises the displacement of the mean of
     the honest nodes' NNA aggregates."""
-    from strategies.attacks import ALIEAdaptive
-    from strategies.peer import NNA
+    from flagstaff.strategies.attacks import ALIEAdaptive
+    from flagstaff.strategies.peer import NNA
 
     seen: dict[int, list] = {}
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -298,7 +298,7 @@ def test_foe_adaptive_is_kept_by_nna_and_differs_from_sign_flip(tmp_path, monkey
     node NNA keeps some of its vectors, so the aggregate leaves the honest-only aggregate (the
     honest mean, which is what NNA returns when it drops every Byzantine vector, as it does for
     sign flip's -mean), and foe_adaptive and sign_flip no longer give the same run."""
-    from strategies.peer import NNA
+    from flagstaff.strategies.peer import NNA
 
     moved: dict[str, list[tuple[bool, float, float]]] = {}
     real_mix = p2p.PeerHost.mix

@@ -41,7 +41,8 @@ FETCH = {
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_validates_as_written(name) -> None:
-    from system.build import validate
+    from flagstaff.system.build import validate
+
     from tests.conftest import compose
 
     c = validate(compose(f"experiment={name}"))
@@ -98,7 +99,8 @@ def test_missing_data_stops_before_any_work_with_one_line(tmp_path, cli, name) -
 
 # -- end to end on generated data in the real layouts ------------------------------------------------
 def _run(tmp_path, name: str, *overrides: str) -> dict:
-    from system.runner import train
+    from flagstaff.system.runner import train
+
     from tests.conftest import compose
 
     over = (f"experiment={name}", "backend=local", "progress=false", "eval_every=1",
@@ -122,7 +124,7 @@ def _ok(res: dict, rounds: int) -> None:
 def test_normalize_at_load_gives_float_images_without_a_transform(cifar_root) -> None:
     """data.normalize=load: the training images normalized once (as the per-batch transform
     normalizes them, no crop or flip), no per-batch transform left; crop or flip refused."""
-    from clients.hf import load_hf
+    from flagstaff.clients.hf import load_hf
 
     batch = load_hf(path=str(cifar_root))
     load = load_hf(path=str(cifar_root), normalize="load")

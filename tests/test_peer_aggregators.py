@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from strategies.aggregators import GeometricMedian, TrimmedMean
-from strategies.attacks import ALIEAdaptive
-from strategies.peer import (
+from flagstaff.strategies.aggregators import GeometricMedian, TrimmedMean
+from flagstaff.strategies.attacks import ALIEAdaptive
+from flagstaff.strategies.peer import (
     NNA,
     PeerGeometricMedian,
     PeerMean,
@@ -157,7 +156,7 @@ def _displacement(rule, H: torch.Tensor, own: torch.Tensor, byz: torch.Tensor) -
 
 def test_foe_on_models_sends_the_shrunk_honest_mean() -> None:
     """In the peer-to-peer mode FOE is the reference's model-space attack: (1 - c) * honest mean."""
-    from strategies.attacks import FOEAdaptive
+    from flagstaff.strategies.attacks import FOEAdaptive
 
     H, f = _hand_built_models(), 2
     attack = FOEAdaptive(f=f).for_models()
@@ -173,7 +172,7 @@ def test_foe_on_models_maximises_the_displacement_over_its_search() -> None:
     evaluated (recomputed here from the rule, not taken from the attack), NNA keeps the Byzantine
     vectors (sign flip's are all discarded: the aggregate is the honest mean), and c is close to
     the best c on a fine grid (within the line search's resolution)."""
-    from strategies.attacks import FOEAdaptive, SignFlip
+    from flagstaff.strategies.attacks import FOEAdaptive, SignFlip
 
     H, f = _hand_built_models(), 2
     own, mu, rule = H[0], H.mean(dim=0), NNA(f=f)

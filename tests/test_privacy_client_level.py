@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from flagstaff.clients.dp import epsilon_of_history
+from flagstaff.strategies.dp import ClientLevelDP
+from flagstaff.strategies.fedavg import FedAvg
 
-from clients.dp import epsilon_of_history
-from strategies.dp import ClientLevelDP
-from strategies.fedavg import FedAvg
 from tests.conftest import ROOT, compose
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -104,7 +104,7 @@ def test_calibrated_noise_and_adaptive_clipping() -> None:
 
 
 def test_dp_fedavg_runs_from_the_runner_and_stops_on_budget(tmp_path) -> None:
-    from system.runner import train
+    from flagstaff.system.runner import train
 
     base = [
         "experiment=privacy_dp_fedavg_digits",
@@ -132,8 +132,8 @@ def test_dp_fedavg_runs_from_the_runner_and_stops_on_budget(tmp_path) -> None:
 
 
 def test_dp_fedavg_needs_the_mean_aggregator() -> None:
-    from system.build import validate
-    from system.config import ConfigError
+    from flagstaff.system.build import validate
+    from flagstaff.system.config import ConfigError
 
     with pytest.raises(ConfigError, match="aggregator=mean"):
         validate(compose("experiment=privacy_dp_fedavg_digits", "aggregator=median"))
@@ -204,9 +204,8 @@ def test_adaptive_count_is_centred_with_the_expected_denominator() -> None:
 
 
 def test_summary_mechanism_reproduces_the_reported_epsilon(tmp_path) -> None:
+    from flagstaff.system.runner import train
     from opacus.accountants import RDPAccountant
-
-    from system.runner import train
 
     cfg = compose(
         "experiment=privacy_dp_fedavg_digits",
@@ -265,7 +264,7 @@ def test_cli_refuses_client_level_dp_with_fixed_sampling_in_one_line(tmp_path) -
         [
             sys.executable,
             "-m",
-            "launch.train",
+            "flagstaff.launch.train",
             "experiment=privacy_dp_fedavg_digits",
             "sampling=fixed",
             "backend=local",
@@ -283,16 +282,16 @@ def test_cli_refuses_client_level_dp_with_fixed_sampling_in_one_line(tmp_path) -
 
 
 def _step(s: ClientLevelDP):
-    from strategies.aggregators import build
-    from strategies.attacks import Adversary, NoAttack
-    from strategies.server_step import ServerStep
+    from flagstaff.strategies.aggregators import build
+    from flagstaff.strategies.attacks import Adversary, NoAttack
+    from flagstaff.strategies.server_step import ServerStep
 
     adversary = Adversary(NoAttack(), s.num_clients)
     return ServerStep(s, build("mean"), adversary, num_clients=s.num_clients, delta=s.delta)
 
 
 def _rows(U: torch.Tensor, ids=None):
-    from strategies.server_step import Replies
+    from flagstaff.strategies.server_step import Replies
 
     n = len(U)
     ids = np.arange(n) if ids is None else np.asarray(ids)
@@ -303,7 +302,7 @@ def test_an_empty_round_is_released_and_accounted() -> None:
     """Poisson sampling may sample nobody (or every update may be non-finite): skipping such a
     round is not post-processing of the sampled Gaussian mechanism, so the round releases the
     noise on a zero sum (denominator m) and the accountant steps."""
-    from strategies.server_step import Replies
+    from flagstaff.strategies.server_step import Replies
 
     m, d, S = 10, 50_000, 1.0
     s = _dp(adaptive=True, count_stddev=2.0, clip=S, clients_per_round=m)
@@ -333,9 +332,9 @@ def test_an_empty_round_is_released_and_accounted() -> None:
 
 
 def test_an_empty_round_without_client_level_dp_is_still_skipped() -> None:
-    from strategies.aggregators import build
-    from strategies.attacks import Adversary, NoAttack
-    from strategies.server_step import Replies, ServerStep
+    from flagstaff.strategies.aggregators import build
+    from flagstaff.strategies.attacks import Adversary, NoAttack
+    from flagstaff.strategies.server_step import Replies, ServerStep
 
     step = ServerStep(FedAvg(), build("mean"), Adversary(NoAttack(), 10), num_clients=10)
     res = step(torch.zeros(3), FedAvg().init(torch.zeros(3)), Replies.empty(3), 0)
@@ -346,7 +345,7 @@ def test_an_empty_adaptive_round_releases_the_count_noise_alone() -> None:
     """With nobody answering the centred count is 0 + N(0, sigma_b^2): b~ is 1/2 plus noise of
     std sigma_b / m = 6e-4 here, so the clip barely moves; a count of -m/2 would move it by
     exp(eta / 2)."""
-    from strategies.server_step import Replies
+    from flagstaff.strategies.server_step import Replies
 
     s = _dp(
         adaptive=True, count_stddev=0.6, num_clients=10_000, clients_per_round=1000, clip_lr=0.2
@@ -361,10 +360,9 @@ def test_metrics_log_the_expected_count_and_bytes_under_client_level_dp(tmp_path
     """The realised number of sampled clients is what the fixed denominator hides: under
     client-level DP metrics.jsonl logs clients = m and the bytes m clients would move, in every
     round, also in an empty one; the epsilon covers every round (the empty one included)."""
+    from flagstaff.system.runner import train
+    from flagstaff.system.server import sample_clients
     from opacus.accountants import RDPAccountant
-
-    from system.runner import train
-    from system.server import sample_clients
 
     sizes = [len(sample_clients(10, 2, 0, r, "bernoulli")) for r in range(3)]
     assert sizes == [2, 0, 1]  # seed 0: an empty round, and varying counts

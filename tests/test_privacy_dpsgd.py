@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from flagstaff.clients.dp import DPSGDTrainer, epsilon_of_history
+from flagstaff.clients.models import build_model
+from flagstaff.clients.plan import make_plan
+from flagstaff.clients.trainer import ParamSpec
 
-from clients.dp import DPSGDTrainer, epsilon_of_history
-from clients.models import build_model
-from clients.plan import make_plan
-from clients.trainer import ParamSpec
 from tests.conftest import compose
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -140,7 +140,7 @@ def test_calibrated_noise_reaches_the_target_with_the_same_accountant() -> None:
 
 
 def _runs(tmp_path, *overrides):
-    from system.runner import train
+    from flagstaff.system.runner import train
 
     cfg = compose(
         "experiment=privacy_dpsgd_digits",
@@ -206,8 +206,8 @@ def test_resumed_server_restores_every_clients_accountant() -> None:
     epsilons and the same parameters as the uninterrupted run."""
     from contextlib import ExitStack
 
-    from system.build import build_run
-    from system.runner import start
+    from flagstaff.system.build import build_run
+    from flagstaff.system.runner import start
 
     cfg = compose(
         "experiment=privacy_dpsgd_digits",
@@ -234,7 +234,7 @@ def test_resumed_server_restores_every_clients_accountant() -> None:
 
 # -- local rules under DP-SGD: accounting of a second private gradient (issue 20 item 7) ---------
 def _both(**kw):
-    from clients.dp_batched import BatchedDPSGDTrainer
+    from flagstaff.clients.dp_batched import BatchedDPSGDTrainer
 
     return [DPSGDTrainer(**kw), BatchedDPSGDTrainer(**kw)]
 
@@ -246,10 +246,9 @@ def test_a_sam_step_is_one_gaussian_step_with_sigma_over_sqrt2(which) -> None:
     multiplier sigma / sqrt(2) per local step. The reported epsilon is Opacus' RDP accountant
     stepped that way; counting two independent (sigma, q) steps would report less; the budget
     stop's prospective epsilon (with the rule) is the next round's."""
+    from flagstaff.strategies.fedsam import SAM
+    from flagstaff.strategies.fedspeed import FedSpeedRule
     from opacus.accountants import RDPAccountant
-
-    from strategies.fedsam import SAM
-    from strategies.fedspeed import FedSpeedRule
 
     torch.manual_seed(0)
     model, spec = _model_and_spec()
@@ -303,7 +302,7 @@ def test_any_strategy_aggregator_attack_dp_and_compression_in_one_config(tmp_pat
     """SCAFFOLD x median x sign flip x batched DP-SGD x PowerSGD through the real runner: it runs,
     reports each round's epsilon (Opacus' accountant for every client's steps), and the clients'
     SCAFFOLD state lives on the hosts."""
-    from system.runner import train
+    from flagstaff.system.runner import train
 
     res = train(
         compose(
@@ -328,8 +327,8 @@ def test_hosts_ask_the_budget_stop_with_the_rule(tmp_path) -> None:
     step: before round 1 it equals every client's epsilon after round 1 (Opacus path)."""
     from contextlib import ExitStack
 
-    from system.build import build_run
-    from system.runner import start
+    from flagstaff.system.build import build_run
+    from flagstaff.system.runner import start
 
     run = build_run(
         compose(

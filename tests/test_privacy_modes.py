@@ -20,7 +20,7 @@ EXPERIMENTS = sorted(
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_privacy_experiments_compose_and_validate(name) -> None:
-    from system.build import validate
+    from flagstaff.system.build import validate
 
     c = validate(compose(f"experiment={name}", "backend=local"))
     assert "privacy" in c and c["privacy"]["delta"] == 1e-5
@@ -49,7 +49,7 @@ _TINY = [
     ],
 )
 def test_lora_strategies_run_from_the_runner(tmp_path, strategy, client, train_factors) -> None:
-    from system.runner import train
+    from flagstaff.system.runner import train
 
     cfg = compose(
         *_TINY,
@@ -62,8 +62,8 @@ def test_lora_strategies_run_from_the_runner(tmp_path, strategy, client, train_f
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all("accuracy" in r for r in rows)
     assert ("epsilon" in rows[-1]) == (client == "dpsgd")
-    from clients.lora import build_lora_model
-    from clients.trainer import ParamSpec
+    from flagstaff.clients.lora import build_lora_model
+    from flagstaff.clients.trainer import ParamSpec
 
     model = build_lora_model("mlp", (64,), 10, rank=2, train=["B"])
     spec = ParamSpec.of(model)
@@ -83,7 +83,7 @@ def test_lora_strategies_run_from_the_runner(tmp_path, strategy, client, train_f
     "name", ["privacy_fedsvd", "privacy_ffa_lora", "privacy_dp_lora", "privacy_lora"]
 )
 def test_text_experiments_run(tmp_path, name) -> None:
-    from system.runner import train
+    from flagstaff.system.runner import train
 
     cfg = compose(
         f"experiment={name}",
@@ -99,7 +99,7 @@ def test_text_experiments_run(tmp_path, name) -> None:
 
 @pytest.mark.slow
 def test_dpsgd_on_ray_backend_keeps_accountants(tmp_path, ray_session) -> None:
-    from system.runner import train
+    from flagstaff.system.runner import train
 
     cfg = compose(
         "experiment=privacy_dpsgd_digits",
@@ -150,7 +150,7 @@ _DP_RUNS = {
 
 @pytest.mark.parametrize("mode", list(_DP_RUNS))
 def test_dp_runs_log_no_unnoised_client_statistic(tmp_path, mode) -> None:
-    from system.runner import train
+    from flagstaff.system.runner import train
 
     train(compose("experiment=smoke", "rounds=2", *_DP_RUNS[mode]), run_dir=str(tmp_path))
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

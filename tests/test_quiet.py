@@ -20,7 +20,7 @@ NOISY += ["client.noise_multiplier=50"]
 
 def _train(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "launch.train", *args],
+        [sys.executable, "-m", "flagstaff.launch.train", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -55,7 +55,7 @@ def test_flower_logs_leave_the_console_of_a_quiet_run() -> None:
     verbose=true keeps Flower's handler."""
     import logging
 
-    from system.flower_backend import _DEPRECATION, quiet_flower
+    from flagstaff.system.flower_backend import _DEPRECATION, quiet_flower
 
     flwr_log = logging.getLogger("flwr")
     saved = (list(flwr_log.handlers), list(flwr_log.filters), flwr_log.propagate)

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+from flagstaff.system.ray_start import lean_local_start
+from flagstaff.system.ray_watchdog import TAG_VAR
 
-from system.ray_start import lean_local_start
-from system.ray_watchdog import TAG_VAR
 from tests._procs import (
     alive,
     command,
@@ -38,7 +38,7 @@ import ray
 import ray._private.services as services
 logging.basicConfig(level=logging.INFO, format="LOG %(message)s")
 before = (services.start_api_server, services.get_node)
-from system.ray_start import init_ray
+from flagstaff.system.ray_start import init_ray
 assert init_ray({"address": None, "lean_start": sys.argv[1] == "true"})
 procs = sorted(ray._private.worker._global_node.all_processes)
 restored = (services.start_api_server, services.get_node) == before
@@ -71,8 +71,7 @@ def test_lean_start_is_taken_on_the_verified_ray_version() -> None:
     during the start and restored after."""
     import ray
     import ray._private.services as services
-
-    from system.ray_start import LEAN_VERIFIED_RAY, lean_start_problem
+    from flagstaff.system.ray_start import LEAN_VERIFIED_RAY, lean_start_problem
 
     assert ray.__version__ in LEAN_VERIFIED_RAY
     assert lean_start_problem() is None
@@ -88,8 +87,7 @@ def test_lean_start_falls_back_when_rays_private_functions_may_differ(monkeypatc
     nothing is replaced (the start is the public ray.init) and the reason is named."""
     import ray
     import ray._private.services as services
-
-    from system.ray_start import lean_start_problem
+    from flagstaff.system.ray_start import lean_start_problem
 
     if change == "version":
         monkeypatch.setattr(ray, "__version__", "2.99.0")
@@ -115,7 +113,7 @@ logging.basicConfig(level=logging.INFO, format="LOG %(message)s")
 get_node = services.get_node
 # as if a Ray patch release had renamed its parameters (Ray calls it positionally: it still works)
 services.get_node = lambda address, node: get_node(address, node)
-from system.ray_start import init_ray
+from flagstaff.system.ray_start import init_ray
 from tests._procs import alive, descendants, listening
 assert init_ray({"address": None})
 import ray
@@ -188,7 +186,7 @@ def _flagstaff_train(out: Path, *overrides: str) -> subprocess.Popen:
     """``flagstaff-train experiment=smoke backend=ray ...`` as a user runs it; stdout and stderr
     go to out/stdout, out/stderr, the run directory is out/run."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "launch.train", "experiment=smoke", "backend=ray"]
+    cmd = [sys.executable, "-m", "flagstaff.launch.train", "experiment=smoke", "backend=ray"]
     cmd += ["cluster.hosts=1", "progress=false", f"hydra.run.dir={out / 'run'}", *overrides]
     with open(out / "stdout", "wb") as so, open(out / "stderr", "wb") as se:
         return subprocess.Popen(cmd, cwd=ROOT, env=_user_env(out / "home"), stdout=so, stderr=se)
@@ -349,7 +347,7 @@ def test_watchdog_ends_the_tagged_and_the_ray_processes_of_a_session_only(tmp_pa
     """system/ray_watchdog.py: a process with the run's tag, or named ray... with a file open in
     the session directory, is ended; one with another tag, or a non-Ray process reading the
     session's logs (a user's tail), is not."""
-    from system.ray_watchdog import end_members, members
+    from flagstaff.system.ray_watchdog import end_members, members
 
     session = tmp_path / "session_x"
     (session / "logs").mkdir(parents=True)
@@ -398,7 +396,7 @@ def test_a_ray_imported_before_flagstaff_could_make_it_private_is_refused(tmp_pa
 def test_private_temp_dir_never_uses_a_name_planted_by_someone_else(tmp_path, monkeypatch) -> None:
     """<Ray's temp base>/flagstaff-ray-<uid> is predictable: a symlink planted there is not
     followed; the local Ray gets a fresh directory of mode 700 beside it instead."""
-    from system.ray_start import private_temp_dir
+    from flagstaff.system.ray_start import private_temp_dir
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     elsewhere = tmp_path / "elsewhere"

@@ -29,7 +29,7 @@ def sweep(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sweep") / "multirun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(
-        [sys.executable, "-m", "launch.train", "-m", "experiment=smoke", "rounds=2"]
+        [sys.executable, "-m", "flagstaff.launch.train", "-m", "experiment=smoke", "rounds=2"]
         + ["seed=0,1", "client.lr=0.05,0.1", "hydra/callbacks=report", f"hydra.sweep.dir={out}"],
         cwd=ROOT,
         env=env,
@@ -53,7 +53,7 @@ def _by_lr(sweep: Path) -> dict[str, list[dict]]:
 
 
 def test_groups_seeds_of_a_setting(sweep: Path) -> None:
-    from system.report import find_runs, group_table, runs_frame
+    from flagstaff.system.report import find_runs, group_table, runs_frame
 
     runs, skipped = find_runs([sweep])
     assert len(runs) == 4 and skipped == []
@@ -73,7 +73,7 @@ def test_groups_seeds_of_a_setting(sweep: Path) -> None:
 
 
 def test_best_is_the_max_over_rounds(sweep: Path) -> None:
-    from system.report import find_runs, runs_frame
+    from flagstaff.system.report import find_runs, runs_frame
 
     runs, _ = find_runs([sweep])
     frame = runs_frame(runs, "accuracy")
@@ -91,7 +91,7 @@ def test_callback_writes_report_into_the_sweep(sweep: Path) -> None:
 
 
 def test_cli_csv_out_and_skips_non_runs(sweep: Path, tmp_path: Path, capsys) -> None:
-    from launch.report import main
+    from flagstaff.launch.report import main
 
     root = tmp_path / "runs"
     shutil.copytree(sweep, root / "sweep")
@@ -115,7 +115,7 @@ def test_cli_csv_out_and_skips_non_runs(sweep: Path, tmp_path: Path, capsys) -> 
 
 
 def test_torn_last_metrics_line_is_tolerated(sweep: Path, tmp_path: Path, caplog) -> None:
-    from system.report import find_runs, runs_frame
+    from flagstaff.system.report import find_runs, runs_frame
 
     run = tmp_path / "run"
     shutil.copytree(sweep / "0", run)
@@ -131,7 +131,7 @@ def test_torn_last_metrics_line_is_tolerated(sweep: Path, tmp_path: Path, caplog
 
 
 def test_cli_refuses_a_missing_dir_and_no_runs(tmp_path: Path, capsys) -> None:
-    from launch.report import main
+    from flagstaff.launch.report import main
 
     assert main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -142,7 +142,7 @@ def test_cli_refuses_a_missing_dir_and_no_runs(tmp_path: Path, capsys) -> None:
 
 
 def _train(tmp_path: Path, name: str, *overrides: str) -> Path:
-    from system.runner import train
+    from flagstaff.system.runner import train
 
     run_dir = tmp_path / name
     train(compose("experiment=smoke", "rounds=2", *overrides), run_dir=str(run_dir))
@@ -150,7 +150,7 @@ def _train(tmp_path: Path, name: str, *overrides: str) -> Path:
 
 
 def test_dp_run_plots_and_tables_epsilon(tmp_path: Path) -> None:
-    from system.report import find_runs, group_table, markdown_table, runs_frame
+    from flagstaff.system.report import find_runs, group_table, markdown_table, runs_frame
 
     run_dir = _train(tmp_path, "dp", "client=dpsgd")
     info = _panels(run_dir / "curves.png")  # written by the run itself (RunDir.plot_curves)
@@ -164,7 +164,7 @@ def test_dp_run_plots_and_tables_epsilon(tmp_path: Path) -> None:
 
 
 def test_p2p_run_axis_says_step(tmp_path: Path) -> None:
-    from system.report import find_runs, group_table, markdown_table, runs_frame
+    from flagstaff.system.report import find_runs, group_table, markdown_table, runs_frame
 
     run_dir = _train(tmp_path, "p2p", "strategy=monna")
     info = _panels(run_dir / "curves.png")
@@ -181,12 +181,11 @@ def test_p2p_run_axis_says_step(tmp_path: Path) -> None:
 
 
 def test_compressed_run_plots_bytes(tmp_path: Path) -> None:
+    from flagstaff.system.rundir import RunDir
     from omegaconf import OmegaConf
 
-    from system.rundir import RunDir
-
     cfg = compose("experiment=smoke", "rounds=2", "comm=powersgd")
-    from system.runner import train
+    from flagstaff.system.runner import train
 
     run_dir = tmp_path / "comp"
     train(cfg, run_dir=str(run_dir))

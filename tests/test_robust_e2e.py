@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flagstaff.strategies.aggregators import build
+from flagstaff.strategies.attacks import Adversary
+from flagstaff.system.config import ConfigError
+from flagstaff.system.runner import train
+from flagstaff.system.specs import build_from
 from omegaconf import OmegaConf
 
-from strategies.aggregators import build
-from strategies.attacks import Adversary
-from system.config import ConfigError
-from system.runner import train
-from system.specs import build_from
 from tests.conftest import ROOT, compose
 
 
@@ -220,7 +220,7 @@ def test_cli_runs_an_attack_with_pre_aggregation(tmp_path) -> None:
         [
             sys.executable,
             "-m",
-            "launch.train",
+            "flagstaff.launch.train",
             "experiment=smoke",
             "aggregator=flag",
             "aggregator.pre=[nnm]",

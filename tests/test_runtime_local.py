@@ -9,11 +9,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from flagstaff.system.config import ConfigError
+from flagstaff.system.rundir import CheckpointError, RunDir, RunDirBusy
+from flagstaff.system.runner import train
+from flagstaff.system.server import sample_clients
 
-from system.config import ConfigError
-from system.rundir import CheckpointError, RunDir, RunDirBusy
-from system.runner import train
-from system.server import sample_clients
 from tests.conftest import compose
 
 
@@ -93,11 +93,11 @@ def test_bad_config_values_fail_before_work(tmp_path) -> None:
 
 def test_wrong_length_updates_are_refused(tmp_path) -> None:
     """A host running a different model sends updates of the wrong length: a clear error."""
-    from clients.data import load_digits
-    from system.build import client_host, parameter_server
-    from system.config import to_plain
-    from system.host import HostShard
-    from system.pool import LocalPool
+    from flagstaff.clients.data import load_digits
+    from flagstaff.system.build import client_host, parameter_server
+    from flagstaff.system.config import to_plain
+    from flagstaff.system.host import HostShard
+    from flagstaff.system.pool import LocalPool
 
     cfg = to_plain(compose("experiment=smoke", "num_clients=2", "clients_per_round=2"))
     ds = load_digits()
@@ -123,10 +123,10 @@ def test_sampling_is_seeded_and_bounded() -> None:
 
 def test_host_reduction_equals_per_client_aggregation(tmp_path) -> None:
     """With a weighted mean, hosts send sum_i w_i u_i (float64) instead of every update."""
-    from strategies.attacks import Adversary
-    from system.build import build_from
-    from system.config import to_plain
-    from system.server import can_reduce_on_hosts
+    from flagstaff.strategies.attacks import Adversary
+    from flagstaff.system.build import build_from
+    from flagstaff.system.config import to_plain
+    from flagstaff.system.server import can_reduce_on_hosts
 
     reduced = train(compose("experiment=smoke", "cluster.hosts=2"), run_dir=str(tmp_path / "a"))
     full = train(
@@ -298,7 +298,7 @@ def test_console_and_logging_switches_do_not_block_a_resume() -> None:
     """Keys that only change what the console shows (``verbose``, like ``progress``) stay out of
     the resume fingerprint: a run resumed with ``verbose`` toggled, or from a checkpoint written
     before the key existed, is not refused as "a different config"."""
-    from system.loop import fingerprint
+    from flagstaff.system.loop import fingerprint
 
     cfg = {"seed": 0, "client": {"lr": 0.1}, "progress": True}
     assert fingerprint({**cfg, "verbose": True}) == fingerprint(cfg)

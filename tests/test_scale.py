@@ -6,16 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import flagstaff.system.client_state as client_state
 import numpy as np
 import pytest
 import torch
 from conftest import compose
-
-import system.client_state as client_state
-from system.build import build_run
-from system.client_state import ClientStateStore
-from system.host import ClientHost, HostShard
-from system.runner import _shards, train
+from flagstaff.system.build import build_run
+from flagstaff.system.client_state import ClientStateStore
+from flagstaff.system.host import ClientHost, HostShard
+from flagstaff.system.runner import _shards, train
 
 #: 300 clients of 12 samples drawn with replacement from digits' 1,437: 3,600 > 1,437 samples
 SHARED = ("experiment=smoke", "partition=with_replacement", "partition.samples_per_client=12")

@@ -1,16 +1,15 @@
-"""One helper for every random stream (issue 20 item 6): clients.seeds.stream reproduces the formulas
+"""One helper for every random stream (issue 20 item 6): flagstaff.clients.seeds.stream reproduces the formulas
 the runtimes wrote by hand before it existed (their draws are in committed tables and tests)."""
 
 from __future__ import annotations
 
 import doctest
 
+import flagstaff.clients.seeds
 import numpy as np
 import pytest
 import torch
-
-import clients.seeds
-from clients.seeds import mix64, stream
+from flagstaff.clients.seeds import mix64, stream
 
 
 @pytest.mark.parametrize("seed", [0, 3, 2**32 - 1])
@@ -44,4 +43,4 @@ def test_bad_scheme_names_the_choices() -> None:
 
 
 def test_docstring_examples() -> None:
-    assert doctest.testmod(clients.seeds).failed == 0
+    assert doctest.testmod(flagstaff.clients.seeds).failed == 0

@@ -14,21 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-
-from clients.flower_app import (
+from flagstaff.clients.flower_app import (
     EXTRAS_KEY,
     REPLY_KEY,
     model_to_arrays,
     vector_to_arrays,
     vectors_to_record,
 )
-from strategies.attacks import Adversary
-from strategies.flower import FlagstaffStrategy
-from strategies.server_step import Replies, ServerStep
-from system.build import build_from, client_host, load_inputs, validate
-from system.runner import _shards, train
-from system.server import sample_clients
+from flagstaff.strategies.attacks import Adversary
+from flagstaff.strategies.flower import FlagstaffStrategy
+from flagstaff.strategies.server_step import Replies, ServerStep
+from flagstaff.system.build import build_from, client_host, load_inputs, validate
+from flagstaff.system.runner import _shards, train
+from flagstaff.system.server import sample_clients
+from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+
 from tests.conftest import compose
 
 
@@ -115,10 +115,10 @@ def test_parameter_server_and_flower_adapter_give_identical_parameters(
 def test_client_level_dp_around_a_strategy_with_extras_is_refused_in_the_step() -> None:
     """The step never lets extras past client-level DP unclipped (the build refuses the config
     first: tests/test_privacy_client_level.py)."""
-    from strategies.aggregators import build
-    from strategies.attacks import NoAttack
-    from strategies.dp import ClientLevelDP
-    from strategies.scaffold import SCAFFOLD
+    from flagstaff.strategies.aggregators import build
+    from flagstaff.strategies.attacks import NoAttack
+    from flagstaff.strategies.dp import ClientLevelDP
+    from flagstaff.strategies.scaffold import SCAFFOLD
 
     dp = ClientLevelDP(
         SCAFFOLD(), clip=1.0, noise_multiplier=1.0, num_clients=4, clients_per_round=4
@@ -134,12 +134,12 @@ def test_client_level_dp_around_a_strategy_with_extras_is_refused_in_the_step() 
 def test_client_level_dp_around_scaffold_is_refused_before_any_work() -> None:
     """DP-FedAvg clips and noises the updates only: SCAFFOLD's delta c_i would reach the server
     state un-noised, outside the reported epsilon (issue 20, client-level DP gap)."""
-    from system.build import build_run
-    from system.config import ConfigError
+    from flagstaff.system.build import build_run
+    from flagstaff.system.config import ConfigError
 
     cfg = compose(
         "experiment=privacy_dp_fedavg_digits",
-        "strategy.inner._target_=strategies.scaffold.SCAFFOLD",
+        "strategy.inner._target_=flagstaff.strategies.scaffold.SCAFFOLD",
         "~strategy.inner.server_momentum",
     )
     for check in (validate, build_run):
@@ -154,9 +154,9 @@ def test_flower_adapter_logs_no_train_loss_under_dp(private: str) -> None:
     Flower adapter as on the parameter server (the adapter used to log it)."""
     from types import SimpleNamespace
 
-    from strategies.aggregators import build
-    from strategies.dp import ClientLevelDP
-    from strategies.fedavg import FedAvg
+    from flagstaff.strategies.aggregators import build
+    from flagstaff.strategies.dp import ClientLevelDP
+    from flagstaff.strategies.fedavg import FedAvg
 
     spec = SimpleNamespace(names=("w",), shapes=((3,),))
 

@@ -18,8 +18,8 @@ if str(BENCH_DIR) not in sys.path:  # opacus ships a `benchmarks` package that s
 
 import simulation  # noqa: E402
 from _workloads import CNN, RESNET8, build_model, load_task, sample_clients  # noqa: E402
+from flagstaff.system.specs import build_from  # noqa: E402
 
-from system.specs import build_from  # noqa: E402
 from tests.conftest import compose  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def test_workload_is_the_experiment(workload) -> None:
         workload.num_clients,
         workload.clients_per_round,
     )
-    from system.server import sample_clients as flagstaff_sample
+    from flagstaff.system.server import sample_clients as flagstaff_sample
 
     for r in range(workload.rounds):  # the same clients in every round (Flagstaff counts from 0)
         want = flagstaff_sample(cfg.num_clients, cfg.clients_per_round, cfg.seed, r)

@@ -17,26 +17,26 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-
-from clients.flower_app import (
+from flagstaff.clients.flower_app import (
     EXTRAS_KEY,
     REPLY_KEY,
     arrays_to_vector,
     vector_to_arrays,
     vectors_to_record,
 )
-from strategies.aggregators import build
-from strategies.aggregators.base import coordinate_median
-from strategies.attacks import ALIE, Adversary, ALIEAdaptive, alie_z, build_attack
-from strategies.base import ExtrasAggregation, RoundExtras
-from strategies.flower import FlagstaffStrategy
-from strategies.scaffold import SCAFFOLD
-from system.build import parameter_server, validate
-from system.host import HostReply
-from system.pool import LocalPool, RoundReplies
-from system.runner import train
-from system.server import ParameterServer, sample_clients
+from flagstaff.strategies.aggregators import build
+from flagstaff.strategies.aggregators.base import coordinate_median
+from flagstaff.strategies.attacks import ALIE, Adversary, ALIEAdaptive, alie_z, build_attack
+from flagstaff.strategies.base import ExtrasAggregation, RoundExtras
+from flagstaff.strategies.flower import FlagstaffStrategy
+from flagstaff.strategies.scaffold import SCAFFOLD
+from flagstaff.system.build import parameter_server, validate
+from flagstaff.system.host import HostReply
+from flagstaff.system.pool import LocalPool, RoundReplies
+from flagstaff.system.runner import train
+from flagstaff.system.server import ParameterServer, sample_clients
+from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+
 from tests.conftest import compose
 
 

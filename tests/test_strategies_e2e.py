@@ -7,17 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from flagstaff.system.config import register
+from flagstaff.system.runner import train
 from hydra import compose, initialize_config_module
-
-from system.config import register
-from system.runner import train
 
 STRATEGIES = ["fedavg", "fedavgm", "fedprox", "scaffold", "feddyn", "fedsam", "fedspeed", "fedadam"]
 
 
 def _cfg(*overrides: str):
     register()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         return compose("train", overrides=["experiment=smoke", *overrides])
 
 
@@ -113,10 +112,10 @@ def test_scaffold_on_ray_equals_local(ray_cluster, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("experiment", ["hetero_digits", "hetero_mnist1d"])
 def test_hetero_experiments_compose_and_validate(experiment: str) -> None:
-    from system.build import validate
+    from flagstaff.system.build import validate
 
     register()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", "strategy=fedspeed"])
     c = validate(cfg)
     assert c["partition"]["kind"] == "dirichlet" and c["model"]["kind"] == "cnn"

@@ -6,21 +6,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flagstaff.clients.models import build_model
+from flagstaff.clients.plan import make_plan
+from flagstaff.clients.rules import Context
+from flagstaff.clients.trainer import LocalSGD, ParamSpec
+from flagstaff.strategies.base import RoundExtras
+from flagstaff.strategies.fedadam import FedAdam
+from flagstaff.strategies.fedavg import FedAvg
+from flagstaff.strategies.feddyn import FedDyn
+from flagstaff.strategies.fedprox import Prox
+from flagstaff.strategies.fedsam import SAM, sam_perturbation
+from flagstaff.strategies.fedspeed import FedSpeed, FedSpeedRule
+from flagstaff.strategies.scaffold import SCAFFOLD, Scaffold
+from flagstaff.system.server import sample_clients
 from torch import nn
-
-from clients.models import build_model
-from clients.plan import make_plan
-from clients.rules import Context
-from clients.trainer import LocalSGD, ParamSpec
-from strategies.base import RoundExtras
-from strategies.fedadam import FedAdam
-from strategies.fedavg import FedAvg
-from strategies.feddyn import FedDyn
-from strategies.fedprox import Prox
-from strategies.fedsam import SAM, sam_perturbation
-from strategies.fedspeed import FedSpeed, FedSpeedRule
-from strategies.scaffold import SCAFFOLD, Scaffold
-from system.server import sample_clients
 
 D_IN, C = 5, 3
 

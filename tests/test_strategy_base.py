@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose
-
-from strategies.base import Strategy
+from flagstaff.strategies.base import Strategy
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_STRATEGIES = sorted(
@@ -21,8 +20,8 @@ SERVER_STRATEGIES = sorted(
 
 
 def _build(name: str) -> Strategy:
-    from system.build import build_from
-    from system.config import to_plain
+    from flagstaff.system.build import build_from
+    from flagstaff.system.config import to_plain
 
     # client-level DP's accountant analyses Poisson sampling of clients: it refuses sampling=fixed
     over = ["sampling=bernoulli"] if name == "dp_fedavg" else []

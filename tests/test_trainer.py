@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flagstaff.clients.models import build_model
+from flagstaff.clients.plan import make_plan
+from flagstaff.clients.rules import LocalRule
+from flagstaff.clients.trainer import LocalSGD, ParamSpec
+from flagstaff.strategies.feddyn import FedDynRule
+from flagstaff.strategies.fedprox import Prox
+from flagstaff.strategies.fedsam import SAM
+from flagstaff.strategies.fedspeed import FedSpeedRule
+from flagstaff.strategies.scaffold import Scaffold
 from torch import nn
-
-from clients.models import build_model
-from clients.plan import make_plan
-from clients.rules import LocalRule
-from clients.trainer import LocalSGD, ParamSpec
-from strategies.feddyn import FedDynRule
-from strategies.fedprox import Prox
-from strategies.fedsam import SAM
-from strategies.fedspeed import FedSpeedRule
-from strategies.scaffold import Scaffold
 
 D_IN, NUM_CLASSES = 6, 3
 
@@ -143,7 +142,7 @@ def test_frozen_coordinates_never_move(name: str, batched: str) -> None:
     """Issue 18 item 2: a factor clients keep fixed (LoRA A with model.train=[B]) gets no
     direction, no weight decay and no update under every rule, with momentum and clipping; its
     per-client state and extras stay zero (they start at zero, as on a host)."""
-    from clients.lora import build_lora_model, client_frozen_names
+    from flagstaff.clients.lora import build_lora_model, client_frozen_names
 
     rule, bscale = RULES[name]
     model = build_lora_model("mlp", (D_IN,), NUM_CLASSES, rank=2, hidden=(5,), train=["B"])
@@ -178,9 +177,9 @@ def test_trainer_hooks_are_declared_with_defaults() -> None:
     """Issue 20 item 4: what a host asks of a trainer is declared on clients.trainer.Trainer, with
     defaults that keep a non-private trainer's behaviour (no epsilon, no state, no per-client
     arguments); the DP trainers override them."""
-    from clients.dp import DPSGDTrainer
-    from clients.dp_batched import BatchedDPSGDTrainer
-    from clients.trainer import Trainer
+    from flagstaff.clients.dp import DPSGDTrainer
+    from flagstaff.clients.dp_batched import BatchedDPSGDTrainer
+    from flagstaff.clients.trainer import Trainer
 
     plain = LocalSGD(batch_size=4, epochs=2, steps=3)
     assert isinstance(plain, Trainer)
@@ -201,10 +200,10 @@ def test_trainer_hooks_are_declared_with_defaults() -> None:
 def test_host_asks_declared_hooks_and_keeps_non_private_behaviour() -> None:
     """A host with a non-private trainer reports no privacy state and no prospective epsilon; with a
     DP trainer it lists the accountants and asks epsilon_after with its local rule."""
-    from system.build import client_host
-    from system.host import PRIVACY_STATE, HostShard
+    from flagstaff.system.build import client_host
+    from flagstaff.system.host import PRIVACY_STATE, HostShard
 
-    model_cfg = {"_target_": "clients.models.build_model", "kind": "mlp", "hidden": [5]}
+    model_cfg = {"_target_": "flagstaff.clients.models.build_model", "kind": "mlp", "hidden": [5]}
     x, y = torch.randn(20, D_IN), torch.randint(0, NUM_CLASSES, (20,))
     shard = HostShard(np.array([0, 1]), np.array([0, 10]), np.array([10, 10]), x, y)
 
@@ -212,11 +211,11 @@ def test_host_asks_declared_hooks_and_keeps_non_private_behaviour() -> None:
         return client_host(0, shard, model_cfg, client_cfg, (D_IN,), NUM_CLASSES, 0,
                           strategy_cfg=strategy_cfg)  # fmt: skip
 
-    plain = host({"_target_": "clients.trainer.LocalSGD"})
+    plain = host({"_target_": "flagstaff.clients.trainer.LocalSGD"})
     assert PRIVACY_STATE not in plain.state_kinds()
     assert plain.epsilon_after([0, 1]) == {} and plain.privacy_state() == {}
-    dp = {"_target_": "clients.dp_batched.BatchedDPSGDTrainer", "noise_multiplier": 1.0}
-    sam = host(dp, {"_target_": "strategies.fedsam.FedSAM", "rho": 0.1})
+    dp = {"_target_": "flagstaff.clients.dp_batched.BatchedDPSGDTrainer", "noise_multiplier": 1.0}
+    sam = host(dp, {"_target_": "flagstaff.strategies.fedsam.FedSAM", "rho": 0.1})
     assert PRIVACY_STATE in sam.state_kinds()
     eps = sam.epsilon_after([0, 1])
     assert eps == {0: sam.trainer.epsilon_after(0, 10, sam.rule), 1: eps[0]}

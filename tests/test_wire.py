@@ -6,9 +6,8 @@ import pickle
 
 import numpy as np
 import torch
-
-from system.host import HostReply
-from system.wire import from_wire, to_wire
+from flagstaff.system.host import HostReply
+from flagstaff.system.wire import from_wire, to_wire
 
 
 def _reply() -> HostReply:
@@ -53,8 +52,8 @@ def test_read_only_arrays_become_writable_tensors_and_bfloat16_stays_a_tensor() 
 
 
 def test_host_shard_pickles_through_numpy_and_views_read_only_samples_without_a_copy() -> None:
-    from system.host import HostShard
-    from system.wire import shared_from_wire
+    from flagstaff.system.host import HostShard
+    from flagstaff.system.wire import shared_from_wire
 
     x = torch.randn(6, 3)
     shard = HostShard(np.array([2, 7]), np.array([0, 4]), np.array([4, 2]), x, torch.arange(6))

@@ -11,12 +11,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
-
-from clients.models.cnn import FedAvgCNN
-from clients.models.lstm import CharLSTM
-from clients.models.resnet import ResNet, resnet
-from clients.models.stacked import (
+from flagstaff.clients.models.cnn import FedAvgCNN
+from flagstaff.clients.models.lstm import CharLSTM
+from flagstaff.clients.models.resnet import ResNet, resnet
+from flagstaff.clients.models.stacked import (
     StackedModel,
     conv,
     conv_chain_loss_grad,
@@ -24,6 +22,7 @@ from clients.models.stacked import (
     linear,
     to_channels_last,
 )
+from torch import nn
 
 __all__ = [
     "KINDS",

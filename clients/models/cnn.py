@@ -11,9 +11,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
-
-from clients.models.stacked import (
+from flagstaff.clients.models.stacked import (
     StackedModel,
     conv,
     first_conv_large,
@@ -21,6 +19,7 @@ from clients.models.stacked import (
     linear,
     to_channels_last,
 )
+from torch import nn
 
 __all__ = ["FedAvgCNN"]
 

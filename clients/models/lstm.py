@@ -17,9 +17,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from flagstaff.clients.models.stacked import StackedModel
 from torch import nn
-
-from clients.models.stacked import StackedModel
 
 __all__ = ["LSTM", "CharLSTM"]
 

@@ -17,9 +17,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from clients.models.stacked import (
+from flagstaff.clients.models.stacked import (
     StackedModel,
     conv,
     first_conv_large,
@@ -27,6 +25,7 @@ from clients.models.stacked import (
     linear,
     to_channels_last,
 )
+from torch import nn
 
 __all__ = ["BasicBlock", "ResNet", "resnet"]
 

@@ -201,13 +201,13 @@ def count_params(model: nn.Module) -> int:
 
 def build_text_classifier(num_classes: int, path: str | None = None, **_: Any) -> nn.Module:
     """all-MiniLM-L6-v2 (offline, clients.lora.load_minilm) + mean pooling + a linear head."""
-    from clients.lora import TextClassifier, load_minilm
+    from flagstaff.clients.lora import TextClassifier, load_minilm
 
     return TextClassifier(load_minilm(path), num_classes)
 
 
 def _instantiate(spec: dict[str, Any], **kwargs: Any) -> Any:
-    from system.specs import build_from
+    from flagstaff.system.specs import build_from
 
     return build_from(spec, **kwargs)
 
@@ -223,14 +223,14 @@ def data_spec(data: Any, seed: int) -> dict[str, Any]:
     name = data.name.value if hasattr(data.name, "value") else str(data.name)
     if name == "text_reviews":
         return {
-            "_target_": "clients.text.load_text_dataset",
+            "_target_": "flagstaff.clients.text.load_text_dataset",
             "name": "reviews",
             "n_samples": int(data.n_samples),
             "max_length": int(data.max_length),
             "seed": int(data.seed if data.seed is not None else seed),
         }
     return {
-        "_target_": "clients.data.load_dataset",
+        "_target_": "flagstaff.clients.data.load_dataset",
         "name": name,
         "seed": int(data.seed if data.seed is not None else seed),
         "image": bool(data.image),
@@ -242,7 +242,7 @@ def model_spec(model: Any, input_shape: Sequence[int], num_classes: int, seed: i
     kind = _name(model.kind)
     if kind == "minilm":
         return {
-            "_target_": "jobs.compress.core.build_text_classifier",
+            "_target_": "flagstaff.jobs.compress.core.build_text_classifier",
             "num_classes": int(num_classes),
             "path": model.path,
             "seed": int(seed),
@@ -250,7 +250,7 @@ def model_spec(model: Any, input_shape: Sequence[int], num_classes: int, seed: i
     if kind not in ("mlp", "logistic", "cnn"):
         raise ValueError(f"job.model.kind={kind!r}: choose mlp, logistic, cnn or minilm")
     return {
-        "_target_": "clients.models.build_model",
+        "_target_": "flagstaff.clients.models.build_model",
         "kind": kind,
         "input_shape": [int(s) for s in input_shape],
         "num_classes": int(num_classes),
@@ -262,7 +262,7 @@ def model_spec(model: Any, input_shape: Sequence[int], num_classes: int, seed: i
 
 def _merge_lora(model: nn.Module) -> nn.Module:
     """Fold LoRA adapters into their base layers (W + (alpha/r) B A): one plain nn.Linear each."""
-    from clients.lora import LoRALinear
+    from flagstaff.clients.lora import LoRALinear
 
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
@@ -309,7 +309,7 @@ def train_model(
 ) -> nn.Module:
     """Deterministic Adam training from ``seed``; a TextClassifier trains only its head, on
     pooled features of the frozen encoder computed once."""
-    from clients.lora import TextClassifier
+    from flagstaff.clients.lora import TextClassifier
 
     g = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):
@@ -410,9 +410,8 @@ def load_model(job: Any, seed: int) -> Loaded:
 
 
 def _load_flagstaff(run_dir: Path) -> Loaded:
+    from flagstaff.clients.trainer import ParamSpec
     from omegaconf import OmegaConf
-
-    from clients.trainer import ParamSpec
 
     ckpt = run_dir / "checkpoint.pt"
     if not ckpt.exists():
@@ -800,7 +799,7 @@ def get_method(name: str) -> Method:
     import importlib
 
     if name not in METHODS:
-        importlib.import_module(f"jobs.compress.{_MODULES.get(name, name)}")
+        importlib.import_module(f"flagstaff.jobs.compress.{_MODULES.get(name, name)}")
     if name not in METHODS:
         raise ValueError(f"unknown compression method {name!r}; choose {sorted(_MODULES)}")
     return METHODS[name]

@@ -245,7 +245,7 @@ def sparse_storage(d: int, nnz: int, value_bits: int = 32) -> int:
     """Storage of a pruned layer in parameters: ``nnz`` values plus where they sit, as the cheaper
     of a d-bit mask and ``nnz`` position indices (the smallest unsigned type indexing d), each
     costing bits / value_bits of a parameter, rounded up (the index rule of CoSpaDi's budget)."""
-    from jobs.compress.cospadi import index_bits_for
+    from flagstaff.jobs.compress.cospadi import index_bits_for
 
     if not 0 <= nnz <= d:
         raise ValueError(f"nnz={nnz} must be in [0, d={d}]")

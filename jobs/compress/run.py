@@ -18,8 +18,7 @@ import time
 from typing import Any
 
 import torch
-
-from jobs.compress.core import (
+from flagstaff.jobs.compress.core import (
     Budget,
     CompressedLayer,
     Context,
@@ -46,7 +45,7 @@ def compress_cospadi(ctx: Context, budget: Budget) -> dict[str, CompressedLayer]
     """CoSpaDi (Shopkhoev et al. 2025, arXiv 2509.22075): whitened sparse dictionary learning
     against the functional error on each layer's calibration inputs; ``W ~ C^T D^T`` as two
     layers (x -> x D -> (x D) C), with k atoms and s nonzeros per code column."""
-    from jobs.compress import cospadi as cs
+    from flagstaff.jobs.compress import cospadi as cs
 
     inputs = ctx.inputs()
     out = {}
@@ -79,7 +78,7 @@ def compress_mfac(ctx: Context, budget: Budget) -> dict[str, CompressedLayer]:
     w_j^2 / (2 [F^-1]_jj) with the matrix-free inverse empirical Fisher of mini-batch gradients
     of each layer, OBS update of the kept weights. Each layer keeps as many weights as fit in
     ratio * d parameters once their positions are stored (a bitmask or indices, the cheaper)."""
-    from jobs.compress import mfac as mf
+    from flagstaff.jobs.compress import mfac as mf
 
     if "grads" not in ctx.cache:
         ctx.progress("gradients")
@@ -136,7 +135,7 @@ def _calibration(ds: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _evaluate(model, ds) -> float:
-    from jobs.compress.core import accuracy
+    from flagstaff.jobs.compress.core import accuracy
 
     return accuracy(model, ds.x_test, ds.y_test)
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from jobs.compress.core import Budget, CompressedLayer, Context, register
-from jobs.compress.svd import svd_layer
+from flagstaff.jobs.compress.core import Budget, CompressedLayer, Context, register
+from flagstaff.jobs.compress.svd import svd_layer
 
 __all__ = [
     "normalized_spectrum",

@@ -18,7 +18,7 @@ Building from config: ``build(rule, pre=(), f=0, n=None, pre_kwargs=None, **hpar
 ``conf/aggregator/_common.yaml``, which each rule's YAML includes first::
 
     # conf/aggregator/_common.yaml
-    _target_: strategies.aggregators.build
+    _target_: flagstaff.strategies.aggregators.build
     f: 0
     n: null
     pre: []              # e.g. [nnm], [bucketing], [nnm, bucketing], [clip], [arc]
@@ -49,20 +49,20 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from strategies.aggregators.base import Aggregator, PreAggregator
-from strategies.aggregators.basic import (
+from flagstaff.strategies.aggregators.base import Aggregator, PreAggregator
+from flagstaff.strategies.aggregators.basic import (
     CoordinateMedian,
     Mean,
     MeanAroundMedian,
     Phocas,
     TrimmedMean,
 )
-from strategies.aggregators.clipping import ARC, CenteredClipping, StaticClip
-from strategies.aggregators.flag import FlagAggregator, FlagFit
-from strategies.aggregators.geomed import GeometricMedian
-from strategies.aggregators.krum import MDA, Bulyan, Krum, MultiKrum
-from strategies.aggregators.preagg import NNM, Bucketing
-from strategies.aggregators.registry import PRE, RULES, discover
+from flagstaff.strategies.aggregators.clipping import ARC, CenteredClipping, StaticClip
+from flagstaff.strategies.aggregators.flag import FlagAggregator, FlagFit
+from flagstaff.strategies.aggregators.geomed import GeometricMedian
+from flagstaff.strategies.aggregators.krum import MDA, Bulyan, Krum, MultiKrum
+from flagstaff.strategies.aggregators.preagg import NNM, Bucketing
+from flagstaff.strategies.aggregators.registry import PRE, RULES, discover
 
 __all__ = [
     "AGGREGATORS",

@@ -22,9 +22,8 @@ import math
 from typing import Any, ClassVar
 
 import torch
+from flagstaff.strategies.aggregators.registry import RULES, discover
 from torch import Tensor
-
-from strategies.aggregators.registry import RULES, discover
 
 __all__ = [
     "Aggregator",

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from flagstaff.strategies.aggregators.base import Aggregator, coordinate_median, mean_of_rows
+from flagstaff.strategies.aggregators.registry import register
 from torch import Tensor
-
-from strategies.aggregators.base import Aggregator, coordinate_median, mean_of_rows
-from strategies.aggregators.registry import register
 
 __all__ = ["Mean", "CoordinateMedian", "TrimmedMean", "MeanAroundMedian", "Phocas"]
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from flagstaff.strategies.aggregators.base import Aggregator, PreAggregator
+from flagstaff.strategies.aggregators.registry import register
 from torch import Tensor
-
-from strategies.aggregators.base import Aggregator, PreAggregator
-from strategies.aggregators.registry import register
 
 __all__ = ["StaticClip", "ARC", "CenteredClipping"]
 

@@ -85,10 +85,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from flagstaff.strategies.aggregators.base import Aggregator, gram
+from flagstaff.strategies.aggregators.registry import register
 from torch import Tensor
-
-from strategies.aggregators.base import Aggregator, gram
-from strategies.aggregators.registry import register
 
 __all__ = ["FlagAggregator", "FlagFit"]
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from flagstaff.strategies.aggregators.base import Aggregator, gram
+from flagstaff.strategies.aggregators.registry import register
 from torch import Tensor
-
-from strategies.aggregators.base import Aggregator, gram
-from strategies.aggregators.registry import register
 
 __all__ = ["GeometricMedian"]
 

@@ -11,17 +11,16 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
-
-from strategies.aggregators.base import (
+from flagstaff.strategies.aggregators.base import (
     Aggregator,
     coordinate_median,
     gram,
     mean_of_rows,
     pairwise_sq_dists,
 )
-from strategies.aggregators.basic import _closest_mean
-from strategies.aggregators.registry import register
+from flagstaff.strategies.aggregators.basic import _closest_mean
+from flagstaff.strategies.aggregators.registry import register
+from torch import Tensor
 
 __all__ = ["Krum", "MultiKrum", "Bulyan", "MDA", "krum_scores", "krum_order"]
 

@@ -6,10 +6,9 @@ import math
 from typing import Any
 
 import torch
+from flagstaff.strategies.aggregators.base import Aggregator, PreAggregator, pairwise_sq_dists
+from flagstaff.strategies.aggregators.registry import register
 from torch import Tensor
-
-from strategies.aggregators.base import Aggregator, PreAggregator, pairwise_sq_dists
-from strategies.aggregators.registry import register
 
 __all__ = ["NNM", "Bucketing"]
 

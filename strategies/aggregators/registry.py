@@ -52,7 +52,7 @@ def register(name: str, *, rule: bool = True, pre: bool = False) -> Callable[[ty
     return deco
 
 
-def discover(package: str = "strategies.aggregators") -> None:
+def discover(package: str = "flagstaff.strategies.aggregators") -> None:
     """Import every module of ``package`` (once; Python caches them), so that the ``@register``
     decorators of a newly added module have run before a name is looked up."""
     pkg = importlib.import_module(package)

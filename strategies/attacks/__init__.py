@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from clients.byzantine import Attack, DataAttack, LabelFlip, NoAttack, NoisyData
-from strategies.attacks.adaptive import ALIEAdaptive, FOEAdaptive, FOEModelAdaptive, line_search
-from strategies.attacks.adversary import Adversary
-from strategies.attacks.mimic import Mimic
-from strategies.attacks.model import (
+from flagstaff.clients.byzantine import Attack, DataAttack, LabelFlip, NoAttack, NoisyData
+from flagstaff.strategies.attacks.adaptive import (
+    ALIEAdaptive,
+    FOEAdaptive,
+    FOEModelAdaptive,
+    line_search,
+)
+from flagstaff.strategies.attacks.adversary import Adversary
+from flagstaff.strategies.attacks.mimic import Mimic
+from flagstaff.strategies.attacks.model import (
     ALIE,
     FOE,
     Crash,
@@ -29,7 +34,12 @@ from strategies.attacks.model import (
     Uniform,
     alie_z,
 )
-from strategies.attacks.round import AttackedRound, adaptive_probe, apply_model_attack, attack_round
+from flagstaff.strategies.attacks.round import (
+    AttackedRound,
+    adaptive_probe,
+    apply_model_attack,
+    attack_round,
+)
 
 __all__ = [
     "ATTACKS",

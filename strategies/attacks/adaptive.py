@@ -16,10 +16,9 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
+from flagstaff.clients.byzantine import Aggregator, Attack, as_count
+from flagstaff.strategies.attacks.model import ALIE, FOE, ModelAttack, moments, repeat_rows
 from torch import Tensor
-
-from clients.byzantine import Aggregator, Attack, as_count
-from strategies.attacks.model import ALIE, FOE, ModelAttack, moments, repeat_rows
 
 __all__ = ["ALIEAdaptive", "FOEAdaptive", "FOEModelAdaptive", "line_search"]
 

@@ -41,11 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from clients.byzantine import Attack
-from clients.seeds import stream
-from strategies.attacks.model import Crash, InfAttack, NaNAttack
-from strategies.attacks.round import AttackedRound, attack_round
+from flagstaff.clients.byzantine import Attack
+from flagstaff.clients.seeds import stream
+from flagstaff.strategies.attacks.model import Crash, InfAttack, NaNAttack
+from flagstaff.strategies.attacks.round import AttackedRound, attack_round
 
 __all__ = ["Adversary"]
 

@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from flagstaff.clients.byzantine import Aggregator, as_count
+from flagstaff.strategies.attacks.model import ModelAttack, check_updates, repeat_rows
 from torch import Tensor
-
-from clients.byzantine import Aggregator, as_count
-from strategies.attacks.model import ModelAttack, check_updates, repeat_rows
 
 __all__ = ["Mimic"]
 

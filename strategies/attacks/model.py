@@ -34,9 +34,8 @@ from statistics import NormalDist
 from typing import ClassVar
 
 import torch
+from flagstaff.clients.byzantine import Aggregator, Attack, as_count
 from torch import Tensor
-
-from clients.byzantine import Aggregator, Attack, as_count
 
 __all__ = [
     "ALIE",

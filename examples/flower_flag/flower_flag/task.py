@@ -9,14 +9,13 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from flagstaff.clients.data import Dataset, load_digits
+from flagstaff.clients.flower_app import ClientSetup, poison_if_byzantine
+from flagstaff.clients.models import build_model
+from flagstaff.clients.partition import iid
+from flagstaff.clients.trainer import LocalSGD
+from flagstaff.strategies.attacks import build_attack
 from flwr.app import Context
-
-from clients.data import Dataset, load_digits
-from clients.flower_app import ClientSetup, poison_if_byzantine
-from clients.models import build_model
-from clients.partition import iid
-from clients.trainer import LocalSGD
-from strategies.attacks import build_attack
 
 
 @lru_cache(maxsize=4)
