@@ -81,9 +81,10 @@ RUNS: list[tuple[str, str, tuple[str, ...]]] = [
 
 def run_one(over: tuple[str, ...]) -> dict[str, Any]:
     """One training run in this process; the metric rows and the final accuracy."""
+    from hydra import compose, initialize_config_module
+
     from flagstaff.system.config import register
     from flagstaff.system.runner import train
-    from hydra import compose, initialize_config_module
 
     register()
     with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):

@@ -50,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     from _provenance import markdown, provenance
     from conftest import compose
+
     from flagstaff.clients.dp import private_partition
     from flagstaff.clients.partition import summarize, with_replacement
     from flagstaff.system.build import build_run

@@ -25,9 +25,10 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def compose(*overrides: str):
-    from flagstaff.system.config import register
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
+
+    from flagstaff.system.config import register
 
     register()
     with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):

@@ -52,9 +52,10 @@ def run(overrides: list[str], run_dir: Path) -> dict:
     """One run through the real runner (or its summary.json if it finished before)."""
     summary = run_dir / "summary.json"
     if not summary.exists():
+        from hydra import compose, initialize_config_module
+
         from flagstaff.system.config import register
         from flagstaff.system.runner import train
-        from hydra import compose, initialize_config_module
 
         register()
         with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):

@@ -41,6 +41,7 @@ def main() -> None:
     make_ray_private()  # before anything imports ray (system/ray_start.py)
     import numpy as np
     import torch
+
     from flagstaff.clients.trainer import LocalSGD, ParamSpec
     from flagstaff.system.eval import combine, eval_shards
     from flagstaff.system.host import ClientHost, HostShard
@@ -57,6 +58,7 @@ def main() -> None:
     pspec = ParamSpec.of(model)
     params = pspec.flatten(dict(model.named_parameters())).detach()
     import ray
+
     from flagstaff.system.ray_start import shutdown_ray, start_local_ray
 
     def shards(hosts: int) -> list[HostShard]:

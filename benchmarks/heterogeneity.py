@@ -68,9 +68,10 @@ def run_one(
     path = out / "runs" / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
+    from hydra import compose, initialize_config_module
+
     from flagstaff.system.config import register
     from flagstaff.system.runner import train
-    from hydra import compose, initialize_config_module
 
     register()
     overrides = [

@@ -41,6 +41,7 @@ def main() -> None:
     import datasets
     import flwr_datasets.partitioner as fp
     import numpy as np
+
     from flagstaff.clients.partition import partition
 
     datasets.disable_progress_bars()

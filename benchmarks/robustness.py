@@ -239,9 +239,10 @@ def run_one(run: Run, out: str) -> dict[str, Any]:
         return json.loads(path.read_text())
     import tempfile
 
+    from hydra import compose, initialize_config_module
+
     from flagstaff.system.config import ConfigError, register
     from flagstaff.system.runner import train
-    from hydra import compose, initialize_config_module
 
     register()
     with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):

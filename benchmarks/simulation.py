@@ -535,10 +535,11 @@ def run_flagstaff(workload: Workload, backend: str, opts: RunOptions | None = No
     t0 = _origin(opts)
     impl = f"flagstaff-{backend}"
     try:
+        from hydra import compose, initialize_config_module
+
         from flagstaff.launch.train import (
             run as train,  # what flagstaff-train runs on a composed config
         )
-        from hydra import compose, initialize_config_module
     except Exception as err:  # ImportError, or a broken package while it is being written
         return Result(impl, workload.name, "unavailable", f"unavailable: {_oneline(err)}")
     overrides = flagstaff_overrides(workload, backend, opts.flagstaff_overrides)

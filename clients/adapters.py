@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from flagstaff.clients.lora_layer import _FACTORS, LoRALinear
 from torch import nn
+
+from flagstaff.clients.lora_layer import _FACTORS, LoRALinear
 
 __all__ = [
     "ADAPTERS",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from flagstaff.clients.seeds import mix64
 
 __all__ = ["ImageTransform", "RoundTransform", "TAG", "draws", "channel_stats"]

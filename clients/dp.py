@@ -42,13 +42,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from flagstaff.clients.lora import client_frozen_names
 from flagstaff.clients.plan import BatchPlan
 from flagstaff.clients.rules import Context, Finish, LocalRule
 from flagstaff.clients.seeds import stream
 from flagstaff.clients.trainer import ParamSpec, Trainer, TrainResult, loss_fn_for
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = [
     "DPSGDTrainer",

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.func import functional_call, grad, vmap
+
 from flagstaff.clients.dp import (
     DPSGDTrainer,
     check_dp_call,
@@ -53,7 +55,6 @@ from flagstaff.clients.plan import BatchPlan, scatter_plan
 from flagstaff.clients.rules import Context, LocalRule
 from flagstaff.clients.seeds import mix64, stream
 from flagstaff.clients.trainer import ParamSpec, TrainResult, loss_fn_for
-from torch.func import functional_call, grad, vmap
 
 __all__ = ["BatchedDPSGDTrainer", "poisson_plan"]
 

@@ -40,14 +40,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flagstaff.clients.plan import make_plan
-from flagstaff.clients.rules import LocalRule
-from flagstaff.clients.seeds import stream
-from flagstaff.clients.trainer import ParamSpec, loss_fn_for
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 from torch.func import functional_call
+
+from flagstaff.clients.plan import make_plan
+from flagstaff.clients.rules import LocalRule
+from flagstaff.clients.seeds import stream
+from flagstaff.clients.trainer import ParamSpec, loss_fn_for
 
 __all__ = [
     "ClientSetup",

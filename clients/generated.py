@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
 from flagstaff.clients.data import Dataset
 
 __all__ = ["cifar_shaped"]

@@ -41,6 +41,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+
 from flagstaff.clients.augment import ImageTransform, channel_stats
 from flagstaff.clients.data import Dataset
 

@@ -23,6 +23,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+
 from flagstaff.clients.adapters import (
     ADAPTERS,
     FLORA_TYPES,
@@ -34,7 +36,6 @@ from flagstaff.clients.adapters import (
 from flagstaff.clients.lora_layer import _FACTORS, LoRALinear
 from flagstaff.clients.models import build_model
 from flagstaff.clients.seeds import stream
-from torch import nn
 
 __all__ = [
     "LoRALinear",

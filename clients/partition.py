@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+
 from flagstaff.clients.seeds import stream
 
 __all__ = [

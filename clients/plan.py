@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from flagstaff.clients.seeds import mix64
 
 __all__ = ["BatchPlan", "make_plan", "mix64", "scatter_plan"]

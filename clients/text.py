@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from flagstaff.clients.data import Dataset
 
 __all__ = ["make_reviews", "read_text_file", "tokenize", "load_text_dataset"]

@@ -19,12 +19,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
 from flagstaff.clients.lora import trainable_mask
 from flagstaff.clients.models.stacked import StackedModel
 from flagstaff.clients.plan import BatchPlan
 from flagstaff.clients.rules import Context, Finish, LocalRule
-from torch import nn
-from torch.func import functional_call, vmap
 
 __all__ = ["LocalSGD", "ParamSpec", "TrainResult", "Trainer", "loss_fn_for", "refuse_batchnorm"]
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+
 from flagstaff.jobs.blocks import BlockError, BlockHost, RowBlockMatrix, split_rows
 
 CHUNK = 256  # rows per generator chunk: the stream is keyed by (seed, tag, chunk index)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from flagstaff.jobs.blocks import Block, RowBlockMatrix
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from flagstaff.jobs.blocks import Block, RowBlockMatrix, row_uniforms
 
 _TAG_CHUNK, _TAG_SAMPLE, _TAG_ORDER = 41, 42, 43

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg as sla
+
 from flagstaff.jobs.blocks import Block, RowBlockMatrix, block_drop_low, block_make_low
 from flagstaff.jobs.sketches import Sketch, check_sketch_size, sketch_matrix
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from flagstaff.jobs.blocks import Block, RowBlockMatrix, block_drop_low, block_make_low
 
 PRECISIONS = ("mixed", "double")

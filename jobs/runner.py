@@ -11,9 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
 from flagstaff.jobs.blocks import DataSpec, RowBlockMatrix
 from flagstaff.jobs.config import Backend, DataConfig, JobAppConfig, JobConfig, Source, validate
-from omegaconf import DictConfig, OmegaConf
 
 
 def data_spec(d: DataConfig) -> DataSpec:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg as sla
+
 from flagstaff.jobs.blocks import Block, RowBlockMatrix, row_uniforms
 
 _TAG_KEEP, _TAG_VOL = 51, 52

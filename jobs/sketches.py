@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 import scipy.sparse as sp
+
 from flagstaff.jobs.blocks import Block, RowBlockMatrix
 
 SKETCHES = ("gaussian", "countsketch", "sparse_sign", "srht", "srdct")

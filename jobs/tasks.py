@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import numpy as np
+
 from flagstaff.jobs import constrained as cons
 from flagstaff.jobs import eig, sampling
 from flagstaff.jobs import rsvd as rs

@@ -10,9 +10,10 @@ from __future__ import annotations
 import sys
 
 import hydra
-from flagstaff.jobs.config import register_configs
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+
+from flagstaff.jobs.config import register_configs
 
 register_configs()
 

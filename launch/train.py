@@ -13,8 +13,9 @@ import time
 from typing import Any
 
 import hydra
-from flagstaff.system.config import ConfigError, mode_of, register
 from omegaconf import DictConfig, OmegaConf
+
+from flagstaff.system.config import ConfigError, mode_of, register
 
 register()
 log = logging.getLogger("flagstaff")
@@ -54,9 +55,10 @@ def _modules_to_warm(cfg: DictConfig) -> list[str]:
 def check(cfg: DictConfig) -> None:
     """The job's keys, missing values and plain values (system/strict.py, system/config.py),
     before anything heavy is imported; raises ConfigError naming the key and the fix."""
+    from hydra.core.hydra_config import HydraConfig
+
     from flagstaff.system.config import check_values
     from flagstaff.system.strict import check_config
-    from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
     check_config(cfg, dict(hc.runtime.choices), hc.overrides.task, "train", check_values)

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
 from flagstaff.strategies.aggregators.base import as_aggregator
 
 if TYPE_CHECKING:
-    from flagstaff.clients.rules import LocalRule
     from torch import nn
+
+    from flagstaff.clients.rules import LocalRule
 
 __all__ = ["ExtrasAggregation", "Strategy", "State", "RoundExtras", "add_mean_over_all"]
 

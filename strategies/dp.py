@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from flagstaff.strategies.base import RoundExtras, Strategy
 
 __all__ = ["ClientLevelDP", "COUNT_SENSITIVITY", "DPState"]

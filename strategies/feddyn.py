@@ -17,10 +17,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
+
 from flagstaff.clients.rules import Context, Finish, GradFn, LocalRule
 from flagstaff.strategies.base import add_mean_over_all
 from flagstaff.strategies.optim import Composed, Round, Transform, server_optimizer
-from torch import Tensor
 
 __all__ = ["DynamicRegularizer", "DynamicRegularizerState", "FedDyn", "FedDynRule"]
 

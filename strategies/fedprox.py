@@ -6,9 +6,10 @@ averages like FedAvg. ``mu = 0`` is FedAvg exactly.
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from flagstaff.clients.rules import Context, GradFn, LocalRule
 from flagstaff.strategies.optim import Composed, Transform, server_optimizer
-from torch import Tensor
 
 __all__ = ["FedProx", "Prox"]
 

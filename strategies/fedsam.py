@@ -7,9 +7,10 @@ normalized gradient, take the gradient there, apply it at the original weights. 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from flagstaff.clients.rules import Context, GradFn, LocalRule
 from flagstaff.strategies.optim import Composed, Transform, server_optimizer
-from torch import Tensor
 
 __all__ = ["FedSAM", "SAM", "sam_perturbation"]
 

@@ -12,9 +12,10 @@ initialization, which is FFA-LoRA.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from flagstaff.clients.lora import adapter_layers, lora_factors
 from flagstaff.strategies.optim import Composed, Empty, Round, Transform, server_optimizer
-from torch import nn
 
 __all__ = ["FedSVD", "Refactorize", "fedsvd_refactorize"]
 

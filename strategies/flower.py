@@ -45,6 +45,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy as FlowerStrategy
+
 from flagstaff.clients.byzantine import NoAttack
 from flagstaff.clients.flower_app import (
     BROADCAST_KEY,
@@ -61,9 +65,6 @@ from flagstaff.strategies.attacks import Adversary
 from flagstaff.strategies.base import Strategy
 from flagstaff.strategies.fedavg import FedAvg
 from flagstaff.strategies.server_step import Replies, ServerStep, skip_reason
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 __all__ = ["FlagstaffStrategy", "Sampler"]
 

@@ -38,12 +38,14 @@ import copy
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from flagstaff.strategies.base import RoundExtras, Strategy
 from torch import Tensor
 
+from flagstaff.strategies.base import RoundExtras, Strategy
+
 if TYPE_CHECKING:
-    from flagstaff.clients.rules import LocalRule
     from torch import nn
+
+    from flagstaff.clients.rules import LocalRule
 
 __all__ = [
     "AdamState",

@@ -36,9 +36,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from flagstaff.clients.seeds import stream
 from flagstaff.strategies.aggregators import GeometricMedian, TrimmedMean
-from torch import Tensor
 
 __all__ = [
     "PEER_RULES",

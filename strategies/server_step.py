@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from flagstaff.strategies.aggregators.base import as_aggregator
 from flagstaff.strategies.attacks import Adversary
 from flagstaff.strategies.base import ExtrasAggregation, RoundExtras, State, Strategy

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
+
 from flagstaff.clients.dp import private_kinds
 from flagstaff.clients.trainer import ParamSpec
 from flagstaff.strategies.attacks import Adversary
@@ -31,7 +33,6 @@ from flagstaff.system.host import ClientHost
 from flagstaff.system.p2p import PeerTopology, check_unused
 from flagstaff.system.server import ParameterServer, ServerSettings
 from flagstaff.system.specs import Federated, HostSpec, ModelSpec, Peer, Run, build_from
-from omegaconf import DictConfig
 
 __all__ = [
     "Federated",

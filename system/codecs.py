@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from flagstaff.clients.seeds import stream
 from flagstaff.clients.trainer import ParamSpec
 

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.func import functional_call
+
 from flagstaff.clients.trainer import ParamSpec, loss_fn_for
 from flagstaff.system.wire import shared_from_wire, to_wire
-from torch.func import functional_call
 
 __all__ = [
     "EvalPart",

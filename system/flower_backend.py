@@ -37,13 +37,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
 from flagstaff.clients.flower_app import ClientSetup, make_client_app, model_to_arrays
 from flagstaff.strategies.attacks import Adversary
 from flagstaff.strategies.flower import FlagstaffStrategy
 from flagstaff.system.config import ConfigError
 from flagstaff.system.server import evaluate_model, sample_clients
-from flwr.app import ArrayRecord, Context, MetricRecord
-from flwr.serverapp import Grid, ServerApp
 
 __all__ = ["FlowerServer", "ShardLoader", "check_flower"]
 

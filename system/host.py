@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from flagstaff.clients.plan import make_plan
 from flagstaff.clients.trainer import ParamSpec
 from flagstaff.strategies.server_step import weighted_sum

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
 from flagstaff.system.loggers import make_logger
 from flagstaff.system.memory import tree_memory_mb
 from flagstaff.system.rundir import CheckpointError, RunDir, versions

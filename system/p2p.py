@@ -55,6 +55,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.func import functional_call, grad, vmap
+
 from flagstaff.clients.plan import make_plan
 from flagstaff.clients.seeds import stream
 from flagstaff.clients.trainer import ParamSpec, loss_fn_for
@@ -63,7 +65,6 @@ from flagstaff.strategies.server_step import finite_rows
 from flagstaff.system.config import ConfigError
 from flagstaff.system.host import HostShard
 from flagstaff.system.wire import from_wire, to_wire
-from torch.func import functional_call, grad, vmap
 
 __all__ = [
     "PeerHost",

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from flagstaff.system.host import (
     PRIVACY_STATE,
     ClientError,

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
+
 from flagstaff.clients.dp import private_partition
 from flagstaff.clients.partition import summarize
 from flagstaff.strategies.attacks import Adversary
@@ -38,7 +40,6 @@ from flagstaff.system.pool import LocalPool, RayPool
 from flagstaff.system.ray_start import check_auth_token, init_ray, shutdown_ray
 from flagstaff.system.rundir import RunDir, hydra_files
 from flagstaff.system.server import ParameterServer, ServerSettings
-from omegaconf import DictConfig
 
 __all__ = [
     "NO_UPDATE",

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.func import functional_call
+
 from flagstaff.clients.seeds import stream
 from flagstaff.clients.trainer import ParamSpec, loss_fn_for
 from flagstaff.strategies.attacks import Adversary
@@ -27,7 +29,6 @@ from flagstaff.system.codecs import build_codec
 from flagstaff.system.eval import combine
 from flagstaff.system.host import HostReply
 from flagstaff.system.specs import Federated
-from torch.func import functional_call
 
 __all__ = [
     "ParameterServer",

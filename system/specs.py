@@ -14,9 +14,10 @@ from typing import Any
 
 import hydra
 import numpy as np
-from flagstaff.clients.trainer import ParamSpec
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from flagstaff.clients.trainer import ParamSpec
 
 __all__ = ["Federated", "HostSpec", "ModelSpec", "Peer", "Run", "build_from"]
 

@@ -23,8 +23,9 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from flagstaff.system.config import ConfigError, unknown_key_message
 from omegaconf import DictConfig, OmegaConf
+
+from flagstaff.system.config import ConfigError, unknown_key_message
 
 __all__ = ["check_config", "check_keys", "declared_config", "preflight", "unknown_key_message"]
 

@@ -7,6 +7,7 @@ import secrets
 from pathlib import Path
 
 import pytest
+
 from flagstaff.system.ray_start import make_ray_private, shutdown_ray, start_local_ray
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,9 +21,10 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 def compose(*overrides: str, config_name: str = "train"):
     """The composed config of ``flagstaff-train <overrides>`` (Hydra compose API)."""
-    from flagstaff.system.config import register
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
+
+    from flagstaff.system.config import register
 
     register()
     with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):

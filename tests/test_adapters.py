@@ -11,6 +11,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from flagstaff.clients.adapters import (
     FLoRALayer,
     OrthonormalPenalty,
@@ -27,8 +29,6 @@ from flagstaff.clients.lora import (
 )
 from flagstaff.clients.models import build_model
 from flagstaff.clients.trainer import LocalSGD, ParamSpec
-from torch import nn
-
 from tests.conftest import compose
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -167,11 +167,12 @@ def test_local_sgd_with_penalty_equals_torch_sgd() -> None:
 def test_dp_penalty_added_after_clipping_batched_equals_opacus() -> None:
     """Batched DP-SGD with SORSA's penalty equals Opacus' GradSampleModule + DPOptimizer with the
     penalty hook (noise 0, same Poisson batches): the penalty is added outside the per-sample part."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
     from flagstaff.clients.data import load_digits
     from flagstaff.clients.dp import _penalty_hook
     from flagstaff.clients.dp_batched import BatchedDPSGDTrainer, poisson_plan
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
 
     ds = load_digits()
     x, y = ds.x_train[:40], ds.y_train[:40]

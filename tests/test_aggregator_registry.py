@@ -7,10 +7,11 @@ import shutil
 import textwrap
 from pathlib import Path
 
-import flagstaff.strategies.aggregators as aggregators
 import hydra.utils
 import pytest
 import torch
+
+import flagstaff.strategies.aggregators as aggregators
 from flagstaff.strategies.aggregators import AGGREGATORS, PRE_AGGREGATIONS, build
 from flagstaff.strategies.aggregators.registry import PRE, RULES, discover, register
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra.utils
 import pytest
 import torch
+
 from flagstaff.strategies.aggregators import (
     AGGREGATORS,
     ARC,

@@ -8,6 +8,8 @@ from pathlib import Path
 import hydra.utils
 import pytest
 import torch
+from omegaconf import OmegaConf
+
 from flagstaff.clients import byzantine as bz
 from flagstaff.strategies.attacks import (
     ALIE,
@@ -30,7 +32,6 @@ from flagstaff.strategies.attacks import (
     build_attack,
     line_search,
 )
-from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "attack"
 

@@ -254,7 +254,6 @@ with RunDir(sys.argv[1]).lock():
 def _two_rounds(run_dir: Path) -> None:
     """A finished 2-round smoke run (checkpoint at round 2), made in this process."""
     from flagstaff.system.runner import train
-
     from tests.conftest import compose
 
     train(compose("experiment=smoke", "rounds=2"), run_dir=str(run_dir))

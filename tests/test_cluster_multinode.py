@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-from flagstaff.system.runner import train
 
+from flagstaff.system.runner import train
 from tests.conftest import compose
 
 

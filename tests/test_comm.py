@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
+
 from flagstaff.clients.trainer import ParamSpec
 from flagstaff.system.build import validate
 from flagstaff.system.codecs import Layout, PowerSGD, RandKSketch, build_codec, powersgd_step
 from flagstaff.system.config import ConfigError
 from flagstaff.system.runner import train
-from hydra.errors import ConfigCompositionException
-
 from tests.conftest import compose
 
 # a small model layout: a matrix, its bias, a conv kernel (8, 3, 3, 3) -> (8, 27), a tiny matrix

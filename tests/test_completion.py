@@ -9,12 +9,13 @@ import json
 import numpy as np
 import pytest
 import ray
+from hydra import compose, initialize_config_module
+from tqdm import tqdm
+
 from flagstaff.jobs import completion as cm
 from flagstaff.jobs.blocks import BlockError
 from flagstaff.jobs.config import CompletionConfig, Source, register_configs
 from flagstaff.jobs.runner import run
-from hydra import compose, initialize_config_module
-from tqdm import tqdm
 
 COMMON = ["backend=local", "hosts=2", "progress=false", "blas_threads=1"]
 SPEC = cm.CompletionSpec(m=600, n=500, k=5, p=0.15, seed=0)  # the spec's measured setting

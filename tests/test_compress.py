@@ -13,6 +13,8 @@ from types import SimpleNamespace as NS
 
 import pytest
 import torch
+from torch import nn
+
 from flagstaff.jobs.compress.core import (
     Budget,
     Context,
@@ -39,7 +41,6 @@ from flagstaff.jobs.compress.welore import (
     welore_plan,
     welore_ranks,
 )
-from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -302,8 +303,9 @@ def test_params_after_and_checkpoint_round_trip(demo, tmp_path):
 
 
 def test_flagstaff_run_dir_and_state_dict_load(demo, tmp_path):
-    from flagstaff.clients.trainer import ParamSpec
     from omegaconf import OmegaConf
+
+    from flagstaff.clients.trainer import ParamSpec
 
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
@@ -440,9 +442,10 @@ def test_cli_compress_svd(tmp_path):
 
 
 def test_config_errors_name_the_key(tmp_path):
+    from hydra import compose, initialize_config_module
+
     from flagstaff.jobs.config import register_configs
     from flagstaff.jobs.runner import run
-    from hydra import compose, initialize_config_module
 
     register_configs()
     common = ["backend=local", "progress=false"]
@@ -470,9 +473,9 @@ def test_conv_layers_of_a_flagstaff_cnn_run_compress_end_to_end(tmp_path):
     """A real federated CNN run (mnist1d, Conv1d) compressed from its run directory: the conv
     layers become factor pairs, the parameter count is exact, and compressed.pt reloads to the
     reported accuracy."""
-    from flagstaff.system.runner import train
     from omegaconf import OmegaConf
 
+    from flagstaff.system.runner import train
     from tests.conftest import compose
 
     run = tmp_path / "cnn_run"
@@ -505,9 +508,10 @@ def test_text_calibration_rows_are_the_real_tokens_only():
     """A text classifier's padding never reaches its output, so per-token calibration rows (the
     inputs CoSpaDi whitens with) hold the real tokens only: the first query layer sees exactly
     the embeddings of the unpadded tokens."""
+    from transformers import BertConfig, BertModel
+
     from flagstaff.clients.lora import TextClassifier
     from flagstaff.jobs.compress.core import collect_inputs
-    from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     cfg = BertConfig(

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from flagstaff.system.config import ConfigError, check_values, register
-from flagstaff.system.strict import preflight
 from omegaconf import OmegaConf
 
+from flagstaff.system.config import ConfigError, check_values, register
+from flagstaff.system.strict import preflight
 from tests.conftest import ROOT, compose
 
 
@@ -129,9 +129,10 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 )
 def test_every_experiment_passes(names: list[str]) -> None:
     """Experiments set only keys their groups declare (one typo would refuse the experiment)."""
-    from flagstaff.system.strict import check_config
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
+
+    from flagstaff.system.strict import check_config
 
     register()
     with initialize_config_module(config_module="flagstaff.conf", version_base="1.3"):

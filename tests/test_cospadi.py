@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from flagstaff.jobs.compress.cospadi import (
     batch_omp,
     cospadi,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from flagstaff.clients.data import load_dataset, load_digits, load_user, make_synthetic
 from flagstaff.clients.partition import partition, summarize
 from flagstaff.clients.plan import make_plan

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+
 from flagstaff.clients.models import build_model
 from flagstaff.clients.plan import make_plan
 from flagstaff.clients.trainer import LocalSGD, ParamSpec
 from flagstaff.system.build import build_from, build_run, check_gpus, client_host
 from flagstaff.system.config import ConfigError, to_plain
 from flagstaff.system.host import HostShard, host_device, local_host_device, visible_index
-from torch.overrides import TorchFunctionMode
-
 from tests.conftest import compose
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from flagstaff.clients.data import load_digits
 from flagstaff.clients.dp_batched import BatchedDPSGDTrainer, poisson_plan
 from flagstaff.clients.models import build_model
 from flagstaff.clients.trainer import ParamSpec
 from flagstaff.system.runner import train
-
 from tests.conftest import compose
 
 
@@ -188,9 +188,10 @@ def _lora_setup():
 def test_frozen_factor_gets_no_gradient_noise_or_update() -> None:
     """Issue 18 item 2: A (frozen) stays exactly where it was under noise and weight decay, and
     with noise 0 the update equals Opacus' DPOptimizer over the trainable parameters only."""
-    from flagstaff.clients.lora import client_frozen_names
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
+
+    from flagstaff.clients.lora import client_frozen_names
 
     ds = load_digits()
     x, y = ds.x_train[:60], ds.y_train[:60]

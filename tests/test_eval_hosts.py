@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from flagstaff.system.build import build_run
 from flagstaff.system.eval import EvalPart, combine, eval_shards, holdout, slice_test_set
 from flagstaff.system.host import ClientHost, HostShard
 from flagstaff.system.runner import train
 from flagstaff.system.server import evaluate_model
-
 from tests.conftest import compose
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from flagstaff.system.build import validate
 
+from flagstaff.system.build import validate
 from tests.conftest import ROOT, compose
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))

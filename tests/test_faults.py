@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from flagstaff.system.runner import train
 
+from flagstaff.system.runner import train
 from tests.conftest import ROOT, compose
 
 #: two client hosts on a real local Ray; host 1 owns clients 5..9 of the smoke run's 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from flagstaff.clients.lora import build_lora_model
 from flagstaff.clients.trainer import ParamSpec
 from flagstaff.strategies import fedsvd_refactorize

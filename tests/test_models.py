@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from flagstaff.clients.models import build_model, num_parameters
 from flagstaff.clients.models.lstm import LSTM
 from flagstaff.clients.plan import make_plan
 from flagstaff.clients.trainer import LocalSGD, ParamSpec
-from torch import nn
 
 
 @pytest.mark.parametrize(
@@ -221,7 +222,6 @@ def layouts(tmp_path_factory):
 )
 def test_model_config_runs_one_round_through_the_runner(tmp_path, layouts, model, data, classes):
     from flagstaff.system.runner import train
-
     from tests.conftest import compose
 
     cfg = compose(

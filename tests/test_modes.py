@@ -8,10 +8,10 @@ import logging
 
 import pytest
 import torch
+
 from flagstaff.system.build import validate
 from flagstaff.system.config import ConfigError
 from flagstaff.system.runner import train
-
 from tests.conftest import compose
 
 NODES = (

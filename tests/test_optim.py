@@ -6,11 +6,12 @@ from __future__ import annotations
 import doctest
 from pathlib import Path
 
-import flagstaff.strategies.optim
 import numpy as np
 import pytest
 import torch
 from conftest import compose
+
+import flagstaff.strategies.optim
 from flagstaff.strategies.base import RoundExtras
 from flagstaff.strategies.dp import ClientLevelDP
 from flagstaff.strategies.fedadam import FedAdam

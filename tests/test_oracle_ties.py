@@ -17,6 +17,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+
 from flagstaff.strategies.aggregators import MDA, Bulyan, Krum, MultiKrum
 
 

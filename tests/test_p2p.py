@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
-import flagstaff.system.p2p as p2p
 import numpy as np
 import pytest
 import torch
+
+import flagstaff.system.p2p as p2p
 from flagstaff.system.config import ConfigError
 from flagstaff.system.runner import train
-
 from tests.conftest import compose
 
 # 8 nodes, 2 Byzantine, 2 hosts: seconds per run

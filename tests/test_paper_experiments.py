@@ -42,7 +42,6 @@ FETCH = {
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_validates_as_written(name) -> None:
     from flagstaff.system.build import validate
-
     from tests.conftest import compose
 
     c = validate(compose(f"experiment={name}"))
@@ -100,7 +99,6 @@ def test_missing_data_stops_before_any_work_with_one_line(tmp_path, cli, name) -
 # -- end to end on generated data in the real layouts ------------------------------------------------
 def _run(tmp_path, name: str, *overrides: str) -> dict:
     from flagstaff.system.runner import train
-
     from tests.conftest import compose
 
     over = (f"experiment={name}", "backend=local", "progress=false", "eval_every=1",

@@ -6,8 +6,8 @@ import hashlib
 
 import numpy as np
 import pytest
-from flagstaff.clients.partition import partition
 
+from flagstaff.clients.partition import partition
 from tests.test_hf_data import make_cifar
 
 
@@ -64,6 +64,7 @@ def test_flower_partitioners_match_flower_datasets_exactly(tmp_path, name, kwarg
 
     import datasets
     import flwr_datasets.partitioner as fp
+
     from flagstaff.clients.hf import load_hf
 
     root = make_cifar(tmp_path / "cifar", n_train=80, n_test=10)

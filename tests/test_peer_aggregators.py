@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from flagstaff.strategies.aggregators import GeometricMedian, TrimmedMean
 from flagstaff.strategies.attacks import ALIEAdaptive
 from flagstaff.strategies.peer import (

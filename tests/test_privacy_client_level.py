@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from flagstaff.clients.dp import epsilon_of_history
 from flagstaff.strategies.dp import ClientLevelDP
 from flagstaff.strategies.fedavg import FedAvg
-
 from tests.conftest import ROOT, compose
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -204,8 +204,9 @@ def test_adaptive_count_is_centred_with_the_expected_denominator() -> None:
 
 
 def test_summary_mechanism_reproduces_the_reported_epsilon(tmp_path) -> None:
-    from flagstaff.system.runner import train
     from opacus.accountants import RDPAccountant
+
+    from flagstaff.system.runner import train
 
     cfg = compose(
         "experiment=privacy_dp_fedavg_digits",
@@ -360,9 +361,10 @@ def test_metrics_log_the_expected_count_and_bytes_under_client_level_dp(tmp_path
     """The realised number of sampled clients is what the fixed denominator hides: under
     client-level DP metrics.jsonl logs clients = m and the bytes m clients would move, in every
     round, also in an empty one; the epsilon covers every round (the empty one included)."""
+    from opacus.accountants import RDPAccountant
+
     from flagstaff.system.runner import train
     from flagstaff.system.server import sample_clients
-    from opacus.accountants import RDPAccountant
 
     sizes = [len(sample_clients(10, 2, 0, r, "bernoulli")) for r in range(3)]
     assert sizes == [2, 0, 1]  # seed 0: an empty round, and varying counts

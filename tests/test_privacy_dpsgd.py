@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from flagstaff.clients.dp import DPSGDTrainer, epsilon_of_history
 from flagstaff.clients.models import build_model
 from flagstaff.clients.plan import make_plan
 from flagstaff.clients.trainer import ParamSpec
-
 from tests.conftest import compose
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -246,9 +246,10 @@ def test_a_sam_step_is_one_gaussian_step_with_sigma_over_sqrt2(which) -> None:
     multiplier sigma / sqrt(2) per local step. The reported epsilon is Opacus' RDP accountant
     stepped that way; counting two independent (sigma, q) steps would report less; the budget
     stop's prospective epsilon (with the rule) is the next round's."""
+    from opacus.accountants import RDPAccountant
+
     from flagstaff.strategies.fedsam import SAM
     from flagstaff.strategies.fedspeed import FedSpeedRule
-    from opacus.accountants import RDPAccountant
 
     torch.manual_seed(0)
     model, spec = _model_and_spec()

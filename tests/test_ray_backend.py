@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-from flagstaff.system.runner import server_placement, train
 
+from flagstaff.system.runner import server_placement, train
 from tests.conftest import compose
 
 

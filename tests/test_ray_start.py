@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from flagstaff.system.ray_start import lean_local_start
 from flagstaff.system.ray_watchdog import TAG_VAR
-
 from tests._procs import (
     alive,
     command,
@@ -71,6 +71,7 @@ def test_lean_start_is_taken_on_the_verified_ray_version() -> None:
     during the start and restored after."""
     import ray
     import ray._private.services as services
+
     from flagstaff.system.ray_start import LEAN_VERIFIED_RAY, lean_start_problem
 
     assert ray.__version__ in LEAN_VERIFIED_RAY
@@ -87,6 +88,7 @@ def test_lean_start_falls_back_when_rays_private_functions_may_differ(monkeypatc
     nothing is replaced (the start is the public ray.init) and the reason is named."""
     import ray
     import ray._private.services as services
+
     from flagstaff.system.ray_start import lean_start_problem
 
     if change == "version":

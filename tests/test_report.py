@@ -181,8 +181,9 @@ def test_p2p_run_axis_says_step(tmp_path: Path) -> None:
 
 
 def test_compressed_run_plots_bytes(tmp_path: Path) -> None:
-    from flagstaff.system.rundir import RunDir
     from omegaconf import OmegaConf
+
+    from flagstaff.system.rundir import RunDir
 
     cfg = compose("experiment=smoke", "rounds=2", "comm=powersgd")
     from flagstaff.system.runner import train

@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
+
 from flagstaff.strategies.aggregators import build
 from flagstaff.strategies.attacks import Adversary
 from flagstaff.system.config import ConfigError
 from flagstaff.system.runner import train
 from flagstaff.system.specs import build_from
-from omegaconf import OmegaConf
-
 from tests.conftest import ROOT, compose
 
 

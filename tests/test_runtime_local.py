@@ -9,11 +9,11 @@ import re
 import numpy as np
 import pytest
 import torch
+
 from flagstaff.system.config import ConfigError
 from flagstaff.system.rundir import CheckpointError, RunDir, RunDirBusy
 from flagstaff.system.runner import train
 from flagstaff.system.server import sample_clients
-
 from tests.conftest import compose
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import flagstaff.system.client_state as client_state
 import numpy as np
 import pytest
 import torch
 from conftest import compose
+
+import flagstaff.system.client_state as client_state
 from flagstaff.system.build import build_run
 from flagstaff.system.client_state import ClientStateStore
 from flagstaff.system.host import ClientHost, HostShard

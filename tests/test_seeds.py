@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import doctest
 
-import flagstaff.clients.seeds
 import numpy as np
 import pytest
 import torch
+
+import flagstaff.clients.seeds
 from flagstaff.clients.seeds import mix64, stream
 
 

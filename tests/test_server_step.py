@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+
 from flagstaff.clients.flower_app import (
     EXTRAS_KEY,
     REPLY_KEY,
@@ -27,8 +29,6 @@ from flagstaff.strategies.server_step import Replies, ServerStep
 from flagstaff.system.build import build_from, client_host, load_inputs, validate
 from flagstaff.system.runner import _shards, train
 from flagstaff.system.server import sample_clients
-from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-
 from tests.conftest import compose
 
 

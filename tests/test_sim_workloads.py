@@ -18,8 +18,8 @@ if str(BENCH_DIR) not in sys.path:  # opacus ships a `benchmarks` package that s
 
 import simulation  # noqa: E402
 from _workloads import CNN, RESNET8, build_model, load_task, sample_clients  # noqa: E402
-from flagstaff.system.specs import build_from  # noqa: E402
 
+from flagstaff.system.specs import build_from  # noqa: E402
 from tests.conftest import compose  # noqa: E402
 
 

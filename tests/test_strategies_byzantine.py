@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+
 from flagstaff.clients.flower_app import (
     EXTRAS_KEY,
     REPLY_KEY,
@@ -35,8 +37,6 @@ from flagstaff.system.host import HostReply
 from flagstaff.system.pool import LocalPool, RoundReplies
 from flagstaff.system.runner import train
 from flagstaff.system.server import ParameterServer, sample_clients
-from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-
 from tests.conftest import compose
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_module
+
 from flagstaff.system.config import register
 from flagstaff.system.runner import train
-from hydra import compose, initialize_config_module
 
 STRATEGIES = ["fedavg", "fedavgm", "fedprox", "scaffold", "feddyn", "fedsam", "fedspeed", "fedadam"]
 

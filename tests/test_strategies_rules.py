@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from flagstaff.clients.models import build_model
 from flagstaff.clients.plan import make_plan
 from flagstaff.clients.rules import Context
@@ -19,7 +21,6 @@ from flagstaff.strategies.fedsam import SAM, sam_perturbation
 from flagstaff.strategies.fedspeed import FedSpeed, FedSpeedRule
 from flagstaff.strategies.scaffold import SCAFFOLD, Scaffold
 from flagstaff.system.server import sample_clients
-from torch import nn
 
 D_IN, C = 5, 3
 

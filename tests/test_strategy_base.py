@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose
+
 from flagstaff.strategies.base import Strategy
 
 ROOT = Path(__file__).resolve().parent.parent

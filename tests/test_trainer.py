@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from flagstaff.clients.models import build_model
 from flagstaff.clients.plan import make_plan
 from flagstaff.clients.rules import LocalRule
@@ -15,7 +17,6 @@ from flagstaff.strategies.fedprox import Prox
 from flagstaff.strategies.fedsam import SAM
 from flagstaff.strategies.fedspeed import FedSpeedRule
 from flagstaff.strategies.scaffold import Scaffold
-from torch import nn
 
 D_IN, NUM_CLASSES = 6, 3
 

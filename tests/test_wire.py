@@ -6,6 +6,7 @@ import pickle
 
 import numpy as np
 import torch
+
 from flagstaff.system.host import HostReply
 from flagstaff.system.wire import from_wire, to_wire
 

@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+
 from flagstaff.clients.models.cnn import FedAvgCNN
 from flagstaff.clients.models.lstm import CharLSTM
 from flagstaff.clients.models.resnet import ResNet, resnet
@@ -22,7 +24,6 @@ from flagstaff.clients.models.stacked import (
     linear,
     to_channels_last,
 )
-from torch import nn
 
 __all__ = [
     "KINDS",

@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+
 from flagstaff.clients.models.stacked import (
     StackedModel,
     conv,
@@ -19,7 +21,6 @@ from flagstaff.clients.models.stacked import (
     linear,
     to_channels_last,
 )
-from torch import nn
 
 __all__ = ["FedAvgCNN"]
 

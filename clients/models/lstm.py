@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from flagstaff.clients.models.stacked import StackedModel
 from torch import nn
+
+from flagstaff.clients.models.stacked import StackedModel
 
 __all__ = ["LSTM", "CharLSTM"]
 

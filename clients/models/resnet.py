@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from flagstaff.clients.models.stacked import (
     StackedModel,
     conv,
@@ -25,7 +27,6 @@ from flagstaff.clients.models.stacked import (
     linear,
     to_channels_last,
 )
-from torch import nn
 
 __all__ = ["BasicBlock", "ResNet", "resnet"]
 

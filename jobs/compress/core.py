@@ -410,8 +410,9 @@ def load_model(job: Any, seed: int) -> Loaded:
 
 
 def _load_flagstaff(run_dir: Path) -> Loaded:
-    from flagstaff.clients.trainer import ParamSpec
     from omegaconf import OmegaConf
+
+    from flagstaff.clients.trainer import ParamSpec
 
     ckpt = run_dir / "checkpoint.pt"
     if not ckpt.exists():

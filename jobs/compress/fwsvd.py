@@ -12,6 +12,7 @@ data-parallel sum: :func:`jobs.compress.core.fisher_row_sums_sharded` computes t
 from __future__ import annotations
 
 import torch
+
 from flagstaff.jobs.compress.core import (
     Budget,
     CompressedLayer,

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import torch
+
 from flagstaff.jobs.compress.core import (
     Budget,
     CompressedLayer,

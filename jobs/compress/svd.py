@@ -7,6 +7,7 @@ the error is ``sqrt(sum_{i > r} sigma_i^2)``.
 from __future__ import annotations
 
 import torch
+
 from flagstaff.jobs.compress.core import Budget, CompressedLayer, Context, register, relative_error
 
 __all__ = ["truncated_svd", "svd_layer", "compress_svd"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from flagstaff.jobs.compress.core import Budget, CompressedLayer, Context, register
 from flagstaff.jobs.compress.svd import svd_layer
 

@@ -22,8 +22,9 @@ import math
 from typing import Any, ClassVar
 
 import torch
-from flagstaff.strategies.aggregators.registry import RULES, discover
 from torch import Tensor
+
+from flagstaff.strategies.aggregators.registry import RULES, discover
 
 __all__ = [
     "Aggregator",

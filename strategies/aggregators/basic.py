@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from flagstaff.strategies.aggregators.base import Aggregator, coordinate_median, mean_of_rows
 from flagstaff.strategies.aggregators.registry import register
-from torch import Tensor
 
 __all__ = ["Mean", "CoordinateMedian", "TrimmedMean", "MeanAroundMedian", "Phocas"]
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from flagstaff.strategies.aggregators.base import Aggregator, PreAggregator
 from flagstaff.strategies.aggregators.registry import register
-from torch import Tensor
 
 __all__ = ["StaticClip", "ARC", "CenteredClipping"]
 

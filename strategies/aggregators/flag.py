@@ -85,9 +85,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
+
 from flagstaff.strategies.aggregators.base import Aggregator, gram
 from flagstaff.strategies.aggregators.registry import register
-from torch import Tensor
 
 __all__ = ["FlagAggregator", "FlagFit"]
 

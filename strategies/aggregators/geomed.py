@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from flagstaff.strategies.aggregators.base import Aggregator, gram
 from flagstaff.strategies.aggregators.registry import register
-from torch import Tensor
 
 __all__ = ["GeometricMedian"]
 

@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
+
 from flagstaff.strategies.aggregators.base import (
     Aggregator,
     coordinate_median,
@@ -20,7 +22,6 @@ from flagstaff.strategies.aggregators.base import (
 )
 from flagstaff.strategies.aggregators.basic import _closest_mean
 from flagstaff.strategies.aggregators.registry import register
-from torch import Tensor
 
 __all__ = ["Krum", "MultiKrum", "Bulyan", "MDA", "krum_scores", "krum_order"]
 

@@ -6,9 +6,10 @@ import math
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from flagstaff.strategies.aggregators.base import Aggregator, PreAggregator, pairwise_sq_dists
 from flagstaff.strategies.aggregators.registry import register
-from torch import Tensor
 
 __all__ = ["NNM", "Bucketing"]
 

@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
+from torch import Tensor
+
 from flagstaff.clients.byzantine import Aggregator, Attack, as_count
 from flagstaff.strategies.attacks.model import ALIE, FOE, ModelAttack, moments, repeat_rows
-from torch import Tensor
 
 __all__ = ["ALIEAdaptive", "FOEAdaptive", "FOEModelAdaptive", "line_search"]
 

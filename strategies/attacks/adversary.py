@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from flagstaff.clients.byzantine import Attack
 from flagstaff.clients.seeds import stream
 from flagstaff.strategies.attacks.model import Crash, InfAttack, NaNAttack

@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
+
 from flagstaff.clients.byzantine import Aggregator, as_count
 from flagstaff.strategies.attacks.model import ModelAttack, check_updates, repeat_rows
-from torch import Tensor
 
 __all__ = ["Mimic"]
 

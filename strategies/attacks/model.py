@@ -34,8 +34,9 @@ from statistics import NormalDist
 from typing import ClassVar
 
 import torch
-from flagstaff.clients.byzantine import Aggregator, Attack, as_count
 from torch import Tensor
+
+from flagstaff.clients.byzantine import Aggregator, Attack, as_count
 
 __all__ = [
     "ALIE",

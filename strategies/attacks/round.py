@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from flagstaff.clients.byzantine import Attack
 
 __all__ = ["AttackedRound", "adaptive_probe", "apply_model_attack", "attack_round"]

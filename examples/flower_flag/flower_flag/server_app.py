@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
 from flagstaff.clients.flower_app import arrays_to_vector, model_to_arrays
 from flagstaff.clients.trainer import ParamSpec
 from flagstaff.strategies.aggregators import build
 from flagstaff.strategies.fedavg import FedAvg
 from flagstaff.strategies.flower import FlagstaffStrategy
-from flwr.app import ArrayRecord, Context, MetricRecord
-from flwr.serverapp import Grid, ServerApp
-
 from flower_flag.task import attack, dataset, model
 
 app = ServerApp()

@@ -9,13 +9,14 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from flwr.app import Context
+
 from flagstaff.clients.data import Dataset, load_digits
 from flagstaff.clients.flower_app import ClientSetup, poison_if_byzantine
 from flagstaff.clients.models import build_model
 from flagstaff.clients.partition import iid
 from flagstaff.clients.trainer import LocalSGD
 from flagstaff.strategies.attacks import build_attack
-from flwr.app import Context
 
 
 @lru_cache(maxsize=4)
