@@ -25,7 +25,10 @@ from flagstaff.system.host import HostShard, host_device, local_host_device, vis
 from tests.conftest import compose
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+# these tests check the refusal where torch sees no GPU; on a machine with one the refusal cannot happen
+NO_GPU = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the no-GPU refusal; torch sees a GPU on this machine"
+)
 
 
 def _shard(n_clients: int = 4, per: int = 10, shape=(64,), seed: int = 0) -> HostShard:

@@ -16,14 +16,7 @@ from torch import nn
 from flagstaff.clients.models.cnn import FedAvgCNN
 from flagstaff.clients.models.lstm import CharLSTM
 from flagstaff.clients.models.resnet import ResNet, resnet
-from flagstaff.clients.models.stacked import (
-    StackedModel,
-    conv,
-    conv_chain_loss_grad,
-    head_weight,
-    linear,
-    to_channels_last,
-)
+from flagstaff.clients.models.stacked import StackedModel, conv_chain_loss_grad, conv_pool_head
 
 __all__ = [
     "KINDS",
@@ -98,13 +91,7 @@ class SmallCNN(StackedModel):
         return self.head(self.features(x).flatten(1))
 
     def stacked_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        h = to_channels_last(x)
-        for i in (0, 3):
-            w, b = params[f"features.{i}.weight"], params[f"features.{i}.bias"]
-            h = conv(h, w, b, padding=1, relu=True, pool=True)
-        K, B, C = h.shape[0], h.shape[1], h.shape[-1]
-        w = head_weight(params["head.weight"], C)
-        return linear(h.reshape(K, B, -1), w, params["head.bias"])
+        return conv_pool_head(params, x, ("features.0", "features.3"), "head", padding=1)
 
     def loss_grad(
         self,

@@ -15,11 +15,9 @@ from torch import nn
 
 from flagstaff.clients.models.stacked import (
     StackedModel,
-    conv,
+    conv_pool_head,
     first_conv_large,
-    head_weight,
     linear,
-    to_channels_last,
 )
 
 __all__ = ["FedAvgCNN"]
@@ -62,11 +60,6 @@ class FedAvgCNN(StackedModel):
         return first_conv_large(x, self.features[0])
 
     def stacked_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        h = to_channels_last(x)
-        for i in (0, 3):
-            w, b = params[f"features.{i}.weight"], params[f"features.{i}.bias"]
-            h = conv(h, w, b, padding=2, relu=True, pool=True)
-        K, B, C = h.shape[0], h.shape[1], h.shape[-1]
-        w = head_weight(params["classifier.0.weight"], C)
-        h = linear(h.reshape(K, B, -1), w, params["classifier.0.bias"]).relu()
+        convs = ("features.0", "features.3")
+        h = conv_pool_head(params, x, convs, "classifier.0", padding=2).relu()
         return linear(h, params["classifier.2.weight"], params["classifier.2.bias"])

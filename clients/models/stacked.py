@@ -37,6 +37,7 @@ __all__ = [
     "StackedModel",
     "conv",
     "conv_chain_loss_grad",
+    "conv_pool_head",
     "group_norm",
     "linear",
     "head_weight",
@@ -139,6 +140,28 @@ def head_weight(w: torch.Tensor, channels: int) -> torch.Tensor:
     maps, with its columns reordered for flattened channels-last maps (K, O, prod(S) * C)."""
     K, O, F_ = w.shape
     return w.view(K, O, channels, F_ // channels).transpose(2, 3).reshape(K, O, F_)
+
+
+def conv_pool_head(
+    params: Params, x: torch.Tensor, convs: Sequence[str], head: str, padding: int
+) -> torch.Tensor:
+    """``conv -> ReLU -> 2x2 max pool`` blocks (``convs``: parameter prefixes, e.g. ``features.0``)
+    on channels-first ``x`` (K, B, C, *S), then the linear layer ``head`` on their flattened
+    channels-first maps: (K, B, out). The stacked forward of the small CNN and FedAvg's CNN."""
+    h = to_channels_last(x)
+    for name in convs:
+        h = conv(
+            h,
+            params[f"{name}.weight"],
+            params[f"{name}.bias"],
+            padding=padding,
+            relu=True,
+            pool=True,
+        )
+    K, B, C = h.shape[0], h.shape[1], h.shape[-1]
+    return linear(
+        h.reshape(K, B, -1), head_weight(params[f"{head}.weight"], C), params[f"{head}.bias"]
+    )
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
