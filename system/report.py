@@ -48,10 +48,14 @@ __all__ = [
 log = logging.getLogger("flagstaff")
 
 NOT_SETTING = ("seed", "resume", "progress")  # overrides that do not change what is trained
+# natural partitions: the per-client test accuracy distribution of the last evaluated round
+# (system/eval.py; issue 21 item 4)
+CLIENT_ACCURACY = ("accuracy_client_mean", "accuracy_client_p10", "accuracy_client_worst")
 # per-run values that get a mean and a std per setting (CSV columns <name>_mean, <name>_std),
 # besides <metric>_final and <metric>_best
 STATS = (
     "accuracy_worst",
+    *CLIENT_ACCURACY,
     "consensus_distance",
     "epsilon",
     "bytes_up",
@@ -274,6 +278,7 @@ def run_values(run: Run, metric: str = "accuracy") -> dict[str, Any]:
         "rounds_planned": s.get("rounds", (run.config or {}).get("rounds")),
         "accuracy_worst": pick("accuracy_worst") if run.p2p else None,
         "consensus_distance": pick("consensus_distance") if run.p2p else None,
+        **{k: pick(k) for k in CLIENT_ACCURACY},
         "epsilon": privacy.get("epsilon", _last(run, "epsilon")),
         "epsilon_kind": privacy.get("epsilon_kind", _last(run, "epsilon_kind")),
         "bytes_up": s.get("bytes_up_total", sum(r.get("bytes_up", 0) for r in run.rows) or None),
@@ -349,7 +354,8 @@ def _pm(mean: Any, std: Any, fmt: str, scale: float = 1.0) -> str:
 
 def markdown_table(table: pd.DataFrame) -> str:
     """The group table as Markdown (pandas + tabulate): mean ± std, columns that no setting has
-    left out; p2p settings add worst-node accuracy and consensus distance; the rounds column says
+    left out; p2p settings add worst-node accuracy and consensus distance, natural partitions the
+    per-client accuracy distribution (mean, 10th percentile, worst client); the rounds column says
     steps when every run is peer-to-peer."""
     import pandas as pd
 
@@ -365,6 +371,9 @@ def markdown_table(table: pd.DataFrame) -> str:
         steps: list(table["rounds"]),
         "worst-node accuracy": [],
         "consensus distance": [],
+        "client accuracy mean": [],
+        "client accuracy p10": [],
+        "worst-client accuracy": [],
         "epsilon": [],
         "epsilon kind": [k if isinstance(k, str) else "" for k in table["epsilon_kind"]],
         "MB up": [],
@@ -377,6 +386,9 @@ def markdown_table(table: pd.DataFrame) -> str:
         f"best {metric}": (f"{metric}_best", ".4f", 1.0),
         "worst-node accuracy": ("accuracy_worst", ".4f", 1.0),
         "consensus distance": ("consensus_distance", ".3g", 1.0),
+        "client accuracy mean": ("accuracy_client_mean", ".4f", 1.0),
+        "client accuracy p10": ("accuracy_client_p10", ".4f", 1.0),
+        "worst-client accuracy": ("accuracy_client_worst", ".4f", 1.0),
         "epsilon": ("epsilon", ".3f", 1.0),
         "MB up": ("bytes_up", ".3f", 1e6),
         "MB down": ("bytes_down", ".3f", 1e6),

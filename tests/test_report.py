@@ -195,3 +195,21 @@ def test_compressed_run_plots_bytes(tmp_path: Path) -> None:
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     RunDir(run_dir).plot_curves()
     assert "MB sent" in _panels(run_dir / "curves.png")["panels"]
+
+
+def test_natural_partition_run_tables_the_client_accuracy_distribution(tmp_path: Path) -> None:
+    """A run on a natural partition logs the per-client accuracy distribution (system/eval.py);
+    the report tables its last values (mean, 10th percentile, worst client) next to the metric."""
+    from flagstaff.system.report import find_runs, group_table, markdown_table, runs_frame
+
+    run_dir = _train(
+        tmp_path, "natural", "partition=natural", "partition.key=label", "num_clients=10"
+    )
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "accuracy_client_mean" in r][-1]
+    runs, _ = find_runs([run_dir])
+    table = group_table(runs_frame(runs, "accuracy"))
+    for key in ("accuracy_client_mean", "accuracy_client_p10", "accuracy_client_worst"):
+        assert table.iloc[0][f"{key}_mean"] == last[key]
+    header = [c.strip() for c in markdown_table(table).splitlines()[0].strip("|").split("|")]
+    assert {"client accuracy mean", "client accuracy p10", "worst-client accuracy"} <= set(header)
