@@ -27,7 +27,17 @@ from flagstaff.clients.models.stacked import StackedModel
 from flagstaff.clients.plan import BatchPlan
 from flagstaff.clients.rules import Context, Finish, LocalRule
 
-__all__ = ["LocalSGD", "ParamSpec", "TrainResult", "Trainer", "loss_fn_for", "refuse_batchnorm"]
+__all__ = [
+    "LocalSGD",
+    "ParamSpec",
+    "TrainResult",
+    "Trainer",
+    "chunk_for",
+    "client_step_bytes",
+    "loss_fn_for",
+    "refuse_batchnorm",
+    "saved_bytes",
+]
 
 Params = dict[str, torch.Tensor]
 
@@ -244,39 +254,18 @@ class LocalSGD(Trainer):
 
     # -- sizing ---------------------------------------------------------------------------------
     def chunk_size(self, model: nn.Module, example: torch.Tensor, num_clients: int) -> int:
-        """How many clients train in one lockstep computation (1 = sequential)."""
-        mode = str(self.batched).lower()
-        if not self._can_batch(model, example) or mode == "false":
+        """How many clients train in one lockstep computation (1 = sequential): :func:`chunk_for`
+        with this trainer's ``batched`` and ``memory_budget_mb``, 1 for a model vmap cannot batch."""
+        if not self._can_batch(model, example):
             return 1
-        d = sum(p.numel() for p in model.parameters())
-        if isinstance(model, StackedModel) and model.stackable():
-            per_client = 4 * 6 * d + self._saved_bytes(model, example)  # measured activations
-        else:
-            act = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-            act += example[0].numel() * 8  # rough bound on conv activations per sample
-            per_client = 4 * (6 * d + 3 * self.batch_size * act)  # params, grads, state, act.
-        fit = max(1, int(self.memory_budget_mb * 2**20 // per_client))
-        return num_clients if mode == "true" else min(num_clients, fit)
+        return chunk_for(
+            num_clients, self.batched, self.memory_budget_mb, lambda: self._bytes(model, example)
+        )
 
-    def _saved_bytes(self, model: StackedModel, example: torch.Tensor) -> int:
-        """Bytes autograd keeps for one client's step of a stacked model, measured once: one
-        client's batch of ``batch_size`` copies of ``example`` through ``forward_clients`` with
-        saved-tensor hooks counting what the backward would need."""
+    def _bytes(self, model: nn.Module, example: torch.Tensor) -> int:
+        """:func:`client_step_bytes` at this trainer's batch size, computed once."""
         if self._client_bytes is None:
-            total = 0
-
-            def pack(t: torch.Tensor) -> torch.Tensor:
-                nonlocal total
-                total += t.numel() * t.element_size()
-                return t
-
-            params = {
-                n: p.detach().unsqueeze(0).requires_grad_(True) for n, p in model.named_parameters()
-            }
-            xb = example[:1].expand(self.batch_size, *example.shape[1:]).unsqueeze(0)
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                model.forward_clients(params, xb)
-            self._client_bytes = total
+            self._client_bytes = client_step_bytes(model, example, self.batch_size)
         return self._client_bytes
 
     def _can_batch(self, model: nn.Module, example: torch.Tensor) -> bool:
@@ -476,6 +465,54 @@ class LocalSGD(Trainer):
             buf = torch.where(gate, self.momentum * buf + g, buf)
             g = buf
         return X.sub_(torch.where(gate, lr * g, 0.0)), buf
+
+
+def chunk_for(
+    num_clients: int,
+    batched: str | bool,
+    memory_budget_mb: float,
+    client_bytes: Callable[[], int],
+) -> int:
+    """How many clients one lockstep computation holds: all (``batched`` true), one (false), or
+    (auto) as many as fit in ``memory_budget_mb`` at ``client_bytes()`` each (called only then):
+    the memory bound of the federated hosts' trainer and of the peer hosts (``system.p2p``)."""
+    mode = str(batched).lower()
+    if mode == "false":
+        return 1
+    if mode == "true":
+        return num_clients
+    return min(num_clients, max(1, int(memory_budget_mb * 2**20 // client_bytes())))
+
+
+def client_step_bytes(model: nn.Module, example: torch.Tensor, batch_size: int) -> int:
+    """Estimated bytes of one client's training step at ``batch_size``: six model-sized float32
+    vectors (parameters, gradient, optimizer and rule state) plus the activations, measured for a
+    stackable model (:func:`saved_bytes`), else a rough bound from the linear layers' widths and
+    the input's size."""
+    d = sum(p.numel() for p in model.parameters())
+    if isinstance(model, StackedModel) and model.stackable():
+        return 4 * 6 * d + saved_bytes(model, example, batch_size)  # measured activations
+    act = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    act += example[0].numel() * 8  # rough bound on conv activations per sample
+    return 4 * (6 * d + 3 * batch_size * act)  # params, grads, state, activations
+
+
+def saved_bytes(model: StackedModel, example: torch.Tensor, batch_size: int) -> int:
+    """Bytes autograd keeps for one client's step of a stacked model: one client's batch of
+    ``batch_size`` copies of ``example`` through ``forward_clients``, with saved-tensor hooks
+    counting what the backward would need."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    params = {n: p.detach().unsqueeze(0).requires_grad_(True) for n, p in model.named_parameters()}
+    xb = example[:1].expand(batch_size, *example.shape[1:]).unsqueeze(0)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.forward_clients(params, xb)
+    return total
 
 
 def _stacked(model: nn.Module, spec: ParamSpec) -> bool:
