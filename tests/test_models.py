@@ -20,6 +20,9 @@ from flagstaff.clients.trainer import LocalSGD, ParamSpec
     [
         # ResNet-18 (CIFAR stem) with GroupNorm: BatchNorm's parameter count, 11.2M
         ("resnet18", (3, 32, 32), 10, 11_173_962),
+        # torchvision's resnet18 as FL-Simulator builds it (ImageNet stem, GroupNorm(2), 10-way fc):
+        # torchvision's documented 11,689,512 less 513 * 990 for the head
+        ("resnet18_imagenet", (3, 32, 32), 10, 11_181_642),
         # McMahan et al. 2017 give 1,663,370 for MNIST's 10 classes; FEMNIST has 62
         ("cnn_femnist", (1, 28, 28), 10, 1_663_370),
         ("cnn_femnist", (1, 28, 28), 62, 1_690_046),
@@ -31,9 +34,63 @@ from flagstaff.clients.trainer import LocalSGD, ParamSpec
     ],
 )
 def test_parameter_counts_match_the_reference_architectures(kind, shape, classes, count) -> None:
-    model = build_model(kind, shape, classes)
+    model = build(kind, shape, classes)
     assert num_parameters(model) == count
     assert model(torch.zeros(2, *shape)).shape == (2, classes)
+
+
+def build(name: str, *args, **kw) -> nn.Module:
+    """build_model for the test names: ``<resnet>_imagenet`` is that ResNet with model.stem=imagenet."""
+    if name.endswith("_imagenet"):
+        kw["stem"] = "imagenet"
+    return build_model(name.removesuffix("_imagenet"), *args, **kw)
+
+
+def test_imagenet_stem_is_torchvisions_and_keeps_cifar_default() -> None:
+    """model.stem=imagenet: 7x7/2 conv (padding 3) and 3x3/2 max pool (padding 1) in front of the
+    same stages, so a 32x32 image enters the first stage at 8x8; the default stays the CIFAR
+    stem; an unknown stem is one line naming the choices."""
+    cifar, imnet = build("resnet18", (3, 32, 32), 10), build("resnet18_imagenet", (3, 32, 32), 10)
+    assert (cifar.conv1.kernel_size, cifar.conv1.stride, cifar.conv1.padding) == (
+        (3, 3),
+        (1, 1),
+        (1, 1),
+    )
+    c = imnet.conv1
+    assert (c.kernel_size, c.stride, c.padding) == ((7, 7), (2, 2), (3, 3))
+    seen = []
+    imnet.layers[0].register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    assert imnet(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert seen == [(2, 64, 8, 8)]
+    with pytest.raises(ValueError, match="model.stem='x': choose one of cifar, imagenet"):
+        build_model("resnet8", (3, 32, 32), 10, stem="x")
+
+
+@pytest.mark.parametrize("kind", ["resnet8_imagenet", "resnet18_imagenet"])
+def test_imagenet_stem_stacked_forward_equals_each_clients_module(kind: str, monkeypatch) -> None:
+    """K clients' stacked forward (im2col stem, and each client's native path) equals each
+    client's own module forward with its parameters."""
+    from torch.func import functional_call
+
+    import flagstaff.clients.models.stacked as stacked
+
+    torch.set_num_threads(1)
+    model = build(kind, (3, 32, 32), 10, seed=0)
+    g = torch.Generator().manual_seed(1)
+    names = [n for n, _ in model.named_parameters()]
+    params = {
+        n: p.detach() + 0.05 * torch.randn(3, *p.shape, generator=g)
+        for n, p in model.named_parameters()
+    }
+    x = torch.randn(3, 2, 3, 32, 32, generator=g)
+    want = torch.stack(
+        [functional_call(model, {n: params[n][k] for n in names}, (x[k],)) for k in range(3)]
+    )
+    assert not model.per_client(x)  # 2 images: the stem runs as im2col over the 3 clients
+    torch.testing.assert_close(model.forward_clients(params, x), want, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(stacked, "IM2COL_MAX", 0)  # every convolution native, per client
+    torch.testing.assert_close(model.stacked_forward(params, x), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.forward_clients(params, x), want, atol=1e-4, rtol=1e-4)
 
 
 def test_resnets_use_groupnorm_and_no_model_has_batchnorm() -> None:
@@ -81,13 +138,15 @@ TINY = {
     "resnet8": dict(shape=(3, 8, 8), classes=10, kw={}),
     "resnet20": dict(shape=(3, 8, 8), classes=10, kw={}),
     "resnet18": dict(shape=(3, 8, 8), classes=10, kw={}),
+    "resnet8_imagenet": dict(shape=(3, 16, 16), classes=10, kw={}),
+    "resnet18_imagenet": dict(shape=(3, 16, 16), classes=10, kw={}),
     "cnn_femnist": dict(shape=(1, 12, 12), classes=62, kw={"hidden": 32}),
     "lstm": dict(shape=(12,), classes=20, kw={"hidden": 16, "vocab_size": 20}),
 }
 
 
 @pytest.mark.parametrize(
-    "kind", [pytest.param(k, marks=pytest.mark.slow) if k == "resnet18" else k for k in TINY]
+    "kind", [pytest.param(k, marks=pytest.mark.slow) if "resnet18" in k else k for k in TINY]
 )  # ResNet-18 (11M parameters) takes 10-20 s: resnet8/20 are the fast variants
 @pytest.mark.parametrize("batched", ["true", "false"])
 def test_batched_training_equals_a_plain_sgd_loop(kind: str, batched: str) -> None:
@@ -102,7 +161,7 @@ def test_batched_training_equals_a_plain_sgd_loop(kind: str, batched: str) -> No
         x = torch.randn(n, *cfg["shape"], generator=g)
     y = torch.randint(0, cfg["classes"], (n,), generator=g)
     plan = make_plan(np.cumsum(sizes) - sizes, sizes, np.arange(3), 4, 0, 0, epochs=1)
-    model = build_model(kind, cfg["shape"], cfg["classes"], seed=0, **cfg["kw"])
+    model = build(kind, cfg["shape"], cfg["classes"], seed=0, **cfg["kw"])
     spec = ParamSpec.of(model)
     g0 = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
     want = _plain_sgd(model, g0, x, y, plan, lr=0.05, momentum=0.5)
@@ -118,7 +177,7 @@ def test_batched_training_equals_a_plain_sgd_loop(kind: str, batched: str) -> No
     assert torch.equal(alone.updates[0], res.updates[2])
 
 
-@pytest.mark.parametrize("kind", ["cnn", "cnn_femnist", "resnet8"])
+@pytest.mark.parametrize("kind", ["cnn", "cnn_femnist", "resnet8", "resnet8_imagenet"])
 def test_native_convolution_paths_equal_a_plain_sgd_loop(kind: str, monkeypatch) -> None:
     """With every convolution above the im2col size, SmallCNN runs oneDNN per client inside its
     stacked layers and the FedAvg CNN / ResNet-8 run each client's own forward in channels-last
@@ -131,12 +190,13 @@ def test_native_convolution_paths_equal_a_plain_sgd_loop(kind: str, monkeypatch)
         "cnn": ((1, 40), 10, {}),
         "cnn_femnist": ((1, 12, 12), 62, {"hidden": 32}),
         "resnet8": ((3, 8, 8), 10, {}),
+        "resnet8_imagenet": ((3, 16, 16), 10, {}),
     }[kind]
     g = torch.Generator().manual_seed(0)
     sizes = np.array([7, 4, 10])
     x, y = torch.randn(21, *shape, generator=g), torch.randint(0, classes, (21,), generator=g)
     plan = make_plan(np.cumsum(sizes) - sizes, sizes, np.arange(3), 4, 0, 0)
-    model = build_model(kind, shape, classes, seed=0, **kw)
+    model = build(kind, shape, classes, seed=0, **kw)
     spec = ParamSpec.of(model)
     g0 = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
     want = _plain_sgd(model, g0, x, y, plan, lr=0.05, momentum=0.0)

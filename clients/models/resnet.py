@@ -3,7 +3,11 @@
 ResNet-8/20 are He et al. 2016's CIFAR networks (section 4.2: a 3x3 stem with 16 channels, three
 stages of n basic blocks with 16, 32, 64 channels, depth 6n + 2; n = 1 and 3), ResNet-18 the
 four-stage network of their Table 1 (64-512 channels, two blocks per stage) with the 3x3 stride-1
-stem and no max pool that CIFAR uses (11.17M parameters for 10 classes). Every BatchNorm is a
+stem and no max pool that CIFAR uses (11.17M parameters for 10 classes). ``stem="imagenet"`` is
+Table 1's own stem instead (7x7 convolution of stride 2, then 3x3 max pooling of stride 2: a 32x32
+image reaches the first stage at 8x8, a sixteenth of the positions), as torchvision's ``resnet18``
+builds it and FL-Simulator's ResNet-18-GN uses it on CIFAR (11,181,642 parameters for 10 classes:
+torchvision's 11,689,512 with a 10-way head). Every BatchNorm is a
 GroupNorm (Wu and He 2018; two groups per layer, as in Hsieh et al. 2020 and the FedDyn/FedSpeed
 ResNet-18-GN): batch statistics mix one client's samples with the padding of a batched step and
 running statistics do not average across clients, so BatchNorm breaks both per-client batching
@@ -25,10 +29,17 @@ from flagstaff.clients.models.stacked import (
     first_conv_large,
     group_norm,
     linear,
+    max_pool,
     to_channels_last,
 )
 
-__all__ = ["BasicBlock", "ResNet", "resnet"]
+__all__ = ["BasicBlock", "ResNet", "resnet", "STEMS"]
+
+#: the stems (``model.stem``): conv kernel, stride, padding and whether a 3x3/2 max pool follows
+STEMS: dict[str, tuple[int, int, int, bool]] = {
+    "cifar": (3, 1, 1, False),
+    "imagenet": (7, 2, 3, True),
+}
 
 #: blocks per stage and stage widths of each depth
 DEPTHS: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -95,8 +106,9 @@ def _conv_gn(
 
 
 class ResNet(StackedModel):
-    """3x3 stem + GroupNorm, stages of :class:`BasicBlock` (the first block of every stage after
-    the first halves the resolution), global average pool, linear head."""
+    """Stem (3x3 conv, or 7x7/2 conv + 3x3/2 max pool) + GroupNorm, stages of :class:`BasicBlock`
+    (the first block of every stage after the first halves the resolution), global average pool,
+    linear head."""
 
     stacked_modules = (BasicBlock,)
 
@@ -107,14 +119,18 @@ class ResNet(StackedModel):
         blocks: Sequence[int],
         widths: Sequence[int],
         groups: int = 2,
+        stem: str = "cifar",
     ) -> None:
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"model.stem={stem!r}: choose one of {', '.join(STEMS)}")
         if len(input_shape) != 3:
             raise ValueError(
                 f"a ResNet needs image input (C, H, W), got {tuple(input_shape)}; use an image "
                 "data set (e.g. CIFAR-shaped 3x32x32)"
             )
-        self.conv1 = nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=False)
+        kernel, stride, padding, self.stem_pool = STEMS[stem]
+        self.conv1 = nn.Conv2d(input_shape[0], widths[0], kernel, stride, padding, bias=False)
         self.gn1 = _norm(widths[0], groups)
         layers: list[nn.Module] = []
         c_in = widths[0]
@@ -126,22 +142,36 @@ class ResNet(StackedModel):
         self.head = nn.Linear(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.layers(F.relu(self.gn1(self.conv1(x))))
-        return self.head(h.mean((2, 3)))
+        h = F.relu(self.gn1(self.conv1(x)))
+        if self.stem_pool:
+            h = F.max_pool2d(h, 3, 2, 1)
+        return self.head(self.layers(h).mean((2, 3)))
 
     def per_client(self, x: torch.Tensor) -> bool:
         return first_conv_large(x, self.conv1)
 
     def stacked_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(_conv_gn(params, "conv1", "gn1", self.gn1, to_channels_last(x), 1, 1))
+        stride, padding = self.conv1.stride[0], self.conv1.padding[0]
+        h = _conv_gn(params, "conv1", "gn1", self.gn1, to_channels_last(x), stride, padding)
+        h = F.relu(h)
+        if self.stem_pool:
+            h = max_pool(h, 3, 2, 1)
         for i, block in enumerate(self.layers):
             h = block.stacked(params, f"layers.{i}.", h)
         return linear(h.mean((2, 3)), params["head.weight"], params["head.bias"])
 
 
-def resnet(depth: int, input_shape: Sequence[int], num_classes: int, groups: int = 2) -> ResNet:
-    """ResNet-``depth`` (8, 20 or 18) with GroupNorm of ``groups`` groups per layer."""
+def resnet(
+    depth: int,
+    input_shape: Sequence[int],
+    num_classes: int,
+    groups: int = 2,
+    stem: str = "cifar",
+) -> ResNet:
+    """ResNet-``depth`` (8, 20 or 18) with GroupNorm of ``groups`` groups per layer and the
+    ``stem`` of :data:`STEMS` (cifar: 3x3 stride 1; imagenet: He et al. 2016 Table 1's 7x7/2 + max
+    pool)."""
     if depth not in DEPTHS:
         raise ValueError(f"model.depth={depth}: choose one of {sorted(DEPTHS)}")
     blocks, widths = DEPTHS[depth]
-    return ResNet(input_shape, num_classes, blocks, widths, groups)
+    return ResNet(input_shape, num_classes, blocks, widths, groups, stem)

@@ -41,6 +41,7 @@ __all__ = [
     "group_norm",
     "linear",
     "head_weight",
+    "max_pool",
     "max_pool2",
     "to_channels_last",
 ]
@@ -276,6 +277,14 @@ def max_pool2(x: torch.Tensor) -> torch.Tensor:
     K, B, *S, C = x.shape
     fn = F.max_pool1d if len(S) == 1 else F.max_pool2d
     y = fn(x.reshape(K * B, *S, C).movedim(-1, 1), 2)
+    return y.movedim(1, -1).reshape(K, B, *y.shape[2:], C)
+
+
+def max_pool(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    """``kernel`` x ``kernel`` max pooling of channels-last (K, B, H, W, C) with ``stride`` and
+    ``padding`` (padded positions never win), e.g. ResNet's 3x3/2 stem pool (He et al. 2016)."""
+    K, B, *S, C = x.shape
+    y = F.max_pool2d(x.reshape(K * B, *S, C).movedim(-1, 1), kernel, stride, padding)
     return y.movedim(1, -1).reshape(K, B, *y.shape[2:], C)
 
 
