@@ -10,6 +10,12 @@ Randomness is counter-based, as the batch plans' shuffle is (``clients.plan``): 
 are ``mix64(seed, TAG, round, client id, local step, position of the sample in the client's data)``,
 so they depend only on (seed, round, client) and the step, never on which host trains the client, at
 which row its data lies, or which clients share the round (STYLE.md point 10).
+
+FL-Simulator's CIFAR augmentation (its ``dataset.py``, used for FedSpeed's table) differs in two
+ways, each an option here: it crops only half of the images (``crop_p=0.5``; the others keep their
+place) and pads the *normalized* image with zeros, i.e. with the channel mean (``pad_value="mean"``);
+the default crops every image and pads with black (zero before normalization), as torchvision's
+``RandomCrop(32, padding=4)`` in front of ``Normalize`` does.
 """
 
 from __future__ import annotations
@@ -22,21 +28,42 @@ import torch
 
 from flagstaff.clients.seeds import mix64
 
-__all__ = ["ImageTransform", "RoundTransform", "TAG", "draws", "channel_stats"]
+__all__ = [
+    "ImageTransform",
+    "RoundTransform",
+    "TAG",
+    "CROP_TAG",
+    "PAD_VALUES",
+    "draws",
+    "channel_stats",
+]
 
 #: the stream tag of augmentation draws (keeps them apart from the batch shuffle's mix64 keys)
 TAG = 0xA0617E
+#: mixed into a sample's key for its crop-or-not draw (``crop_p`` < 1)
+CROP_TAG = 0xC409
+#: what a crop pads with: ``zero`` (black, before normalization) or ``mean`` (0 after it)
+PAD_VALUES = ("zero", "mean")
 
 
-def draws(keys: np.ndarray, padding: int, flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def draws(
+    keys: np.ndarray, padding: int, flip: bool, crop_p: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Crop offsets ``dy, dx`` in [0, 2 * padding] and flip flags from uint64 ``keys``: bit 0 is the
-    flip, bits 8-31 and 32-55 the two offsets (each modulo 2 * padding + 1)."""
+    flip, bits 8-31 and 32-55 the two offsets (each modulo 2 * padding + 1). With ``crop_p`` < 1
+    an image is cropped with probability ``crop_p`` (a uniform from ``mix64(key, CROP_TAG)``'s top
+    53 bits), otherwise its offsets are ``padding`` (the image in place)."""
     keys = np.asarray(keys, dtype=np.uint64)
     span = np.uint64(2 * padding + 1)
-    dy = ((keys >> np.uint64(8)) & np.uint64(0xFFFFFF)) % span
-    dx = ((keys >> np.uint64(32)) & np.uint64(0xFFFFFF)) % span
+    dy = (((keys >> np.uint64(8)) & np.uint64(0xFFFFFF)) % span).astype(np.int64)
+    dx = (((keys >> np.uint64(32)) & np.uint64(0xFFFFFF)) % span).astype(np.int64)
     fl = (keys & np.uint64(1)).astype(bool) if flip else np.zeros(keys.shape, dtype=bool)
-    return dy.astype(np.int64), dx.astype(np.int64), fl
+    if crop_p < 1:
+        u = (mix64(keys, CROP_TAG) >> np.uint64(11)).astype(np.float64) / 2.0**53
+        keep = u >= crop_p
+        dy[keep] = padding
+        dx[keep] = padding
+    return dy, dx, fl
 
 
 def channel_stats(x: np.ndarray, chunk: int = 512) -> tuple[list[float], list[float]]:
@@ -57,16 +84,20 @@ def channel_stats(x: np.ndarray, chunk: int = 512) -> tuple[list[float], list[fl
 @dataclass(frozen=True)
 class ImageTransform:
     """uint8 images (..., C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel; with ``keys``
-    (one uint64 per image) first a random crop of the zero-padded image and a horizontal flip.
+    (one uint64 per image) also a random crop of the padded image and a horizontal flip.
 
     ``crop_padding`` 0 and ``flip`` False: normalization only (also what ``keys=None`` gives: the
-    test set, and batches without augmentation).
+    test set, and batches without augmentation). ``crop_p``: the probability that an image is
+    cropped (1: every image); ``pad_value``: ``zero`` pads the uint8 image with black before
+    normalization, ``mean`` pads the normalized image with 0, the channel mean (FL-Simulator).
     """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_padding: int = 0
     flip: bool = False
+    crop_p: float = 1.0
+    pad_value: str = "zero"
     _stats: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +107,13 @@ class ImageTransform:
             raise ValueError(f"data.std must be > 0 per channel, got {list(self.std)}")
         if self.crop_padding < 0:
             raise ValueError(f"data.crop_padding must be >= 0, got {self.crop_padding}")
+        if not 0 <= self.crop_p <= 1:
+            raise ValueError(f"data.crop_p must be in [0, 1] (a probability), got {self.crop_p}")
+        if self.pad_value not in PAD_VALUES:
+            raise ValueError(
+                f"data.pad_value={self.pad_value!r}: choose zero (black, before normalization) or "
+                "mean (0 after normalization)"
+            )
 
     @property
     def augments(self) -> bool:
@@ -99,12 +137,17 @@ class ImageTransform:
             )
         lead, chw = xb.shape[:-3], xb.shape[-3:]
         x = xb.reshape(-1, *chw)
-        if keys is not None and self.augments:
-            dy, dx, fl = draws(np.asarray(keys).reshape(-1), self.crop_padding, self.flip)
-            x = _crop_flip(x, self.crop_padding, dy, dx, fl)
+        augment = keys is not None and self.augments
+        if augment:
+            keys = np.asarray(keys).reshape(-1)
+            dy, dx, fl = draws(keys, self.crop_padding, self.flip, self.crop_p)
+            if self.pad_value == "zero":
+                x = _crop_flip(x, self.crop_padding, dy, dx, fl)
         mean, std = self._mean_std(x.device)
         out = x.to(torch.float32, copy=True)  # then in place: one float32 copy, not four
         out.div_(255.0).sub_(mean).div_(std)
+        if augment and self.pad_value == "mean":  # pad the normalized image: 0 is the mean
+            out = _crop_flip(out, self.crop_padding, dy, dx, fl)
         return out.reshape(*lead, *chw)
 
     def bind(

@@ -83,6 +83,8 @@ def load_hf(
     std: Sequence[float] | None = None,
     crop_padding: int = 0,
     flip: bool = False,
+    crop_p: float = 1.0,
+    pad_value: str = "zero",
     normalize: str = "batch",
     max_length: int = 64,
     tokenizer: str | None = None,
@@ -97,9 +99,11 @@ def load_hf(
     ``test_split=None``: hold out a seeded ``test_fraction`` of the training split. ``max_train``,
     ``max_test``: keep the first rows only (quick runs). Images: ``channels`` (1 or 3; None: as the
     first image), ``mean``/``std`` per channel (None: measured on the training split),
-    ``crop_padding`` and ``flip`` (training augmentation), ``normalize``: ``batch`` (uint8 in memory,
-    normalized per training batch) or ``load`` (normalized once to float32, no per-batch transform:
-    for runs whose trainers take none, e.g. peer-to-peer). Text: ``max_length`` tokens.
+    ``crop_padding`` and ``flip`` (training augmentation; ``crop_p``, ``pad_value``: how often a
+    crop applies and what it pads with, ``clients.augment.ImageTransform``), ``normalize``:
+    ``batch`` (uint8 in memory, normalized per training batch) or ``load`` (normalized once to
+    float32, no per-batch transform: for runs whose trainers take none, e.g. peer-to-peer). Text:
+    ``max_length`` tokens.
     """
     spec = _Spec.make(locals())
     arrays = _read_cache(spec) if spec.cache_path else None
@@ -606,7 +610,12 @@ def _to_dataset(spec: _Spec, arrays: dict[str, Any]) -> Dataset:
                 f"data.mean/std have {len(mean)} values, the images {x_tr.shape[1]} channels"
             )
         transform = ImageTransform(
-            tuple(map(float, mean)), tuple(map(float, std)), int(spec.crop_padding), bool(spec.flip)
+            tuple(map(float, mean)),
+            tuple(map(float, std)),
+            int(spec.crop_padding),
+            bool(spec.flip),
+            float(spec.crop_p),
+            str(spec.pad_value),
         )
         test_x = transform(torch.from_numpy(x_te))  # stored ready for evaluation
         if spec.normalize == "load":  # float32 once, for trainers without a per-batch transform
