@@ -12,7 +12,13 @@ node, line-searched against the mean of the honest nodes' aggregations (the MoNN
 adversary, weaker).
 
 Training nodes are spread over hosts in contiguous id blocks; a host keeps its K nodes' parameters
-and momenta stacked (K, d) and computes their gradients in one ``vmap(grad(...))`` call.
+and momenta stacked (K, d) and computes their gradients over chunks of nodes (a model with its own
+stacked layers, ``clients.models.stacked``, through ``forward_clients`` as the federated trainer
+does, whose numbers per node do not depend on how many share the call; other models with
+``vmap(grad(...))``), as many as ``client.memory_budget_mb`` holds at the federated trainer's per-client estimate
+(``clients.trainer.chunk_for`` / ``client_step_bytes``; ``client.batched``: auto, true = all K in
+one call, false = one node at a time); the aggregation of step 3 and the evaluation go by chunks too.
+Per-node gradients and aggregates are independent, so the chunking does not change a result (tested).
 One step t = one exchange:
 
 1. every host: one stochastic gradient per node (batch from :func:`clients.plan.make_plan`, seeded
@@ -49,6 +55,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -57,9 +64,10 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from flagstaff.clients.models.stacked import StackedModel
 from flagstaff.clients.plan import make_plan
 from flagstaff.clients.seeds import stream
-from flagstaff.clients.trainer import ParamSpec, loss_fn_for
+from flagstaff.clients.trainer import ParamSpec, chunk_for, client_step_bytes, loss_fn_for
 from flagstaff.strategies.peer import PeerTraining, make_topology
 from flagstaff.strategies.server_step import finite_rows
 from flagstaff.system.config import ConfigError
@@ -76,6 +84,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("flagstaff")
+
+#: the client group's keys the peer hosts use: their memory bound (the other client keys are refused)
+MEMORY_KEYS = ("batched", "memory_budget_mb")
 
 
 def consensus_distance(P: torch.Tensor) -> float:
@@ -106,9 +117,12 @@ class PeerHost:
         x_test: torch.Tensor,
         y_test: torch.Tensor,
         threads: int = 1,
+        batched: str | bool = "auto",
+        memory_budget_mb: float = 1024.0,
     ) -> None:
         """``model``: the run's ``system.build.ModelSpec`` (this host builds its copy);
-        ``settings``: the peer settings (built once by ``system.build``)."""
+        ``settings``: the peer settings (built once by ``system.build``); ``batched`` and
+        ``memory_budget_mb``: the memory bound (``client.batched``, ``client.memory_budget_mb``)."""
         torch.set_num_threads(max(1, int(threads)))
         self.host_id = host_id
         self.shard = shard
@@ -137,6 +151,51 @@ class PeerHost:
             return total, total.detach()
 
         self._grad = vmap(grad(node_loss, has_aux=True))
+        self.stacked = isinstance(self.model, StackedModel) and self.model.stackable()
+        if self.stacked:  # its own K-node layers: a node's numbers do not depend on the chunk
+            self._grad = self._stacked_grad
+        self.batched, self.memory_budget_mb = batched, float(memory_budget_mb)
+        example = shard.x[:1]
+        self.chunk = chunk_for(
+            K, batched, self.memory_budget_mb,
+            lambda: client_step_bytes(self.model, example, settings.batch_size),
+        )  # fmt: skip
+        if self.chunk < K and str(batched).lower() == "auto":
+            warnings.warn(
+                f"client.batched=auto: host {host_id} computes the gradients of {self.chunk} of "
+                f"its {K} nodes at a time to stay within client.memory_budget_mb="
+                f"{self.memory_budget_mb}",
+                stacklevel=2,
+            )
+
+    def _stacked_grad(
+        self, P: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Each node's gradient and loss for a stacked model: the nodes' mean masked losses
+        through ``forward_clients`` and one backward of their sum (the losses are independent)."""
+        with torch.enable_grad():
+            params = {n: v.detach().requires_grad_(True) for n, v in P.items()}
+            out = self.model.forward_clients(params, xb)
+            per = self.loss(out.flatten(0, 1), yb.flatten(0, 1)).view(mb.shape)
+            total = (per * mb).sum(dim=1) / mb.sum(dim=1).clamp(min=1.0)
+            grads = torch.autograd.grad(total.sum(), list(params.values()), materialize_grads=True)
+        return dict(zip(params, grads, strict=True)), total.detach()
+
+    def _forward(self, P: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+        """The logits (k, b, C) of the nodes whose parameters are ``P`` on one batch ``xb``."""
+        if self.stacked:
+            k = next(iter(P.values())).shape[0]
+            return self.model.forward_clients(P, xb.unsqueeze(0).expand(k, *xb.shape))
+
+        def fwd(p, x):
+            return functional_call(self.model, p, (x,))
+
+        return vmap(fwd, in_dims=(0, None))(P, xb)
+
+    def _chunks(self, size: int) -> list[slice]:
+        """The host's K nodes in consecutive slices of ``size`` nodes."""
+        K = len(self.node_ids)
+        return [slice(s, min(K, s + size)) for s in range(0, K, max(1, size))]
 
     def ping(self) -> int:
         return self.host_id
@@ -154,15 +213,26 @@ class PeerHost:
             steps=1,
         )
         idx, mb = plan.idx[0], plan.mask[0]
-        g, losses = self._grad(
-            self.spec.unflatten(self.params), self.shard.x[idx], self.shard.y[idx], mb
-        )
-        g = self.spec.flatten(g, lead=1)
+        P = self.spec.unflatten(self.params)
+        g = torch.empty_like(self.params)
+        losses = torch.empty(len(self.node_ids), dtype=self.params.dtype)
+        for sl in self._chunks(self.chunk):  # nodes' gradients are independent: same numbers
+            i = idx[sl]
+            gk, losses[sl] = self._grad(
+                {n: v[sl] for n, v in P.items()}, self.shard.x[i], self.shard.y[i], mb[sl]
+            )
+            g[sl] = self.spec.flatten(gk, lead=1)
+            del gk
         self.grad_evals += g.shape[0]
+        # in place where a (K, d) temporary would be; the same operations, so the same numbers
         if cfg.weight_decay:
-            g = g + cfg.weight_decay * self.params
+            g.add_(cfg.weight_decay * self.params)
         beta = cfg.momentum
-        self.momentum = beta * self.momentum + (1.0 - beta) * g if beta else g
+        if beta:
+            self.momentum = self.momentum.mul_(beta).add_(g.mul_(1.0 - beta))
+        else:
+            self.momentum = g
+        del g
         self.half = self.params - cfg.lr_at(t) * self.momentum
         self.train_losses = losses
         return to_wire(self.half)  # numpy: fast through Ray (system/wire.py)
@@ -182,24 +252,45 @@ class PeerHost:
         """
         H = torch.cat([from_wire(h) for h in halves])
         byz = [from_wire(b) for b in byz]
+        own = self.half
+        assert own is not None, "mix before half_step"
+        m = max(len(inbox[k]) + (0 if byz[k] is None else len(byz[k])) for k in range(len(own)))
+        # a node's received stack (m, d), its copy in the batch and the rule's centred difference
+        chunk = chunk_for(
+            len(own), self.batched, self.memory_budget_mb, lambda: 3 * m * H[0].nbytes
+        )
+        new = torch.empty_like(own)
+        for sl in self._chunks(chunk):
+            new[sl] = self._aggregate(H, inbox, byz, own, sl)
+        self.params = new
+        return {"grad_evals": self.grad_evals, "train_loss": self.train_losses.clone()}
+
+    def _aggregate(
+        self,
+        H: torch.Tensor,
+        inbox: list[np.ndarray],
+        byz: list[torch.Tensor | None],
+        own: torch.Tensor,
+        sl: slice,
+    ) -> torch.Tensor:
+        """The peer aggregates of the nodes ``sl``, (k, d): one batched rule call when they
+        receive equally many vectors, all finite, else node by node."""
         R_list = []
-        for k in range(len(self.node_ids)):
+        for k in range(sl.start, sl.stop):
             parts = [H[torch.from_numpy(np.array(inbox[k], dtype=np.int64))]]  # writable copy
             if byz[k] is not None and len(byz[k]):
                 parts.append(byz[k].to(H.dtype))
             R_list.append(torch.cat(parts))
-        own = self.half
-        assert own is not None, "mix before half_step"
         sizes = {r.shape[0] for r in R_list}
         keep = [finite_rows(R) for R in R_list]  # as the server step drops non-finite rows
         if len(sizes) == 1 and all(bool(k.all()) for k in keep):
-            self.params = self.rule.batch(torch.stack(R_list), own)
-        else:  # different in-degrees, or non-finite vectors to drop: node by node
-            rows = [
-                self.rule(R[k], own[i]) for i, (R, k) in enumerate(zip(R_list, keep, strict=True))
-            ]
-            self.params = torch.stack(rows)
-        return {"grad_evals": self.grad_evals, "train_loss": self.train_losses.clone()}
+            return self.rule.batch(torch.stack(R_list), own[sl])
+        # different in-degrees, or non-finite vectors to drop: node by node
+        rows = [
+            self.rule(R[k], own[i])
+            for i, R, k in zip(range(sl.start, sl.stop), R_list, keep, strict=True)
+        ]
+        return torch.stack(rows)
 
     @torch.no_grad()
     def evaluate(self, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,16 +298,14 @@ class PeerHost:
         P = self.spec.unflatten(self.params)
         K, n = len(self.node_ids), len(self.y_test)
         correct, loss = torch.zeros(K), torch.zeros(K)
-
-        def fwd(p, xb):
-            return functional_call(self.model, p, (xb,))
-
-        for i in range(0, n, batch):
-            xb, yb = self.x_test[i : i + batch], self.y_test[i : i + batch]
-            out = vmap(fwd, in_dims=(0, None))(P, xb)  # (K, b, C)
-            loss += self.loss(out.flatten(0, 1), yb.repeat(K)).view(K, -1).sum(dim=1)
-            if self.num_classes > 1:
-                correct += (out.argmax(dim=2) == yb).sum(dim=1)
+        for sl in self._chunks(self.chunk):  # the gradients' chunks of nodes
+            Pk, k = {name: v[sl] for name, v in P.items()}, sl.stop - sl.start
+            for i in range(0, n, batch):
+                xb, yb = self.x_test[i : i + batch], self.y_test[i : i + batch]
+                out = self._forward(Pk, xb)  # (k, b, C)
+                loss[sl] += self.loss(out.flatten(0, 1), yb.repeat(k)).view(k, -1).sum(dim=1)
+                if self.num_classes > 1:
+                    correct[sl] += (out.argmax(dim=2) == yb).sum(dim=1)
         return correct / n, loss / n
 
     def get_params(self) -> torch.Tensor:
@@ -580,6 +669,8 @@ def start_p2p(run: Any, stack: ExitStack) -> PeerNetwork:
     shards = _place(run.parts, ds, peer.topology, hosts)
     args = dict(model=peer.model, settings=peer.settings, f=peer.f, seed=c["seed"])
     args["threads"] = cl["threads_per_host"]
+    args["batched"] = c["client"]["batched"]  # the federated hosts' memory bound (check_unused)
+    args["memory_budget_mb"] = c["client"]["memory_budget_mb"]
     if c["backend"] == "local":
         torch.set_num_threads(cl["threads_per_host"])
         backend = _Backend(
@@ -620,7 +711,9 @@ def check_unused(c: dict[str, Any], private_client: bool = False) -> None:
     privacy budget) is refused with one line instead of being ignored. The older spelling
     (``strategy=monna``), which documented that it ignores them, logs one line naming them,
     except for differential privacy: a private client trainer (``private_client``) or a privacy
-    budget is refused in both spellings (the mode would train without any DP)."""
+    budget is refused in both spellings (the mode would train without any DP). The client group's
+    memory bound, ``client.batched`` and ``client.memory_budget_mb`` (:data:`MEMORY_KEYS`), does
+    take effect: the peer hosts chunk their nodes by it as the federated hosts chunk clients."""
     if private_client or (c.get("privacy") or {}).get("target_epsilon") is not None:
         what = "a differentially private client" if private_client else "privacy.target_epsilon"
         raise ConfigError(
@@ -628,13 +721,16 @@ def check_unused(c: dict[str, Any], private_client: bool = False) -> None:
             "nodes would train without DP; remove it, or train federated (mode=federated) with "
             "client=dpsgd or strategy=dp_fedavg"
         )
+    batched = c["client"].get("batched", "auto")
+    if str(batched).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"client.batched must be auto, true or false, got {batched!r}")
     unused = []
     if c["clients_per_round"] != c["num_clients"]:
         unused.append(f"clients_per_round={c['clients_per_round']} (every node takes every step)")
     agg = c["aggregator"]
     if agg.get("rule") != "mean" or agg.get("pre"):
         unused.append(f"aggregator={agg.get('rule')} (each node aggregates with p2p.rule)")
-    if not _is_default(c["client"], "client", "sgd"):
+    if not _is_default(c["client"], "client", "sgd", skip=MEMORY_KEYS):
         unused.append("client=... (local steps use p2p.lr, p2p.batch_size, p2p.momentum)")
     if c.get("mode") == "p2p" and not _is_default(c["strategy"], "strategy", "fedavg"):
         unused.append("strategy=... (there is no server; the peer settings are p2p=...)")
@@ -654,9 +750,10 @@ def check_unused(c: dict[str, Any], private_client: bool = False) -> None:
     )
 
 
-def _is_default(value: dict[str, Any], group: str, name: str) -> bool:
+def _is_default(value: dict[str, Any], group: str, name: str, skip: tuple[str, ...] = ()) -> bool:
     """Whether a composed group still has every setting of ``conf/<group>/<name>.yaml`` (keys its
-    own defaults list adds, e.g. a strategy's ``server_opt``, are not compared)."""
+    own defaults list adds, e.g. a strategy's ``server_opt``, and the keys ``skip`` are not
+    compared)."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
@@ -666,4 +763,4 @@ def _is_default(value: dict[str, Any], group: str, name: str) -> bool:
     node = OmegaConf.load(Path(conf.__file__).parent / group / f"{name}.yaml")
     default = OmegaConf.to_container(node, resolve=True)
     default.pop("defaults", None)
-    return all(value.get(k) == v for k, v in default.items())
+    return all(value.get(k) == v for k, v in default.items() if k not in skip)

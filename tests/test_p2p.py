@@ -4,12 +4,15 @@ Byzantine vectors, asynchrony, topologies, resume, and local == ray for the same
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 import flagstaff.system.p2p as p2p
+from flagstaff.strategies.peer import NNA
+from flagstaff.system.build import validate
 from flagstaff.system.config import ConfigError
 from flagstaff.system.runner import train
 from tests.conftest import compose
@@ -362,3 +365,103 @@ def test_quick_cell_of_the_decentralized_table_reproduces(tmp_path) -> None:
     assert res["consensus_distance"] == pytest.approx(
         committed["consensus_distance"], rel=QUICK_CONSENSUS_RTOL
     )
+
+
+# -- the memory bound (issue 21 item 5) ------------------------------------------------------------
+BOUND = (
+    "mode=p2p",
+    "p2p=monna",
+    "backend=local",
+    "num_clients=8",
+    "clients_per_round=8",
+    "partition=dirichlet",
+    "partition.alpha=1.0",
+    "cluster.hosts=2",
+    "progress=false",
+    "eval_every=2",
+    "checkpoint_every=1",
+    "rounds=3",
+    "attack=alie",
+    "attack.f=2",
+    "p2p.lr=0.5",
+    "p2p.momentum=0.5",
+    "p2p.weight_decay=0.01",
+)
+
+
+def _spy_chunks(monkeypatch) -> tuple[list[int], list[int]]:
+    """Nodes per gradient call (the rows of each vmap(grad) call) and per batched NNA call."""
+    grads: list[int] = []
+    mixes: list[int] = []
+    real_vmap, real_batch = p2p.vmap, NNA.batch
+
+    def counting_vmap(fn, *args, **kwargs):
+        batched = real_vmap(fn, *args, **kwargs)
+        if kwargs.get("in_dims") is not None:  # evaluation forward passes, not gradients
+            return batched
+
+        def call(params, *rest):
+            grads.append(next(iter(params.values())).shape[0])
+            return batched(params, *rest)
+
+        return call
+
+    def counting_batch(self, R, own):
+        mixes.append(R.shape[0])
+        return real_batch(self, R, own)
+
+    monkeypatch.setattr(p2p, "vmap", counting_vmap)
+    monkeypatch.setattr(NNA, "batch", counting_batch)
+    return grads, mixes
+
+
+@pytest.mark.parametrize("bound", ["client.memory_budget_mb=0.001", "client.batched=false"])
+def test_memory_bound_chunks_nodes_with_the_same_result(tmp_path, monkeypatch, bound) -> None:
+    """Peer hosts bound memory as the federated hosts do (client.batched, client.memory_budget_mb):
+    gradients, aggregation and evaluation go one node at a time under a tiny budget, and the
+    parameters and momenta after 3 steps are exactly those of the unchunked run (6 training nodes
+    on 2 hosts: 3 per host)."""
+    grads, mixes = _spy_chunks(monkeypatch)
+    whole = train(compose(*BOUND, "client.batched=true"), run_dir=str(tmp_path / "whole"))
+    assert set(grads) == {3} and set(mixes) == {3}
+    grads.clear()
+    mixes.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chunked = train(compose(*BOUND, bound), run_dir=str(tmp_path / "chunked"))
+    assert set(grads) == {1} and len(grads) == 3 * 6 and set(mixes) == {1}
+    said = [str(w.message) for w in caught if "client.memory_budget_mb" in str(w.message)]
+    if "memory_budget_mb" in bound:  # batched=auto chunks: one warning per host, as federated
+        assert said == [
+            f"client.batched=auto: host {h} computes the gradients of 1 of its 3 nodes at a time "
+            "to stay within client.memory_budget_mb=0.001"
+            for h in (0, 1)
+        ]
+    assert torch.equal(whole["params"], chunked["params"])
+    a, b = (torch.load(tmp_path / r / "checkpoint.pt") for r in ("whole", "chunked"))
+    assert torch.equal(a["params"], b["params"]) and torch.equal(a["momentum"], b["momentum"])
+    strip = ("round_time_s", "rss_mb", "pss_mb")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in whole["metrics"]] == [
+        {k: v for k, v in r.items() if k not in strip} for r in chunked["metrics"]
+    ]
+
+
+def test_memory_bound_gives_the_same_result_for_a_stacked_conv_model(tmp_path) -> None:
+    """A model with its own stacked layers (the CNN; ResNet-18 in paper_monna_cifar10) computes
+    its nodes' gradients through forward_clients, whose numbers per node do not depend on how many
+    nodes share the call (vmap's grouped convolutions do): one node at a time equals all at once."""
+    over = (*BOUND, "model=cnn", "data.image=true", "rounds=2")
+    whole = train(compose(*over, "client.batched=true"), run_dir=str(tmp_path / "whole"))
+    chunked = train(compose(*over, "client.batched=false"), run_dir=str(tmp_path / "chunked"))
+    assert torch.equal(whole["params"], chunked["params"])
+    a, b = (torch.load(tmp_path / r / "checkpoint.pt") for r in ("whole", "chunked"))
+    assert torch.equal(a["momentum"], b["momentum"])
+    assert whole["accuracy"] == chunked["accuracy"] and whole["loss"] == chunked["loss"]
+
+
+def test_memory_bound_keys_are_checked_and_the_other_client_keys_refused() -> None:
+    with pytest.raises(ConfigError, match="client.batched must be auto, true or false"):
+        validate(compose(*BOUND, "client.batched=sometimes"))
+    with pytest.raises(ConfigError, match="does not use client="):
+        validate(compose(*BOUND, "client.memory_budget_mb=64", "client.lr=0.1"))
+    validate(compose(*BOUND, "client.memory_budget_mb=64", "client.batched=false"))
