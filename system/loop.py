@@ -167,9 +167,13 @@ def finish_summary(
     seed, versions); modes add their own (``Stepper.summary``)."""
     final = next((r for r in reversed(rows) if "loss" in r), {})
     times = [r["round_time_s"] for r in rows]
+    scored = [r for r in rows if r.get("accuracy") is not None]  # evaluated rounds
+    best = max(scored, key=lambda r: r["accuracy"], default={})  # the first of equal bests
     return {
         "accuracy": final.get("accuracy"),
         "loss": final.get("loss"),
+        "best_accuracy": best.get("accuracy"),  # papers' "best test accuracy over rounds"
+        "best_round": best.get("round"),
         "rounds": c["rounds"],
         "resumed_from": start,
         "startup_s": startup_s,

@@ -55,8 +55,15 @@ def test_paper_settings_are_the_papers() -> None:
 
     fs = compose("experiment=paper_fedspeed_cifar10")
     assert (fs.num_clients, fs.clients_per_round, fs.sampling) == (100, 10, "bernoulli")
-    assert fs.model.kind == "resnet18" and fs.partition.kind == "dirichlet"
+    assert fs.model.kind == "resnet18" and fs.partition.kind == "dirichlet_equal"
     assert fs.partition.alpha == 0.1 and fs.strategy._target_.endswith("FedSpeed")
+    # FL-Simulator's code: torchvision's stem, its split (a class that runs out restarts), its
+    # augmentation and Normalize constants, test accuracy every round
+    assert fs.model.stem == "imagenet" and fs.partition.exhausted == "refill"
+    assert (fs.data.crop_padding, fs.data.crop_p, fs.data.pad_value, fs.data.flip) == (
+        4, 0.5, "mean", True)  # fmt: skip
+    assert list(fs.data.mean) == [0.491, 0.482, 0.447] and list(fs.data.std) == [0.247, 0.243, 0.262]
+    assert fs.eval_every == 1
     cl = fs.client
     assert (cl.epochs, cl.batch_size, cl.lr, cl.lr_decay) == (5, 50, 0.1, 0.998)
     assert (fs.strategy.rho, fs.strategy.lamb, fs.strategy.alpha) == (0.1, 0.1, 1.0)
@@ -143,9 +150,19 @@ MONNA = ("num_clients=5", "clients_per_round=5", "attack.f=1", "p2p.batch_size=8
 
 
 def test_fedspeed_cifar10_fast_variant_runs(tmp_path, cifar_root) -> None:
+    """ResNet-8 with the experiment's ImageNet stem, FL-Simulator's split (equal sizes) and its
+    augmentation (half the crops, mean padding); summary.json carries the best evaluated round."""
     res = _run(tmp_path, "paper_fedspeed_cifar10", f"data.path={cifar_root}", "model=resnet8",
                *FEDSPEED)  # fmt: skip
     _ok(res, 2)
+    run = tmp_path / "paper_fedspeed_cifar10"
+    parts = json.loads((run / "partition.json").read_text())
+    assert [c["samples"] for c in parts["clients"]] == [15] * 4  # 60 samples over 4 clients
+    assert res["params"].shape[-1] == 78_042 + 16 * 3 * (49 - 9)  # ResNet-8 with the 7x7 stem
+    accs = [r["accuracy"] for r in res["metrics"]]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_accuracy"] == max(accs) == res["best_accuracy"]
+    assert summary["best_round"] == res["metrics"][accs.index(max(accs))]["round"]
 
 
 def test_flag_cifar10_fast_variant_runs_under_attack(tmp_path, cifar_root) -> None:
