@@ -350,6 +350,10 @@ class LocalSGD(Trainer):
                 )
             )
         fin = [f for _, _, f in parts]
+        if len(parts) == 1:  # one chunk: its tensors as they are (a cat would copy (K, d))
+            return TrainResult(
+                fin[0].message, sizes.to(global_flat), parts[0][1], fin[0].state, fin[0].extras
+            )
         return TrainResult(
             torch.cat([f.message for f in fin]),
             sizes.to(global_flat),
@@ -399,6 +403,7 @@ class LocalSGD(Trainer):
         loss_sum = torch.zeros(K, dtype=X.dtype, device=X.device)
         counts = plan.mask.sum(2).clamp(min=1.0)  # (T, K) real samples per step, at least 1
         full = plan.full_steps  # steps every client takes: no gating (read on the CPU, no sync)
+        own = type(rule) is LocalRule  # its direction is batch_grad's fresh tensor, kept by no one
         for t in range(plan.num_steps):
             idx, mb = plan.idx[t], plan.mask[t]
             xb, yb = x[idx] if transform is None else transform(x[idx], idx, t), y[idx]
@@ -431,7 +436,7 @@ class LocalSGD(Trainer):
             direction, lval = rule.direction(batch_grad, X, ctx)
             act = plan.active[t]
             loss_sum += torch.where(act, lval, 0.0)
-            X, buf = self._step(X, direction, buf, None if t < full else act, lr, mask)
+            X, buf = self._step(X, direction, buf, None if t < full else act, lr, mask, own)
         steps = plan.steps.to(X.device)
         fin = rule.finish(X, ctx, steps, lr)
         return X, loss_sum / steps.clamp(min=1), fin
@@ -444,22 +449,25 @@ class LocalSGD(Trainer):
         act: torch.Tensor | None,
         lr: float,
         mask: torch.Tensor | None = None,
+        owned: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One gated SGD step on stacked flat parameters (inactive clients keep everything;
         coordinates outside ``mask``, the trainable ones, keep their values); ``act`` None: every
-        client steps."""
+        client steps. ``owned``: ``direction`` is the step's own tensor (may be scaled in place)."""
         g = direction if mask is None else direction * mask
+        owned = owned or g is not direction
         if self.grad_clip > 0:
             scale = (self.grad_clip / (g.norm(dim=1) + 1e-6)).clamp(max=1.0)
-            g = g * scale[:, None]
+            g, owned = g * scale[:, None], True
         if self.weight_decay:
-            g = g + self.weight_decay * (X if mask is None else X * mask)
+            g, owned = g + self.weight_decay * (X if mask is None else X * mask), True
         # X and buf belong to this trainer: updated in place (the same arithmetic as X - lr * g,
         # without a fresh (K, d) allocation per operation, which costs page faults for big models)
         if act is None:  # every client steps: no gating needed (the common case)
             if buf is not None:
-                g = buf.mul_(self.momentum).add_(g)
-            return X.sub_(lr * g), buf
+                return X.sub_(lr * buf.mul_(self.momentum).add_(g)), buf
+            # lr * g in g's own memory when no one else holds g: same numbers, one pass fewer
+            return X.sub_(g.mul_(lr) if owned else lr * g), buf
         gate = act[:, None]
         if buf is not None:
             buf = torch.where(gate, self.momentum * buf + g, buf)

@@ -16,7 +16,13 @@ from torch import nn
 from flagstaff.clients.models.cnn import FedAvgCNN
 from flagstaff.clients.models.lstm import CharLSTM
 from flagstaff.clients.models.resnet import ResNet, resnet
-from flagstaff.clients.models.stacked import StackedModel, conv_chain_loss_grad, conv_pool_head
+from flagstaff.clients.models.stacked import (
+    StackedModel,
+    conv_chain_loss_grad,
+    conv_pool_head,
+    linear_chain,
+    linear_chain_loss_grad,
+)
 
 __all__ = [
     "KINDS",
@@ -34,7 +40,27 @@ __all__ = [
 KINDS = ("logistic", "mlp", "cnn", "cnn_femnist", "resnet8", "resnet20", "resnet18", "lstm")
 
 
-class Logistic(nn.Module):
+class _LinearChain(StackedModel):
+    """Linear layers with ReLU between them on flattened input; K clients' forward and loss
+    gradient through the stacked layers (``clients.models.stacked.linear_chain``)."""
+
+    def _layers(self) -> list[str]:
+        return [n for n, m in self.named_modules() if isinstance(m, nn.Linear)]
+
+    def stacked_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return linear_chain(params, x.flatten(2), self._layers())
+
+    def loss_grad(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        return linear_chain_loss_grad(self._layers(), params, x.flatten(2), y, weight)
+
+
+class Logistic(_LinearChain):
     """Multinomial logistic regression (one linear layer on flattened input)."""
 
     def __init__(self, in_features: int, num_classes: int) -> None:
@@ -45,7 +71,7 @@ class Logistic(nn.Module):
         return self.linear(x.flatten(1))
 
 
-class MLP(nn.Module):
+class MLP(_LinearChain):
     """Fully connected ReLU network, e.g. 64-64-10 on digits."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (64, 64)):
