@@ -150,10 +150,9 @@ class PeerHost:
             total = (per * mb).sum() / mb.sum().clamp(min=1.0)
             return total, total.detach()
 
-        self._grad = vmap(grad(node_loss, has_aux=True))
+        self._vmap_grad = vmap(grad(node_loss, has_aux=True))
+        # its own K-node layers: a node's numbers do not depend on how many share the call
         self.stacked = isinstance(self.model, StackedModel) and self.model.stackable()
-        if self.stacked:  # its own K-node layers: a node's numbers do not depend on the chunk
-            self._grad = self._stacked_grad
         self.batched, self.memory_budget_mb = batched, float(memory_budget_mb)
         example = shard.x[:1]
         self.chunk = chunk_for(
@@ -168,11 +167,14 @@ class PeerHost:
                 stacklevel=2,
             )
 
-    def _stacked_grad(
+    def _node_grads(
         self, P: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Each node's gradient and loss for a stacked model: the nodes' mean masked losses
-        through ``forward_clients`` and one backward of their sum (the losses are independent)."""
+        """Each node's gradient (name -> (k, *shape)) and mean masked loss (k,) at its parameters
+        ``P`` on its batch ``xb`` (k, B, ...): for a stacked model through ``forward_clients`` and
+        one backward of the nodes' summed losses (they are independent), else ``vmap(grad)``."""
+        if not self.stacked:
+            return self._vmap_grad(P, xb, yb, mb)
         with torch.enable_grad():
             params = {n: v.detach().requires_grad_(True) for n, v in P.items()}
             out = self.model.forward_clients(params, xb)
@@ -218,7 +220,7 @@ class PeerHost:
         losses = torch.empty(len(self.node_ids), dtype=self.params.dtype)
         for sl in self._chunks(self.chunk):  # nodes' gradients are independent: same numbers
             i = idx[sl]
-            gk, losses[sl] = self._grad(
+            gk, losses[sl] = self._node_grads(
                 {n: v[sl] for n, v in P.items()}, self.shard.x[i], self.shard.y[i], mb[sl]
             )
             g[sl] = self.spec.flatten(gk, lead=1)

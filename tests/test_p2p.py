@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import flagstaff.system.p2p as p2p
+from flagstaff.clients.models.stacked import StackedModel
 from flagstaff.strategies.peer import NNA
 from flagstaff.system.build import validate
 from flagstaff.system.config import ConfigError
@@ -66,22 +67,8 @@ def test_runner_dispatches_and_writes_p2p_metrics(tmp_path) -> None:
 
 @pytest.mark.parametrize(("attack", "trained"), [("sign_flip", 6), ("label_flip", 8)])
 def test_exactly_one_gradient_per_node_per_step(tmp_path, monkeypatch, attack, trained) -> None:
-    """Count the real gradient evaluations: the rows of every batched grad call."""
-    counted = []
-    real_vmap = p2p.vmap
-
-    def counting_vmap(fn, *args, **kwargs):
-        batched = real_vmap(fn, *args, **kwargs)
-        if kwargs.get("in_dims") is not None:  # evaluation forward passes, not gradients
-            return batched
-
-        def call(params, *rest):
-            counted.append(next(iter(params.values())).shape[0])
-            return batched(params, *rest)
-
-        return call
-
-    monkeypatch.setattr(p2p, "vmap", counting_vmap)
+    """Count the real gradient evaluations: the rows of every batched gradient call."""
+    counted, _ = _spy_chunks(monkeypatch)
     res = _run(tmp_path, attack, f"attack={attack}", "attack.f=2", "rounds=5", "eval_every=1")
     assert sum(counted) == 5 * trained  # model attack: Byzantine nodes do not train
     assert all(r["grads_per_node"] == 1.0 for r in res["metrics"])
@@ -390,37 +377,41 @@ BOUND = (
 
 
 def _spy_chunks(monkeypatch) -> tuple[list[int], list[int]]:
-    """Nodes per gradient call (the rows of each vmap(grad) call) and per batched NNA call."""
+    """Nodes per gradient call (the rows of each batched gradient call) and per batched NNA
+    call."""
     grads: list[int] = []
     mixes: list[int] = []
-    real_vmap, real_batch = p2p.vmap, NNA.batch
+    real_grads, real_batch = p2p.PeerHost._node_grads, NNA.batch
 
-    def counting_vmap(fn, *args, **kwargs):
-        batched = real_vmap(fn, *args, **kwargs)
-        if kwargs.get("in_dims") is not None:  # evaluation forward passes, not gradients
-            return batched
-
-        def call(params, *rest):
-            grads.append(next(iter(params.values())).shape[0])
-            return batched(params, *rest)
-
-        return call
+    def counting_grads(self, P, *rest):
+        grads.append(next(iter(P.values())).shape[0])
+        return real_grads(self, P, *rest)
 
     def counting_batch(self, R, own):
         mixes.append(R.shape[0])
         return real_batch(self, R, own)
 
-    monkeypatch.setattr(p2p, "vmap", counting_vmap)
+    monkeypatch.setattr(p2p.PeerHost, "_node_grads", counting_grads)
     monkeypatch.setattr(NNA, "batch", counting_batch)
     return grads, mixes
 
 
-@pytest.mark.parametrize("bound", ["client.memory_budget_mb=0.001", "client.batched=false"])
-def test_memory_bound_chunks_nodes_with_the_same_result(tmp_path, monkeypatch, bound) -> None:
+@pytest.mark.parametrize(
+    ("bound", "path"),
+    [
+        ("client.memory_budget_mb=0.001", "stacked"),
+        ("client.batched=false", "stacked"),
+        ("client.memory_budget_mb=0.001", "vmap"),
+    ],
+)
+def test_memory_bound_chunks_nodes_with_the_same_result(tmp_path, monkeypatch, bound, path) -> None:
     """Peer hosts bound memory as the federated hosts do (client.batched, client.memory_budget_mb):
     gradients, aggregation and evaluation go one node at a time under a tiny budget, and the
     parameters and momenta after 3 steps are exactly those of the unchunked run (6 training nodes
-    on 2 hosts: 3 per host)."""
+    on 2 hosts: 3 per host). The MLP has stacked layers (forward_clients); ``vmap``: the path of a
+    model without them (vmap(grad)), the same MLP declared not stackable."""
+    if path == "vmap":
+        monkeypatch.setattr(StackedModel, "stackable", lambda self: False)
     grads, mixes = _spy_chunks(monkeypatch)
     whole = train(compose(*BOUND, "client.batched=true"), run_dir=str(tmp_path / "whole"))
     assert set(grads) == {3} and set(mixes) == {3}
