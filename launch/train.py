@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -28,10 +29,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     started = False
     if cfg.get("backend") == "ray" and mode_of(cfg) != "p2p":
-        from flagstaff.system.ray_start import importing_in_background, init_ray
+        from flagstaff.system.ray_start import import_ray, importing_in_background, init_ray
 
-        with importing_in_background(*_modules_to_warm(cfg)):
-            started = init_ray(OmegaConf.to_container(cfg.cluster, resolve=True))
+        cl = OmegaConf.to_container(cfg.cluster, resolve=True)
+        # ray first, on this thread, then Ray's processes; the imports run while the raylet
+        # waits for its agents and the workers start (each import holds the GIL: import_ray)
+        import_ray(cl)
+        launched = threading.Event()
+        with importing_in_background(*_modules_to_warm(cfg), after=launched):
+            started = init_ray(cl, on_launch=launched.set)
     try:
         from flagstaff.system.runner import train
 

@@ -39,6 +39,7 @@ __all__ = [
     "PRIVATE_PROCESS_ENV",
     "check_auth_token",
     "check_cluster_auth",
+    "import_ray",
     "importing_in_background",
     "init_ray",
     "lean_local_start",
@@ -255,10 +256,16 @@ def shutdown_ray() -> None:
 def local_ray_options(cl: Mapping[str, Any]) -> dict[str, Any]:
     """ray.init options for a Ray this process starts (none when joining a running cluster): the
     workers the raylet prestarts (one per CPU) import PRELOAD_MODULES as soon as they start, while
-    ray.init is still connecting, so host actors do not pay for ray and torch start-up."""
+    ray.init is still connecting, so host actors do not pay for ray and torch start-up; and they
+    keep the driver's CPU priority (``worker_niceness`` 0, a relative ``nice``: never above the
+    user's own priority). Ray's default, +15, keeps CPU for its daemons over busy workers; here the
+    workers are the run's client hosts, and at +15 every other process of a shared machine went
+    first while they imported torch (the start-up's critical path) and trained."""
     if cl.get("address") and cl.get("address") != "local":
         return {}
-    return {"_system_config": {"preload_python_modules": list(PRELOAD_MODULES)}}
+    return {
+        "_system_config": {"preload_python_modules": list(PRELOAD_MODULES), "worker_niceness": 0}
+    }
 
 
 #: Ray versions whose private start-up functions ``lean_local_start`` was verified against
@@ -304,7 +311,9 @@ def lean_start_problem() -> str | None:
 
 
 @contextmanager
-def lean_local_start(enabled: bool = True) -> Iterator[bool]:
+def lean_local_start(
+    enabled: bool = True, on_launch: Callable[[], None] | None = None
+) -> Iterator[bool]:
     """While a new local Ray starts without a dashboard, skip two waits on its critical path.
 
     1. Ray 2.55 starts its dashboard head even with ``include_dashboard=False``, loading only the
@@ -320,6 +329,8 @@ def lean_local_start(enabled: bool = True) -> Iterator[bool]:
     inside this block and restored after; unless this Ray is a verified version whose functions
     have the expected names and parameters (``lean_start_problem``), nothing is replaced and the
     start is Ray's own public ``ray.init``. Yields whether the lean start is in effect.
+    ``on_launch`` is called once every process of the new Ray is launched (its raylet among them),
+    when the start begins waiting for the raylet to register.
     """
     if not enabled or lean_start_problem() is not None:
         yield False
@@ -333,6 +344,8 @@ def lean_local_start(enabled: bool = True) -> Iterator[bool]:
         return None, None
 
     def get_node(gcs_address: str, node_id: str) -> Any:
+        if on_launch is not None:
+            on_launch()
         table = state.GlobalState()
         table._initialize_global_state(services._get_gcs_client_options(gcs_address))
         deadline = time.monotonic() + 30.0
@@ -353,11 +366,37 @@ def lean_local_start(enabled: bool = True) -> Iterator[bool]:
             setattr(services, name, fn)
 
 
-def init_ray(cl: Mapping[str, Any]) -> bool:
+def import_ray(cl: Mapping[str, Any]) -> None:
+    """Import ray on this thread, made private first where ``init_ray`` starts a local Ray.
+
+    ``launch.train`` calls it before ``importing_in_background``: an import holds the GIL, so
+    ray's own import and the Python half of ``ray.init`` (which launches the GCS and the raylet)
+    would otherwise take turns with torch's import in the other thread, and every Ray process
+    would start later (the GCS by about 1.5 s on 2 CPUs: docs/cluster.md, start-up).
+    """
+    address = cl.get("address")
+    if not address or address == "local":
+        make_ray_private()
+    import ray  # noqa: F401
+    import ray._private.services  # noqa: F401 - what lean_local_start checks and replaces
+    import ray._private.state  # noqa: F401
+
+
+def init_ray(cl: Mapping[str, Any], on_launch: Callable[[], None] | None = None) -> bool:
     """Start a private local Ray (``start_local_ray``), or join ``cl["address"]`` (with token
     authentication unless ``cl["require_auth"]`` is false), unless Ray is already up in this
     process. Returns True when this call initialized Ray (the caller then calls
-    ``shutdown_ray``)."""
+    ``shutdown_ray``). ``on_launch`` is called once, as soon as the rest of the start is waiting
+    (the lean start: its processes are launched and the raylet registers; otherwise when this
+    returns or raises)."""
+    try:
+        return _init_ray(cl, on_launch)
+    finally:
+        if on_launch is not None:
+            on_launch()
+
+
+def _init_ray(cl: Mapping[str, Any], on_launch: Callable[[], None] | None) -> bool:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         return False
@@ -379,7 +418,7 @@ def init_ray(cl: Mapping[str, Any]) -> bool:
         return True
     wanted = not dashboard and cl.get("lean_start", True)
     make_ray_private()  # before ray is imported (below, and by lean_local_start)
-    with lean_local_start(wanted) as lean:
+    with lean_local_start(wanted, on_launch) as lean:
         why = None if lean or not wanted else lean_start_problem()
         start_local_ray(**options, **local_ray_options(cl))
     if lean:
@@ -393,15 +432,23 @@ def init_ray(cl: Mapping[str, Any]) -> bool:
 
 
 @contextmanager
-def importing_in_background(*modules: str) -> Iterator[Callable[[], None]]:
+def importing_in_background(
+    *modules: str, after: threading.Event | None = None
+) -> Iterator[Callable[[], None]]:
     """Import ``modules`` in a background thread while the body runs (e.g. ray.init, which mostly
-    waits for its processes); yields ``wait()``, which joins the thread and re-raises its error.
-    (Ray itself must start on the calling thread: its processes die with the thread that started
-    them.)"""
+    waits for its processes), beginning once ``after`` is set (e.g. by ``init_ray``'s
+    ``on_launch``: an import holds the GIL, so it would slow the Python half of the start, which
+    launches Ray's processes); yields ``wait()``, which lets the imports begin if they have not,
+    joins the thread and re-raises its error. (Ray itself must start on the calling thread: its
+    processes die with the thread that started them.)"""
     errors: list[BaseException] = []
+    after = after if after is not None else threading.Event()
+    if not modules:
+        after.set()
 
     def work() -> None:
         try:
+            after.wait()
             for name in modules:
                 importlib.import_module(name)
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
@@ -411,6 +458,7 @@ def importing_in_background(*modules: str) -> Iterator[Callable[[], None]]:
     thread.start()
 
     def wait() -> None:
+        after.set()
         thread.join()
         if errors:
             raise errors[0]

@@ -410,3 +410,106 @@ def test_private_temp_dir_never_uses_a_name_planted_by_someone_else(tmp_path, mo
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "fresh"))
     (tmp_path / "fresh").mkdir()
     assert private_temp_dir() == str(tmp_path / "fresh" / f"flagstaff-ray-{os.getuid()}" / "ray")
+
+
+#: what a client host never uses: the config system, the other frameworks, the datasets' loaders
+_NOT_IN_WORKERS = {"hydra", "omegaconf", "antlr4", "flwr", "opacus", "sklearn", "transformers"}
+_NOT_IN_WORKERS |= {"datasets", "matplotlib", "pandas", "mnist1d"}
+
+
+def test_workers_preload_nothing_a_host_does_not_use() -> None:
+    """Every worker of a local Ray imports PRELOAD_MODULES while the run starts, on the start-up's
+    critical path (2 CPUs: Ray's processes, the driver and each worker compete): Hydra and
+    OmegaConf (about 0.2 s of CPU per worker), Flower, Opacus, scikit-learn ... are not among
+    what they bring."""
+    code = (
+        "import importlib, sys\n"
+        "from flagstaff.system.ray_start import PRELOAD_MODULES\n"
+        "for m in PRELOAD_MODULES: importlib.import_module(m)\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch" in out.stdout.split()
+    assert not _NOT_IN_WORKERS & set(out.stdout.split())
+
+
+_ORDER = """
+import json, sys, threading
+from importlib.abc import MetaPathFinder
+
+import psutil
+
+seen = {}
+
+
+class Probe(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            kids = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+            seen.update(
+                ray="ray" in sys.modules,
+                raylet=any("raylet/raylet" in k for k in kids),
+                main=threading.current_thread() is threading.main_thread(),
+            )
+
+
+sys.meta_path.insert(0, Probe())
+import flagstaff
+from flagstaff.launch.train import run
+
+cfg = flagstaff.compose("experiment=smoke", "backend=ray", "rounds=1", "cluster.hosts=1")
+assert not seen, "torch imported before run"
+out = run(cfg)
+print(json.dumps({**seen, "rounds": out["rounds_completed"]}))
+"""
+
+
+def test_background_imports_begin_once_rays_processes_are_launched(tmp_path) -> None:
+    """launch.train.run imports ray, then starts Ray up to the raylet's launch on the main thread,
+    and only then imports torch and the training code in the background (while the raylet waits
+    for its agents and the workers start). An import holds the GIL: started together, the two
+    took turns and Ray's processes started seconds later on a loaded 2-CPU machine
+    (docs/cluster.md, start-up)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _ORDER],
+        cwd=tmp_path,  # the run directory (outputs/run) goes here
+        env=_user_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {"ray": True, "raylet": True, "main": False, "rounds": 1}, seen
+
+
+_NICE = """
+import json, os
+from flagstaff.system.ray_start import init_ray, shutdown_ray
+init_ray({"address": None})
+import ray
+worker = ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())
+shutdown_ray()
+print(json.dumps({"driver": os.getpriority(os.PRIO_PROCESS, 0), "worker": worker}))
+"""
+
+
+def test_workers_of_a_local_ray_run_at_the_drivers_priority(tmp_path) -> None:
+    """Ray renices its workers by +15 (worker_niceness) to keep CPU for its own daemons; on a
+    local Ray the workers are the run's client hosts, so at +15 every other process of a shared
+    machine went first while they imported torch at start-up (and trained): they keep the
+    priority the user started the run with."""
+    out = subprocess.run(
+        [sys.executable, "-c", _NICE],
+        cwd=ROOT,
+        env=_user_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["worker"] == seen["driver"], seen
