@@ -257,7 +257,7 @@ class PeerHost:
         own = self.half
         assert own is not None, "mix before half_step"
         m = max(len(inbox[k]) + (0 if byz[k] is None else len(byz[k])) for k in range(len(own)))
-        # a node's received stack (m, d), its copy in the batch and the rule's centred difference
+        # a node's received stack (m, d) and the rule's working copies (NNA: the centred stack)
         chunk = chunk_for(
             len(own), self.batched, self.memory_budget_mb, lambda: 3 * m * H[0].nbytes
         )
@@ -275,23 +275,23 @@ class PeerHost:
         own: torch.Tensor,
         sl: slice,
     ) -> torch.Tensor:
-        """The peer aggregates of the nodes ``sl``, (k, d): one batched rule call when they
-        receive equally many vectors, all finite, else node by node."""
-        R_list = []
-        for k in range(sl.start, sl.stop):
-            parts = [H[torch.from_numpy(np.array(inbox[k], dtype=np.int64))]]  # writable copy
-            if byz[k] is not None and len(byz[k]):
-                parts.append(byz[k].to(H.dtype))
-            R_list.append(torch.cat(parts))
-        sizes = {r.shape[0] for r in R_list}
-        keep = [finite_rows(R) for R in R_list]  # as the server step drops non-finite rows
-        if len(sizes) == 1 and all(bool(k.all()) for k in keep):
-            return self.rule.batch(torch.stack(R_list), own[sl])
-        # different in-degrees, or non-finite vectors to drop: node by node
-        rows = [
-            self.rule(R[k], own[i])
-            for i, R, k in zip(range(sl.start, sl.stop), R_list, keep, strict=True)
-        ]
+        """The peer aggregates of the nodes ``sl``, (k, d): one batched rule call on their
+        received stack (k, m, d), filled in place, when they receive equally many vectors, all
+        finite; else node by node."""
+        ks = range(sl.start, sl.stop)
+        sizes = [len(inbox[k]) + (0 if byz[k] is None else len(byz[k])) for k in ks]
+        R = None
+        if len(set(sizes)) == 1:
+            R = H.new_empty((len(ks), sizes[0], H.shape[1]))
+            for i, k in enumerate(ks):
+                _received(H, inbox[k], byz[k], R[i])
+            if bool(finite_rows(R.flatten(0, 1)).all()):
+                return self.rule.batch(R, own[sl])
+        # different in-degrees, or non-finite vectors to drop (as the server step does): node by node
+        rows = []
+        for i, k in enumerate(ks):
+            Rk = R[i] if R is not None else _received(H, inbox[k], byz[k])
+            rows.append(self.rule(Rk[finite_rows(Rk)], own[k]))
         return torch.stack(rows)
 
     @torch.no_grad()
@@ -328,6 +328,25 @@ class PeerHost:
         rows = torch.as_tensor([where[int(c)] for c in self.node_ids])
         self.params = state["params"][rows].clone()
         self.momentum = state["momentum"][rows].clone()
+
+
+def _received(
+    H: torch.Tensor,
+    rows: np.ndarray,
+    byz: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What one node receives, (m, d): the rows ``rows`` of the half-step stack ``H`` and the
+    Byzantine vectors ``byz`` addressed to it, written into ``out`` (a fresh tensor if None)
+    without an intermediate copy."""
+    idx = torch.from_numpy(np.array(rows, dtype=np.int64))  # writable copy of the indices
+    b = 0 if byz is None else len(byz)
+    if out is None:
+        out = H.new_empty((len(idx) + b, H.shape[1]))
+    torch.index_select(H, 0, idx, out=out[: len(idx)])
+    if b:
+        out[len(idx) :] = byz
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
