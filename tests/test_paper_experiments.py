@@ -62,7 +62,8 @@ def test_paper_settings_are_the_papers() -> None:
     assert fs.model.stem == "imagenet" and fs.partition.exhausted == "refill"
     assert (fs.data.crop_padding, fs.data.crop_p, fs.data.pad_value, fs.data.flip) == (
         4, 0.5, "mean", True)  # fmt: skip
-    assert list(fs.data.mean) == [0.491, 0.482, 0.447] and list(fs.data.std) == [0.247, 0.243, 0.262]
+    assert list(fs.data.mean) == [0.491, 0.482, 0.447]
+    assert list(fs.data.std) == [0.247, 0.243, 0.262]
     assert fs.eval_every == 1
     cl = fs.client
     assert (cl.epochs, cl.batch_size, cl.lr, cl.lr_decay) == (5, 50, 0.1, 0.998)
