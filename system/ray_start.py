@@ -289,6 +289,8 @@ def lean_start_problem() -> str | None:
 
     try:
         import ray
+        import ray._private.node as node
+        import ray._private.parameter as parameter
         import ray._private.services as services
         import ray._private.state as state
     except ImportError as err:
@@ -297,6 +299,14 @@ def lean_start_problem() -> str | None:
         return f"ray {ray.__version__} is not one of the verified {', '.join(LEAN_VERIFIED_RAY)}"
     if not hasattr(state, "GlobalState"):
         return "ray._private.state.GlobalState is missing"
+    if not callable(getattr(node.Node, "start_monitor", None)):
+        return "ray._private.node.Node.start_monitor is missing"
+    try:  # Ray's own switch for a node without the autoscaler monitor (`ray start --no-monitor`)
+        monitor_switch = "no_monitor" in inspect.signature(parameter.RayParams).parameters
+    except (TypeError, ValueError):
+        monitor_switch = False
+    if not monitor_switch:
+        return "ray._private.parameter.RayParams has no no_monitor"
     for name, expected in _LEAN_SIGNATURES.items():
         fn = getattr(services, name, None)
         if not callable(fn):
@@ -324,21 +334,32 @@ def lean_local_start(
     2. After starting the raylet, Ray asks the GCS for the node with a call that sleeps in whole
        seconds while the raylet registers. This polls the GCS node table every 20 ms first, then
        makes Ray's call, which then returns at once.
+    3. The autoscaler monitor is not started (what Ray's own ``no_monitor`` setting, ``ray start
+       --no-monitor``, does): a Python process (about 0.5 s of CPU at start-up, 2 CPUs) whose
+       launch, with a GCS call, sits on the start's critical path, and whose work (autoscaling,
+       ``ray status`` reports) a run's private single-node Ray does not use; a run checks its
+       hosts fit the node itself, before any work (system/build.py ``check_resources``).
 
-    Both are private functions of ``ray._private.services``, replaced only during the ``ray.init``
-    inside this block and restored after; unless this Ray is a verified version whose functions
-    have the expected names and parameters (``lean_start_problem``), nothing is replaced and the
-    start is Ray's own public ``ray.init``. Yields whether the lean start is in effect.
+    They are private functions of ``ray._private.services`` and ``Node.start_monitor``, replaced
+    only during the ``ray.init`` inside this block and restored after; unless this Ray is a
+    verified version whose functions have the expected names and parameters
+    (``lean_start_problem``), nothing is replaced and the start is Ray's own public ``ray.init``.
+    Yields whether the lean start is in effect.
     ``on_launch`` is called once every process of the new Ray is launched (its raylet among them),
     when the start begins waiting for the raylet to register.
     """
     if not enabled or lean_start_problem() is not None:
         yield False
         return
+    import ray._private.node as node
     import ray._private.services as services
     import ray._private.state as state
 
     originals = {name: getattr(services, name) for name in ("start_api_server", "get_node")}
+    start_monitor = node.Node.start_monitor
+
+    def no_monitor(self: Any) -> None:  # as RayParams(no_monitor=True): Node never calls it
+        return None
 
     def no_api_server(*args: Any, **kwargs: Any) -> tuple[None, None]:
         return None, None
@@ -359,11 +380,13 @@ def lean_local_start(
         return originals["get_node"](gcs_address, node_id)
 
     services.start_api_server, services.get_node = no_api_server, get_node
+    node.Node.start_monitor = no_monitor
     try:
         yield True
     finally:
         for name, fn in originals.items():
             setattr(services, name, fn)
+        node.Node.start_monitor = start_monitor
 
 
 def import_ray(cl: Mapping[str, Any]) -> None:
@@ -422,7 +445,10 @@ def _init_ray(cl: Mapping[str, Any], on_launch: Callable[[], None] | None) -> bo
         why = None if lean or not wanted else lean_start_problem()
         start_local_ray(**options, **local_ray_options(cl))
     if lean:
-        log.info("Ray start-up: lean (no idle dashboard head; node registration polled)")
+        log.info(
+            "Ray start-up: lean (no idle dashboard head, no autoscaler monitor; node "
+            "registration polled)"
+        )
     else:
         log.info(
             "Ray start-up: public ray.init (%s)",

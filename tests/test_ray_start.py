@@ -35,13 +35,14 @@ PRIVATE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _START = """
 import json, logging, sys
 import ray
+import ray._private.node as node
 import ray._private.services as services
 logging.basicConfig(level=logging.INFO, format="LOG %(message)s")
-before = (services.start_api_server, services.get_node)
+before = (services.start_api_server, services.get_node, node.Node.start_monitor)
 from flagstaff.system.ray_start import init_ray
 assert init_ray({"address": None, "lean_start": sys.argv[1] == "true"})
 procs = sorted(ray._private.worker._global_node.all_processes)
-restored = (services.start_api_server, services.get_node) == before
+restored = (services.start_api_server, services.get_node, node.Node.start_monitor) == before
 answer = ray.get(ray.remote(lambda: 41 + 1).remote())
 ray.shutdown()
 print(json.dumps({"procs": procs, "restored": restored, "answer": answer}))
@@ -60,8 +61,9 @@ def test_local_start_runs_tasks_with_or_without_the_dashboard_head(lean: bool) -
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["answer"] == 42 and res["restored"]
-    assert {"gcs_server", "raylet"} <= set(res["procs"])
+    assert {"gcs_server", "raylet", "log_monitor"} <= set(res["procs"])
     assert ("dashboard" in res["procs"]) is not lean
+    assert ("monitor" in res["procs"]) is not lean  # the autoscaler's: Ray's no_monitor path
     said = [line for line in out.stderr.splitlines() if line.startswith("LOG Ray start-up:")]
     assert len(said) == 1 and ("public ray.init" in said[0]) is not lean, said
 
@@ -76,17 +78,22 @@ def test_lean_start_is_taken_on_the_verified_ray_version() -> None:
 
     assert ray.__version__ in LEAN_VERIFIED_RAY
     assert lean_start_problem() is None
-    before = services.get_node
+    import ray._private.node as node
+
+    before = services.get_node, node.Node.start_monitor
     with lean_local_start(True) as lean:
-        assert lean is True and services.get_node is not before
-    assert services.get_node is before
+        assert lean is True and services.get_node is not before[0]
+        assert node.Node.start_monitor is not before[1]
+    assert (services.get_node, node.Node.start_monitor) == before
 
 
-@pytest.mark.parametrize("change", ["version", "signature", "missing"])
+@pytest.mark.parametrize("change", ["version", "signature", "missing", "monitor", "no_monitor"])
 def test_lean_start_falls_back_when_rays_private_functions_may_differ(monkeypatch, change) -> None:
     """(b) Another Ray version, a private function with other parameters, or one that is gone:
     nothing is replaced (the start is the public ray.init) and the reason is named."""
     import ray
+    import ray._private.node as node
+    import ray._private.parameter as parameter
     import ray._private.services as services
 
     from flagstaff.system.ray_start import lean_start_problem
@@ -95,14 +102,16 @@ def test_lean_start_falls_back_when_rays_private_functions_may_differ(monkeypatc
         monkeypatch.setattr(ray, "__version__", "2.99.0")
     elif change == "signature":
         monkeypatch.setattr(services, "get_node", lambda address, node: None)
+    elif change == "monitor":
+        monkeypatch.delattr(node.Node, "start_monitor")
+    elif change == "no_monitor":  # Ray's own switch for a start without the autoscaler monitor
+        monkeypatch.setattr(parameter, "RayParams", lambda **kwargs: None)
     else:
         monkeypatch.delattr(services, "_get_gcs_client_options")
     why = lean_start_problem()
-    assert (
-        why is not None
-        and {"version": "2.99.0", "signature": "get_node"}.get(change, "_get_gcs_client_options")
-        in why
-    )
+    expected = {"version": "2.99.0", "signature": "get_node", "monitor": "start_monitor"}
+    expected["no_monitor"] = "no_monitor"
+    assert why is not None and expected.get(change, "_get_gcs_client_options") in why, why
     before = services.get_node
     with lean_local_start(True) as lean:
         assert lean is False and services.get_node is before
