@@ -1,0 +1,24 @@
+"""The round's speed changes keep its numbers (issue 22 items 1-2): bit for bit where the old
+arithmetic is kept in a cheaper form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flagstaff.strategies.server_step import weighted_sum
+
+
+@pytest.mark.parametrize("d", [7, 513, 4810, 40_000, 300_000])
+def test_blocked_weighted_sum_equals_one_float64_mv(d: int) -> None:
+    """The host's float64 weighted sum, converted in column blocks, equals one whole mv of the
+    float64 updates (and drops non-finite rows)."""
+    g = torch.Generator().manual_seed(d)
+    u = torch.randn(50, d, generator=g) * torch.rand(50, 1, generator=g).exp()
+    u[7, d // 2] = float("nan")
+    w = torch.randint(1, 60, (50,), generator=g).float()
+    total, wsum, finite = weighted_sum(u, w)
+    assert finite.tolist() == [k != 7 for k in range(50)]
+    keep = torch.where(finite, w, 0.0).double()
+    want = torch.mv(torch.where(finite[:, None], u, 0.0).t().double(), keep)
+    assert torch.equal(total[0], want) and float(wsum[0]) == float(keep.sum())
