@@ -167,7 +167,8 @@ def finish_summary(
     seed, versions); modes add their own (``Stepper.summary``)."""
     final = next((r for r in reversed(rows) if "loss" in r), {})
     times = [r["round_time_s"] for r in rows]
-    scored = [r for r in rows if r.get("accuracy") is not None]  # evaluated rounds
+    # evaluated rounds with a number (max() would keep a leading NaN: nothing compares greater)
+    scored = [r for r in rows if r.get("accuracy") is not None and np.isfinite(r["accuracy"])]
     best = max(scored, key=lambda r: r["accuracy"], default={})  # the first of equal bests
     return {
         "accuracy": final.get("accuracy"),

@@ -166,6 +166,24 @@ def test_fedspeed_cifar10_fast_variant_runs(tmp_path, cifar_root) -> None:
     assert summary["best_round"] == res["metrics"][accs.index(max(accs))]["round"]
 
 
+def test_best_accuracy_skips_unevaluated_and_nan_rounds() -> None:
+    """summary.json's best_accuracy/best_round: over the evaluated rounds only (eval_every > 1
+    leaves rows without accuracy), the first of equal bests, a NaN accuracy never the best (max()
+    keeps a leading NaN: nothing compares greater), None when no round has a number."""
+    from flagstaff.system.loop import finish_summary
+
+    def best(accs):
+        rows = [{"round": i + 1, "round_time_s": 1.0, **({} if a is None else {"accuracy": a})}
+                for i, a in enumerate(accs)]  # fmt: skip
+        s = finish_summary({"rounds": len(rows), "seed": 0, "backend": "local"}, rows, 0, 0.0, "")
+        return s["best_accuracy"], s["best_round"]
+
+    assert best([None, 0.3, None, 0.5, None, 0.5]) == (0.5, 4)
+    assert best([float("nan"), 0.2, 0.4, float("nan")]) == (0.4, 3)
+    assert best([None, float("nan")]) == (None, None)
+    assert best([]) == (None, None)
+
+
 def test_flag_cifar10_fast_variant_runs_under_attack(tmp_path, cifar_root) -> None:
     res = _run(tmp_path, "paper_flag_cifar10", f"data.path={cifar_root}", "model=resnet8", *FLAG)
     _ok(res, 2)
