@@ -217,7 +217,7 @@ class PeerHost:
         idx, mb = plan.idx[0], plan.mask[0]
         P = self.spec.unflatten(self.params)
         g = torch.empty_like(self.params)
-        losses = torch.empty(len(self.node_ids), dtype=self.params.dtype)
+        losses = self.params.new_empty(len(self.node_ids))
         for sl in self._chunks(self.chunk):  # nodes' gradients are independent: same numbers
             i = idx[sl]
             gk, losses[sl] = self._node_grads(
