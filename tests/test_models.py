@@ -66,6 +66,35 @@ def test_imagenet_stem_is_torchvisions_and_keeps_cifar_default() -> None:
         build_model("resnet8", (3, 32, 32), 10, stem="x")
 
 
+def test_torchvision_init_is_kaiming_normal_fan_out_and_the_default_is_unchanged() -> None:
+    """model.init=torchvision: every convolution kaiming_normal_(mode="fan_out", relu), std
+    sqrt(2 / (c_out k k)), as torchvision's ResNet initializes the resnet18 FL-Simulator builds
+    (pytorch/vision torchvision/models/resnet.py; its GroupNorms weight 1, bias 0; its head a fresh
+    nn.Linear); the default keeps torch's own init (kaiming_uniform_(a=sqrt(5)): std
+    sqrt(1 / (3 c_in k k))), the same parameters as before; an unknown init is one line."""
+    tv = build("resnet18_imagenet", (3, 32, 32), 10, init="torchvision")
+    default = build("resnet18_imagenet", (3, 32, 32), 10)
+    same = build("resnet18_imagenet", (3, 32, 32), 10, init="default")
+    convs = [(n, m) for n, m in tv.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 20  # the stem, 16 in the blocks, 3 projection shortcuts
+    for name, m in convs:
+        w = m.weight.detach()
+        c_out, c_in, k, _ = w.shape
+        want = (2.0 / (c_out * k * k)) ** 0.5
+        assert abs(w.std().item() / want - 1) < 0.05, name  # >= 9,408 weights: sd of std < 1%
+        assert abs(w.mean().item()) < 5 * want / w.numel() ** 0.5, name
+        d = dict(default.named_modules())[name].weight.detach()
+        assert abs(d.std().item() / (1.0 / (3 * c_in * k * k)) ** 0.5 - 1) < 0.05, name
+    for m in tv.modules():
+        if isinstance(m, nn.GroupNorm):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+    assert tv.head.weight.abs().max() <= 512**-0.5  # nn.Linear's own init (FL-Simulator's fc)
+    for a, b in zip(default.parameters(), same.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="model.init='x': choose default .*or torchvision"):
+        build_model("resnet8", (3, 32, 32), 10, init="x")
+
+
 @pytest.mark.parametrize("kind", ["resnet8_imagenet", "resnet18_imagenet"])
 def test_imagenet_stem_stacked_forward_equals_each_clients_module(kind: str, monkeypatch) -> None:
     """K clients' stacked forward (im2col stem, and each client's native path) equals each

@@ -65,6 +65,7 @@ def test_paper_settings_are_the_papers() -> None:
     assert list(fs.data.mean) == [0.491, 0.482, 0.447]
     assert list(fs.data.std) == [0.247, 0.243, 0.262]
     assert fs.eval_every == 1
+    assert fs.model.init == "torchvision"  # its models.py builds torchvision's resnet18 (kaiming)
     cl = fs.client
     assert (cl.epochs, cl.batch_size, cl.lr, cl.lr_decay) == (5, 50, 0.1, 0.998)
     assert (fs.strategy.rho, fs.strategy.lamb, fs.strategy.alpha) == (0.1, 0.1, 1.0)

@@ -143,13 +143,14 @@ def build_model(
     embed_dim: int = 8,
     layers: int = 2,
     stem: str = "cifar",
+    init: str = "default",
 ) -> nn.Module:
     """Construct a model with seeded initialization (same seed -> same initial parameters).
 
     ``kind``: ``logistic``; ``mlp`` (``hidden``: widths, default 64-64); ``cnn`` (SmallCNN,
     ``channels`` default 16); ``cnn_femnist`` (FedAvg's CNN: ``channels`` default 32-64, ``hidden``
     default 512); ``resnet8``, ``resnet20``, ``resnet18`` (GroupNorm with ``groups`` groups,
-    ``stem`` cifar or imagenet: ``clients.models.resnet``);
+    ``stem`` cifar or imagenet, ``init`` default or torchvision: ``clients.models.resnet``);
     ``lstm`` (LEAF's character LSTM: ``vocab_size``, ``embed_dim``, ``hidden`` default 256,
     ``layers``). None takes the kind's default.
     """
@@ -170,7 +171,9 @@ def build_model(
                 512 if hidden is None else int(hidden),
             )
         if kind in ("resnet8", "resnet20", "resnet18"):
-            return resnet(int(kind[6:]), input_shape, num_classes, groups, stem)
+            return resnet(int(kind[6:]), input_shape, num_classes, groups, stem, init)
+        if init != "default":
+            raise ValueError(f"model.init={init!r} is for the ResNets; {kind} has no init option")
         if kind == "lstm":
             return CharLSTM(
                 input_shape,

@@ -13,6 +13,11 @@ ResNet-18-GN): batch statistics mix one client's samples with the padding of a b
 running statistics do not average across clients, so BatchNorm breaks both per-client batching
 and federated averaging (``clients.trainer.LocalSGD`` refuses it). A block whose shape changes
 takes the projection shortcut (1x1 convolution + GroupNorm, He et al.'s option B).
+``init="torchvision"`` initializes every convolution as torchvision's ResNet does (and so the
+resnet18 FL-Simulator builds): ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``, He et al.
+2015 (eq. 14 with the output fan), std sqrt(2 / (c_out k k)); ``default`` keeps torch's own conv init
+(``kaiming_uniform_(a=sqrt(5))``: std sqrt(1 / (3 c_in k k)), 2.5x smaller for ResNet-18's last
+convolutions). GroupNorm weights 1 and biases 0 and the head's ``nn.Linear`` init are the same in both.
 """
 
 from __future__ import annotations
@@ -33,13 +38,16 @@ from flagstaff.clients.models.stacked import (
     to_channels_last,
 )
 
-__all__ = ["BasicBlock", "ResNet", "resnet", "STEMS"]
+__all__ = ["BasicBlock", "ResNet", "resnet", "STEMS", "INITS"]
 
 #: the stems (``model.stem``): conv kernel, stride, padding and whether a 3x3/2 max pool follows
 STEMS: dict[str, tuple[int, int, int, bool]] = {
     "cifar": (3, 1, 1, False),
     "imagenet": (7, 2, 3, True),
 }
+
+#: the convolution initializations (``model.init``): torch's own, or torchvision's ResNet's
+INITS = ("default", "torchvision")
 
 #: blocks per stage and stage widths of each depth
 DEPTHS: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -120,10 +128,16 @@ class ResNet(StackedModel):
         widths: Sequence[int],
         groups: int = 2,
         stem: str = "cifar",
+        init: str = "default",
     ) -> None:
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"model.stem={stem!r}: choose one of {', '.join(STEMS)}")
+        if init not in INITS:
+            raise ValueError(
+                f"model.init={init!r}: choose default (torch's conv init) or torchvision "
+                "(kaiming_normal_ fan_out, as torchvision's ResNet)"
+            )
         if len(input_shape) != 3:
             raise ValueError(
                 f"a ResNet needs image input (C, H, W), got {tuple(input_shape)}; use an image "
@@ -140,6 +154,10 @@ class ResNet(StackedModel):
                 c_in = width
         self.layers = nn.Sequential(*layers)
         self.head = nn.Linear(c_in, num_classes)
+        if init == "torchvision":
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.gn1(self.conv1(x)))
@@ -167,11 +185,12 @@ def resnet(
     num_classes: int,
     groups: int = 2,
     stem: str = "cifar",
+    init: str = "default",
 ) -> ResNet:
-    """ResNet-``depth`` (8, 20 or 18) with GroupNorm of ``groups`` groups per layer and the
-    ``stem`` of :data:`STEMS` (cifar: 3x3 stride 1; imagenet: He et al. 2016 Table 1's 7x7/2 + max
-    pool)."""
+    """ResNet-``depth`` (8, 20 or 18) with GroupNorm of ``groups`` groups per layer, the ``stem``
+    of :data:`STEMS` (cifar: 3x3 stride 1; imagenet: He et al. 2016 Table 1's 7x7/2 + max pool)
+    and the convolution ``init`` of :data:`INITS`."""
     if depth not in DEPTHS:
         raise ValueError(f"model.depth={depth}: choose one of {sorted(DEPTHS)}")
     blocks, widths = DEPTHS[depth]
-    return ResNet(input_shape, num_classes, blocks, widths, groups, stem)
+    return ResNet(input_shape, num_classes, blocks, widths, groups, stem, init)
