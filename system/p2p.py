@@ -742,6 +742,14 @@ def check_unused(c: dict[str, Any], private_client: bool = False) -> None:
             "nodes would train without DP; remove it, or train federated (mode=federated) with "
             "client=dpsgd or strategy=dp_fedavg"
         )
+    model = c.get("model") or {}
+    if str(model.get("_target_", "")).endswith("build_lora_model"):
+        raise ConfigError(
+            f"the peer-to-peer mode trains and averages every parameter of the model, and "
+            f"model=lora_{model.get('kind', 'mlp')} freezes the base weights (adapter "
+            "fine-tuning): train adapters in the federated mode (mode=federated, e.g. "
+            "strategy=fedsvd or ffa_lora), or use a model without adapters here"
+        )
     batched = c["client"].get("batched", "auto")
     if str(batched).lower() not in ("auto", "true", "false"):
         raise ConfigError(f"client.batched must be auto, true or false, got {batched!r}")

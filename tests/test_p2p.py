@@ -456,3 +456,11 @@ def test_memory_bound_keys_are_checked_and_the_other_client_keys_refused() -> No
     with pytest.raises(ConfigError, match="does not use client="):
         validate(compose(*BOUND, "client.memory_budget_mb=64", "client.lr=0.1"))
     validate(compose(*BOUND, "client.memory_budget_mb=64", "client.batched=false"))
+
+
+@pytest.mark.parametrize("mode", ["mode=p2p", "strategy=monna"])
+def test_adapter_models_are_refused_before_any_work(mode: str) -> None:
+    """Peer nodes train and average every parameter; an adapter model (model=lora_*) freezes the
+    base weights, which the peer step would either train or fail on: one line, before any data."""
+    with pytest.raises(ConfigError, match="model=lora_mlp.*federated"):
+        validate(compose("experiment=smoke", mode, "model=lora_mlp"))
