@@ -68,6 +68,9 @@ class LocalRule:
     #: gradient evaluations per local step, i.e. ``grad_fn`` calls per ``direction`` (SAM-style
     #: rules use 2); under DP-SGD each is a private release, accounted before the step runs
     grads_per_step = 1
+    #: weight decay the rule adds to the client's, after the clip (FedSpeed's ``prox="decay"``);
+    #: only LocalSGD applies it (system/build.py refuses such a rule with another trainer)
+    decay = 0.0
 
     def direction(self, grad_fn: GradFn, X: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         return grad_fn(X)

@@ -436,7 +436,9 @@ class LocalSGD(Trainer):
             direction, lval = rule.direction(batch_grad, X, ctx)
             act = plan.active[t]
             loss_sum += torch.where(act, lval, 0.0)
-            X, buf = self._step(X, direction, buf, None if t < full else act, lr, mask, own)
+            X, buf = self._step(
+                X, direction, buf, None if t < full else act, lr, mask, own, rule.decay
+            )
         steps = plan.steps.to(X.device)
         fin = rule.finish(X, ctx, steps, lr)
         return X, loss_sum / steps.clamp(min=1), fin
@@ -450,17 +452,20 @@ class LocalSGD(Trainer):
         lr: float,
         mask: torch.Tensor | None = None,
         owned: bool = False,
+        decay: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One gated SGD step on stacked flat parameters (inactive clients keep everything;
         coordinates outside ``mask``, the trainable ones, keep their values); ``act`` None: every
-        client steps. ``owned``: ``direction`` is the step's own tensor (may be scaled in place)."""
+        client steps. ``owned``: ``direction`` is the step's own tensor (may be scaled in place).
+        ``decay``: the local rule's own weight decay, added after the clip with the client's."""
         g = direction if mask is None else direction * mask
         owned = owned or g is not direction
         if self.grad_clip > 0:
             scale = (self.grad_clip / (g.norm(dim=1) + 1e-6)).clamp(max=1.0)
             g, owned = g * scale[:, None], True
-        if self.weight_decay:
-            g, owned = g + self.weight_decay * (X if mask is None else X * mask), True
+        wd = self.weight_decay + decay
+        if wd:
+            g, owned = g + wd * (X if mask is None else X * mask), True
         # X and buf belong to this trainer: updated in place (the same arithmetic as X - lr * g,
         # without a fresh (K, d) allocation per operation, which costs page faults for big models)
         if act is None:  # every client steps: no gating needed (the common case)

@@ -42,13 +42,24 @@ class FedSpeedRule(LocalRule):
     ``average="sampled"``: the client sends x_K - lambda ghat_i (as the update x_K - lambda ghat_i - x_t)
     and the server averages over the sampled clients. ``average="all"``: the client sends x_K - x_t
     and delta ghat_i; the server subtracts lambda times the mean of ghat_i over all clients.
+    ``prox="decay"`` (FL-Simulator's client, client/fedspeed.py): the direction is
+    g - ghat_i - lamb x_t and the prox's lamb x is a weight decay the trainer adds after the
+    gradient clip with the client's own: clip(g - ghat_i - lamb x_t) + (wd + lamb) x. Without an
+    active clip it is the same step as the default ``"direction"``.
     """
 
     name = "fedspeed"
     client_state = ("ghat_i",)
     grads_per_step = 2
 
-    def __init__(self, rho: float, alpha: float, lamb: float, average: str = "sampled") -> None:
+    def __init__(
+        self,
+        rho: float,
+        alpha: float,
+        lamb: float,
+        average: str = "sampled",
+        prox: str = "direction",
+    ) -> None:
         if rho < 0 or not 0 <= alpha <= 1 or lamb <= 0:
             raise ValueError(
                 f"FedSpeed needs rho >= 0, alpha in [0, 1], lamb > 0; got rho={rho}, "
@@ -56,6 +67,10 @@ class FedSpeedRule(LocalRule):
             )
         if average not in ("sampled", "all"):
             raise ValueError(f"strategy.average must be sampled or all, got {average!r}")
+        if prox not in ("direction", "decay"):
+            raise ValueError(f"strategy.prox must be direction or decay, got {prox!r}")
+        self.prox = prox
+        self.decay = float(lamb) if prox == "decay" else 0.0
         self.rho, self.alpha, self.lamb, self.average = (
             float(rho),
             float(alpha),
@@ -75,6 +90,8 @@ class FedSpeedRule(LocalRule):
 
     def direction(self, grad_fn: GradFn, X: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         g, loss = self.quasi_gradient(grad_fn, X)
+        if self.prox == "decay":  # lamb X is in the client's weight decay, after the clip
+            return g - ctx.state["ghat_i"] - self.lamb * ctx.x0, loss
         return g - ctx.state["ghat_i"] + self.lamb * (X - ctx.x0), loss
 
     def finish(self, X: Tensor, ctx: Context, steps: Tensor, lr: float) -> Finish:
@@ -128,8 +145,9 @@ class FedSpeed(Composed):
         average: str = "all",
         server_lr: float = 1.0,
         server_opt: Transform | None = None,
+        prox: str = "direction",
     ) -> None:
         opt = server_optimizer(server_lr, 0.0, server_opt)
-        rule = FedSpeedRule(rho, alpha, lamb, average)
+        rule = FedSpeedRule(rho, alpha, lamb, average, prox)
         parts = (CorrectionMean(lamb), opt) if average == "all" else (opt,)
         super().__init__(*parts, client_rule=rule)

@@ -174,7 +174,21 @@ def _components(c: dict[str, Any]) -> _Parts:
     n_agg = adversary.inputs_per_round(c["clients_per_round"])  # crash leaves n - f inputs
     aggregator = _group("aggregator", build_from, c["aggregator"], f=adversary.f, n=n_agg)
     _check_client_level_dp(strategy, c["aggregator"])
+    _check_prox_in_decay(strategy.client_rule, trainer)
     return _Parts(trainer, strategy, aggregator, adversary)
+
+
+def _check_prox_in_decay(rule: Any, trainer: Any) -> None:
+    """A local rule with its own weight decay (FedSpeed's ``strategy.prox=decay``) needs the
+    trainer that applies it after the clip (LocalSGD); the DP-SGD trainers would drop it."""
+    from flagstaff.clients.trainer import LocalSGD
+
+    if getattr(rule, "decay", 0.0) and not isinstance(trainer, LocalSGD):
+        raise ConfigError(
+            f"strategy.prox=decay adds the prox term as a weight decay after LocalSGD's clip; "
+            f"the client trainer {type(trainer).__name__} does not apply it: use "
+            "strategy.prox=direction (the default) with this client"
+        )
 
 
 def _with_model(

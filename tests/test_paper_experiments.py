@@ -69,6 +69,7 @@ def test_paper_settings_are_the_papers() -> None:
     cl = fs.client
     assert (cl.epochs, cl.batch_size, cl.lr, cl.lr_decay) == (5, 50, 0.1, 0.998)
     assert (fs.strategy.rho, fs.strategy.lamb, fs.strategy.alpha) == (0.1, 0.1, 1.0)
+    assert fs.strategy.prox == "decay"  # the clip where FL-Simulator has it (REV21b)
     fl = compose("experiment=paper_flag_cifar10")
     assert (fl.num_clients, fl.clients_per_round, fl.attack.f) == (15, 15, 3)
     assert fl.aggregator.rule == "flag" and fl.model.kind == "resnet18"

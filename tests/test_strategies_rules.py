@@ -240,6 +240,50 @@ def test_fedspeed_quasi_gradient_matches_a_hand_loop_on_quadratic() -> None:
     torch.testing.assert_close(res.updates[0], v - new / lamb - flat, atol=1e-9, rtol=1e-9)
 
 
+def test_fedspeed_prox_in_decay_clips_as_fl_simulator() -> None:
+    """strategy.prox=decay (FL-Simulator's client: fedspeed.py clips grad + lamb (h_i - w_t), the
+    optimizer adds (wd + lamb) w after the clip): with client.weight_decay = wd the step is
+    clip(g - ghat_i - lamb x_t) + (wd + lamb) x, which differs from clipping the whole direction
+    g - ghat_i + lamb (x - x_t) whenever the clip is active (REV21b)."""
+    n, K, lr, lamb, rho, a, wd, clip = 10, 4, 0.05, 0.2, 0.3, 1.0, 0.01, 0.5
+    model, spec, flat, x, y, plan, sizes = _task(
+        sizes=(n,), dtype=torch.float64, num_classes=1, batch_size=n, steps=K
+    )
+    A = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], dim=1)
+    ghat = 0.1 * torch.ones(spec.numel, dtype=x.dtype)
+
+    def gf(v):
+        return (2.0 / n) * A.T @ (A @ v - y)
+
+    def clipped(d):
+        return d * (clip / (d.norm() + 1e-6)).clamp(max=1.0)
+
+    v, active = flat.clone(), 0
+    for _ in range(K):
+        g1 = gf(v)
+        g = gf(v + rho * g1 / g1.norm())  # alpha 1: the ascent point's gradient
+        d = g - ghat - lamb * flat
+        active += int(d.norm() > clip)
+        v = v - lr * (clipped(d) + (wd + lamb) * v)
+    assert active == K  # the clip acts on every step, so where it sits matters
+
+    def run(prox: str):
+        tr = LocalSGD(lr=lr, steps=K, batch_size=n, batched="true", weight_decay=wd,
+                      grad_clip=clip)  # fmt: skip
+        rule = FedSpeedRule(rho, a, lamb, average="all", prox=prox)
+        return tr.train(model, spec, flat, x, y, plan, 1, sizes, rule=rule,
+                        state={"ghat_i": ghat[None].clone()})  # fmt: skip
+
+    res = run("decay")
+    torch.testing.assert_close(res.updates[0], v - flat, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(
+        res.state["ghat_i"][0], ghat - lamb * (v - flat), atol=1e-10, rtol=1e-9
+    )
+    assert not torch.allclose(run("direction").updates[0], v - flat, atol=1e-6)
+    with pytest.raises(ValueError, match="strategy.prox"):
+        FedSpeedRule(rho, a, lamb, prox="optimizer")
+
+
 def test_fedspeed_server_averaging_sets() -> None:
     d, N = 3, 8
     x = torch.zeros(d)
@@ -308,3 +352,14 @@ def test_sampling_fixed_and_bernoulli() -> None:
     )
     with pytest.raises(ValueError, match="fixed or bernoulli"):
         sample_clients(10, 2, 0, 0, "poisson")
+
+
+def test_fedspeed_prox_in_decay_is_refused_where_the_trainer_would_drop_it() -> None:
+    from flagstaff.system.build import validate
+    from flagstaff.system.config import ConfigError
+    from tests.conftest import compose
+
+    base = ("experiment=smoke", "strategy=fedspeed", "strategy.prox=decay")
+    with pytest.raises(ConfigError, match="strategy.prox=decay.*DP"):
+        validate(compose(*base, "client=dpsgd"))
+    validate(compose(*base))
