@@ -412,7 +412,9 @@ class LocalSGD(Trainer):
                 P: torch.Tensor, xb=xb, yb=yb, mb=mb, count=counts[t]
             ) -> tuple[torch.Tensor, torch.Tensor]:
                 if stacked and cross_entropy and penalty is None:  # the model's own pass, if any
-                    fast = model.loss_grad(spec.unflatten(P), xb, yb, mb / count[:, None])
+                    # the sample weights in the parameters' dtype (a float64 model: float64)
+                    weight = mb.to(P.dtype) / count.to(P.dtype)[:, None]
+                    fast = model.loss_grad(spec.unflatten(P), xb, yb, weight)
                     if fast is not None:
                         per, grads = fast
                         return spec.flatten(grads, lead=1), (per * mb).sum(1) / count

@@ -162,13 +162,17 @@ def weighted_sum(
     if not bool(finite.all()):
         updates = torch.where(finite[:, None], updates, 0.0)
     # column blocks converted to float64 one at a time stay in cache (all of (K, d) at once writes
-    # and re-reads twice its size: 370 -> 270 us for a W1 host of 50 clients); widths a multiple
-    # of 64, so every coordinate's sum runs the same kernel path as one whole mv (bit for bit, tested)
+    # and re-reads twice its size: 370 -> 190 us for a W1 host of 50 clients); each block in the
+    # whole copy's column-major layout and widths a multiple of 64, so every coordinate's sum runs
+    # the same kernel path as one whole mv, bit for bit (tested) on one CPU thread; with more
+    # threads (or on a GPU) the kernel splits the sum differently: one whole mv there
     d = updates.shape[1]
     step = max(512, -(-d // 64 // 64) * 64)  # at most about 64 blocks
+    if updates.device.type != "cpu" or torch.get_num_threads() > 1 or d <= step:
+        return torch.mv(updates.t().double(), w)[None], w.sum()[None], finite
     out = torch.empty(d, dtype=torch.float64, device=updates.device)
     for j in range(0, d, step):
-        torch.mv(updates[:, j : j + step].t().double(), w, out=out[j : j + step])
+        torch.mv(updates[:, j : j + step].double().t(), w, out=out[j : j + step])
     return out[None], w.sum()[None], finite
 
 

@@ -22,3 +22,17 @@ def test_blocked_weighted_sum_equals_one_float64_mv(d: int) -> None:
     keep = torch.where(finite, w, 0.0).double()
     want = torch.mv(torch.where(finite[:, None], u, 0.0).t().double(), keep)
     assert torch.equal(total[0], want) and float(wsum[0]) == float(keep.sum())
+
+
+def test_weighted_sum_with_two_threads_equals_one_float64_mv() -> None:
+    """With more than one thread the whole mv stays (MKL splits a block's sums differently)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        g = torch.Generator().manual_seed(1)
+        u = torch.randn(1000, 4810, generator=g) * torch.rand(1000, 1, generator=g).exp()
+        w = torch.randint(1, 60, (1000,), generator=g).float()
+        total, _, _ = weighted_sum(u, w)
+        assert torch.equal(total[0], torch.mv(u.t().double(), w.double()))
+    finally:
+        torch.set_num_threads(before)
