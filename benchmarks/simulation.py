@@ -60,7 +60,7 @@ start-up (s)
 round 1 begins (s)
     Literal start-up: process start -> the instant round 1 begins (same clock).
 final accuracy
-    Test accuracy (digits test split) of the global model after the last round.
+    Test accuracy (the workload's test split) of the global model after the last round.
 peak RSS (MB)
     Largest sum of RSS over the subprocess and all its descendants (driver, Ray's raylet/GCS and
     workers, ...), sampled by a background thread in the parent with psutil every
@@ -904,7 +904,8 @@ def _machine_info() -> str:
 DEFINITIONS = (
     "per-round median: rounds 2..N, one round = sampling + all clients' local training + "
     "aggregation (no evaluation); start-up: (end of round 1 - process start) - median round; "
-    "round 1 begins: process start -> start of round 1; final accuracy: digits test split; "
+    "round 1 begins: process start -> start of round 1; final accuracy: the workload's test "
+    "split (digits, mnist1d or the generated CIFAR-shaped images); "
     "peak RSS: max over time of the summed RSS of the subprocess tree (driver + Ray processes), "
     "sampled with psutil; peak PSS: the same with shared pages split between processes (the "
     "real footprint); speed-up: ratio of per-round medians."
