@@ -138,8 +138,9 @@ def no_update_message(skipped: list[dict[str, Any]], c: dict[str, Any], path: An
         "nonfinite": "sent non-finite updates (lower client.lr, check the data for NaN/inf, or "
         "clip the updates)",
         "late": "were late (raise cluster.round_deadline_s, or speed up or remove the slow "
-        "hosts: cluster.slow_hosts, `ray status`)",
-        "failed": "were on failed or lost hosts (check `ray status` and the host log lines above)",
+        "hosts: cluster.slow_hosts; on a joined cluster (cluster.address), `ray status`)",
+        "failed": "were on failed or lost hosts (check the host log lines above; on a joined "
+        "cluster (cluster.address), `ray status`)",
     }
     why = [f"clients {_ids(who[k])} {fixes[k]}" for k in fixes if who.get(k)]
     if not why:  # e.g. the flower backend, or rounds that sampled no client

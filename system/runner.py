@@ -303,7 +303,9 @@ def _start_ray(run: Run, stack: ExitStack) -> ServerRun:
     except ray.exceptions.GetTimeoutError:
         raise RuntimeError(
             f"the {hosts} client hosts did not start within cluster.start_timeout_s="
-            f"{cl['start_timeout_s']} s; check `ray status` for pending resources"
+            f"{cl['start_timeout_s']} s; on a joined cluster (cluster.address) check `ray status` "
+            "for pending resources; on the run's own Ray, that cluster.hosts x "
+            "cluster.cpus_per_host fits this machine's CPUs"
         ) from None
 
     def close() -> None:
