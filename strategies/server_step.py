@@ -157,7 +157,9 @@ def weighted_sum(
     """A host's reduced message: (sum_i w_i u_i over the finite rows in float64, sum_i w_i (1,),
     finite (K,)). Float64 accumulation makes the float32 aggregate independent of how clients are
     grouped into hosts in practice (any difference would sit below float32 rounding)."""
-    finite = torch.isfinite(updates.sum(dim=1))  # a row's sum is finite iff all its entries are
+    finite = torch.isfinite(updates.sum(dim=1))  # finite sum: every entry finite (one cheap pass)
+    if not bool(finite.all()):  # a float32 sum can overflow on finite entries: look at those rows
+        finite = torch.isfinite(updates).all(dim=1)
     w = torch.where(finite, weights, 0.0).double()
     if not bool(finite.all()):
         updates = torch.where(finite[:, None], updates, 0.0)

@@ -36,3 +36,13 @@ def test_weighted_sum_with_two_threads_equals_one_float64_mv() -> None:
         assert torch.equal(total[0], torch.mv(u.t().double(), w.double()))
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_finite_row_whose_float32_sum_overflows_is_kept() -> None:
+    """Finite entries near float32's maximum overflow a float32 row sum; the row is still a finite
+    update (REV22): only rows with a NaN or inf entry are dropped."""
+    U = torch.tensor([[3e38, 3e38, 0.0], [1.0, 2.0, 3.0], [1.0, float("nan"), 0.0]])
+    total, wsum, finite = weighted_sum(U, torch.ones(3))
+    assert finite.tolist() == [True, True, False]
+    assert float(wsum) == 2.0
+    assert torch.equal(total[0], U[:2].double().sum(0))
