@@ -370,3 +370,26 @@ def test_provenance_has_what_a_rerun_needs():
     assert prov["md"].startswith("<!-- command: python benchmarks/x.py") and prov["md"].endswith(
         "-->"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the README's simulation tables (benchmarks/simulation.py): the final accuracy of W1's
+# flagstaff-local and plain rows is deterministic (seeded batches, one torch thread), so a rerun
+# through the benchmark's own runner gives the committed value exactly
+
+
+def _committed_simulation(impl: str, workload: str) -> dict:
+    data = json.loads((RESULTS / "simulation_quiet.json").read_text())
+    (row,) = [r for r in data["results"] if r["impl"] == impl and r["workload"] == workload]
+    return row
+
+
+@pytest.mark.parametrize("impl", ["flagstaff-local", "plain"])
+def test_simulation_w1_cell_reproduces(impl: str) -> None:
+    runner = {"flagstaff-local": "run_flagstaff_local", "plain": "run_plain"}[impl]
+    got = _run(
+        "import json, simulation as s\n"
+        f"r = s.{runner}(s.get_workload('w1'))\n"
+        "print(json.dumps({'accuracy': r.accuracy}))\n"
+    )
+    assert got["accuracy"] == _committed_simulation(impl, "w1")["accuracy"]
