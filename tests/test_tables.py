@@ -180,7 +180,7 @@ HETERO = RESULTS / "heterogeneity"
 #: Byzantine-table cell whose attacked extras reach the server (SCAFFOLD x mean x sign flip)
 HETERO_CELLS = {
     "main": "runs/digits_a0.1_fedavg_s0_r30.json",
-    "byzantine": "byzantine/runs/"
+    "byzantine": "byzantine_head/runs/"
     "digits_a0.1_scaffold_n10of10_e1_attack-sign_flip_attack.f-3_aggregator-mean_s0_r30.json",
 }
 #: the Byzantine cell's final accuracy on a CPU other than the recorded one: within 3 of digits'
@@ -234,7 +234,7 @@ def test_heterogeneity_cell_reproduces(hetero_reruns):
 
 def test_heterogeneity_byzantine_cell_reproduces(hetero_reruns):
     committed = json.loads((HETERO / HETERO_CELLS["byzantine"]).read_text())
-    recorded = json.loads((HETERO / "byzantine" / "provenance.json").read_text())
+    recorded = json.loads((HETERO / "byzantine_head" / "provenance.json").read_text())
     got = hetero_reruns["byzantine"]["final_accuracy"]
     if hetero_reruns["cpu_capability"] == recorded["torch"]["cpu_capability"]:
         assert got == committed["final_accuracy"]
