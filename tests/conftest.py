@@ -31,6 +31,28 @@ def compose(*overrides: str, config_name: str = "train"):
         return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=False)
 
 
+def plain_sgd_params(model, g0, x, y, plan, lr: float, momentum: float = 0.0):
+    """The reference every batched-trainer test compares with: each client of ``plan`` alone, the
+    module ``model`` from the flat parameters ``g0`` and torch.optim.SGD on its planned batches
+    (cross-entropy); the (K, d) flat parameters after its local steps."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    out = []
+    for k in range(plan.idx.shape[1]):
+        nn.utils.vector_to_parameters(g0.clone(), model.parameters())
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        sub = plan.select(k)
+        for t in range(sub.num_steps):
+            rows = sub.idx[t, 0][sub.mask[t, 0] > 0]
+            opt.zero_grad()
+            F.cross_entropy(model(x[rows]), y[rows]).backward()
+            opt.step()
+        out.append(nn.utils.parameters_to_vector(model.parameters()).detach())
+    return torch.stack(out)
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     """A real local Ray instance shared by the tests of one module (start-up costs seconds)."""

@@ -13,6 +13,7 @@ from flagstaff.clients.models import build_model, num_parameters
 from flagstaff.clients.models.lstm import LSTM
 from flagstaff.clients.plan import make_plan
 from flagstaff.clients.trainer import LocalSGD, ParamSpec
+from tests.conftest import plain_sgd_params
 
 
 @pytest.mark.parametrize(
@@ -144,22 +145,6 @@ def test_lstm_equals_torch_lstm_with_the_same_weights() -> None:
         torch.testing.assert_close(a, b)
 
 
-def _plain_sgd(model: nn.Module, g0, x, y, plan, lr: float, momentum: float) -> torch.Tensor:
-    """Each client alone: nn.Module + torch.optim.SGD on its planned batches; (K, d) updates."""
-    out = []
-    for k in range(plan.idx.shape[1]):
-        nn.utils.vector_to_parameters(g0.clone(), model.parameters())
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-        sub = plan.select(k)
-        for t in range(sub.num_steps):
-            rows = sub.idx[t, 0][sub.mask[t, 0] > 0]
-            opt.zero_grad()
-            F.cross_entropy(model(x[rows]), y[rows]).backward()
-            opt.step()
-        out.append(nn.utils.parameters_to_vector(model.parameters()).detach() - g0)
-    return torch.stack(out)
-
-
 # tiny instances: the real architectures at small inputs (ResNet-18 at 8x8), 3 clients of unequal
 # size (unequal step counts, a partial last batch)
 TINY = {
@@ -193,7 +178,7 @@ def test_batched_training_equals_a_plain_sgd_loop(kind: str, batched: str) -> No
     model = build(kind, cfg["shape"], cfg["classes"], seed=0, **cfg["kw"])
     spec = ParamSpec.of(model)
     g0 = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-    want = _plain_sgd(model, g0, x, y, plan, lr=0.05, momentum=0.5)
+    want = plain_sgd_params(model, g0, x, y, plan, lr=0.05, momentum=0.5) - g0
     nn.utils.vector_to_parameters(g0.clone(), model.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
@@ -228,7 +213,7 @@ def test_native_convolution_paths_equal_a_plain_sgd_loop(kind: str, monkeypatch)
     model = build(kind, shape, classes, seed=0, **kw)
     spec = ParamSpec.of(model)
     g0 = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-    want = _plain_sgd(model, g0, x, y, plan, lr=0.05, momentum=0.0)
+    want = plain_sgd_params(model, g0, x, y, plan, lr=0.05, momentum=0.0) - g0
     for p in model.parameters():
         p.requires_grad_(False)
     tr = LocalSGD(lr=0.05, batch_size=4, batched="true")

@@ -22,6 +22,7 @@ from flagstaff.clients.models.stacked import cross_entropy_grad
 from flagstaff.clients.plan import make_plan
 from flagstaff.clients.trainer import LocalSGD, ParamSpec
 from flagstaff.strategies.server_step import weighted_sum
+from tests.conftest import plain_sgd_params
 
 
 @pytest.fixture
@@ -78,22 +79,6 @@ def test_loss_grad_equals_autograd_on_each_clients_own_module(
                 assert err < (2e-5 if dtype == torch.float32 else 1e-12), (n, k, B, err)
 
 
-def _plain_sgd(model: nn.Module, g0: torch.Tensor, x, y, plan, K: int, lr: float) -> torch.Tensor:
-    """Each client's parameters after its local epoch with torch.optim.SGD on the module."""
-    out = []
-    for k in range(K):
-        nn.utils.vector_to_parameters(g0.clone(), model.parameters())
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        sub = plan.select(k)
-        for t in range(sub.num_steps):
-            rows = sub.idx[t, 0][sub.mask[t, 0] > 0]
-            opt.zero_grad()
-            F.cross_entropy(model(x[rows]), y[rows]).backward()
-            opt.step()
-        out.append(nn.utils.parameters_to_vector(model.parameters()).detach().clone())
-    return torch.stack(out)
-
-
 def _sgd_case(kind: str, hidden: tuple[int, ...], classes: int, dtype: torch.dtype):
     g = torch.Generator().manual_seed(0)
     K = 12
@@ -106,7 +91,7 @@ def _sgd_case(kind: str, hidden: tuple[int, ...], classes: int, dtype: torch.dty
     plan = make_plan(np.cumsum(sizes) - sizes, sizes, np.arange(K), 8, 0, 0, epochs=1)
     model = _model(kind, 64, classes, hidden, dtype)
     g0 = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-    want = _plain_sgd(model, g0, x, y, plan, K, 0.05)
+    want = plain_sgd_params(model, g0, x, y, plan, 0.05)
     spec = ParamSpec.of(model)
     for p in model.parameters():
         p.requires_grad_(False)

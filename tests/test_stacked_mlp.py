@@ -14,6 +14,7 @@ from flagstaff.clients.models import build_model
 from flagstaff.clients.models.stacked import StackedModel, cross_entropy_grad
 from flagstaff.clients.plan import make_plan
 from flagstaff.clients.trainer import LocalSGD, ParamSpec
+from tests.conftest import plain_sgd_params
 
 
 @pytest.mark.parametrize(("kind", "hidden"), [("mlp", (16, 8)), ("mlp", (16,)), ("logistic", ())])
@@ -64,23 +65,13 @@ def test_mlp_training_equals_a_plain_sgd_loop(batched: str) -> None:
     plan = make_plan(np.cumsum(sizes) - sizes, sizes, np.arange(3), 4, 0, 0, epochs=2)
     model = build_model("mlp", (64,), 10, hidden=(32,), seed=0)
     g0 = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-    want = []
-    for k in range(3):
-        nn.utils.vector_to_parameters(g0.clone(), model.parameters())
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
-        sub = plan.select(k)
-        for t in range(sub.num_steps):
-            rows = sub.idx[t, 0][sub.mask[t, 0] > 0]
-            opt.zero_grad()
-            F.cross_entropy(model(x[rows]), y[rows]).backward()
-            opt.step()
-        want.append(nn.utils.parameters_to_vector(model.parameters()).detach() - g0)
+    want = plain_sgd_params(model, g0, x, y, plan, lr=0.05, momentum=0.5) - g0
     spec = ParamSpec.of(model)
     for p in model.parameters():
         p.requires_grad_(False)
     tr = LocalSGD(lr=0.05, momentum=0.5, batch_size=4, batched=batched, epochs=2)
     res = tr.train(model, spec, g0, x, y, plan, 10, torch.as_tensor(sizes))
-    torch.testing.assert_close(res.updates, torch.stack(want), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(res.updates, want, atol=2e-5, rtol=1e-4)
     alone = tr.train(model, spec, g0, x, y, plan.select(2), 10, torch.as_tensor([10]))
     assert torch.equal(alone.updates[0], res.updates[2])
 
@@ -108,22 +99,12 @@ def test_float64_mlp_trains_in_float64() -> None:
     plan = make_plan(np.cumsum(sizes) - sizes, sizes, np.arange(3), 3, 0, 0)
     model = build_model("mlp", (64,), 10, hidden=(32,), seed=0).double()
     g0 = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-    want = []
-    for k in range(3):
-        nn.utils.vector_to_parameters(g0.clone(), model.parameters())
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        sub = plan.select(k)
-        for t in range(sub.num_steps):
-            rows = sub.idx[t, 0][sub.mask[t, 0] > 0]
-            opt.zero_grad()
-            F.cross_entropy(model(x[rows]), y[rows]).backward()
-            opt.step()
-        want.append(nn.utils.parameters_to_vector(model.parameters()).detach() - g0)
+    want = plain_sgd_params(model, g0, x, y, plan, lr=0.05) - g0
     spec = ParamSpec.of(model)
     for p in model.parameters():
         p.requires_grad_(False)
     res = LocalSGD(lr=0.05, batch_size=3).train(
         model, spec, g0, x, y, plan, 10, torch.as_tensor(sizes)
     )
-    err = (res.updates - torch.stack(want)).abs().max() / torch.stack(want).abs().max()
+    err = (res.updates - want).abs().max() / want.abs().max()
     assert res.updates.dtype == torch.float64 and err < 1e-12, float(err)
