@@ -70,7 +70,6 @@ class FedSpeedRule(LocalRule):
         if prox not in ("direction", "decay"):
             raise ValueError(f"strategy.prox must be direction or decay, got {prox!r}")
         self.prox = prox
-        self.decay = float(lamb) if prox == "decay" else 0.0
         self.rho, self.alpha, self.lamb, self.average = (
             float(rho),
             float(alpha),
@@ -78,6 +77,11 @@ class FedSpeedRule(LocalRule):
             average,
         )
         self.grads_per_step = 2 if alpha > 0 and rho > 0 else 1
+
+    @property
+    def decay(self) -> float:  # type: ignore[override]
+        """The weight decay this rule adds after the clip: lamb with ``prox="decay"``, else 0."""
+        return self.lamb if self.prox == "decay" else 0.0
 
     def quasi_gradient(self, grad_fn: GradFn, X: Tensor) -> tuple[Tensor, Tensor]:
         g1, loss = grad_fn(X)
